@@ -1,0 +1,313 @@
+"""Typed configuration: frozen dataclasses loaded strictly from YAML.
+
+Every YAML key maps onto a dataclass field. An unknown key is an error that names the key, the file and the
+closest valid spelling (timm's argparse-from-YAML accepts typos silently; we don't). Values are type-checked, and
+dotted command-line overrides (`--set optim.lr=1e-4`) apply on top before validation.
+
+This module imports nothing from the rest of the package: every other room reads its own section from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says where and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    name: str = "convnext_tiny"  # any timm model name, optionally with a pretrained tag: "convnext_tiny.fb_in1k"
+    pretrained: bool = True  # load timm's pretrained weights (needs the hub or its cache)
+    weights_file: str | None = None  # local .safetensors/.pth for users who downloaded weights by hand
+    locked: bool = False  # freeze the tower (LiT-style): no gradients, no optimiser state, eval mode
+    image_size: int | None = None  # override the tower's own input size (timm data config)
+    mean: tuple[float, float, float] | None = None  # override the tower's normalisation mean
+    std: tuple[float, float, float] | None = None  # override the tower's normalisation std
+    channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and GPU
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    name: str = "google/bert_uncased_L-4_H-256_A-4"  # Hugging Face hub name or local directory (bert-mini)
+    pretrained: bool = True  # false: same architecture from its config, random init
+    pooling: Literal["mean", "cls", "eos"] = "mean"  # mean: attention-masked mean (liteCLIP); eos: last real token
+    max_length: int = 128  # captions are truncated here; batches are padded only to their longest caption
+    locked: bool = False
+    trust_remote_code: bool = False  # never on by default: it runs code downloaded with the model
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    kind: Literal["residual", "residual_mlp", "linear"] = "residual"  # see ProjectionHead
+    dim: int = 256  # shared embedding size
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    logit_scale_init: float = math.log(1 / 0.07)  # the paper's initial temperature 0.07
+    logit_scale_max: float = math.log(100.0)  # the paper clips the scale at 100
+    learn_logit_scale: bool = True  # false: fixed temperature (the Simple-CLIP recipe uses 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["demo", "flickr8k", "csv"] = "demo"
+    root: str = "data/demo"  # dataset folder; for csv the folder image paths are relative to
+    captions_file: str | None = None  # csv: the CSV/TSV file (relative to root); flickr8k: override the auto-detection
+    image_column: str = "image"  # csv: column holding the image path
+    caption_column: str = "caption"  # csv: column holding the caption
+    split_column: str | None = None  # csv: optional column with train/val/test
+    val_fraction: float = 0.1  # used only when the dataset ships no split files; split is by image
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    train_captions: Literal["one", "all"] = "one"  # one: each image once per epoch with a random caption
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: drop bad rows, count and report them
+    batch_size: int = 64
+    eval_batch_size: int | None = None  # defaults to batch_size
+    num_workers: int = 2
+    max_train_samples: int | None = None  # cap for quick experiments
+    augment: bool = True  # random resized crop + light colour jitter on the training split
+    horizontal_flip: bool = False  # off: captions say "left" and "right"
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop area range
+    # built-in demo data (generated into `root` on first use)
+    demo_num_images: int = 3000
+    demo_image_size: int = 96
+    demo_seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------- optim
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: float = 5e-4  # heads and temperature
+    tower_lr: float | None = None  # pretrained towers; None: same as lr
+    weight_decay: float = 0.1  # never applied to biases, norms or logit_scale
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
+    grad_clip: float | None = 1.0  # max gradient norm; None: off
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, fp16 on older GPUs
+    output_dir: str = "runs/demo"  # checkpoints, metrics.csv, config.yaml
+    model_dir: str = "model"  # best model exported here with save_pretrained; ZeroShotPipeline() loads it
+    accum_steps: int = 1  # >1: gradient caching over accum_steps sub-batches (negatives span all of them)
+    log_every: int = 10  # steps between loss read-backs (each one is a host-device sync)
+    eval_every: int = 1  # epochs between evaluations
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    compile: bool = False  # torch.compile the towers; falls back to eager where unsupported
+    cache_image_features: bool = False  # locked image tower: compute its features once and keep them on disk
+    zero_shot_eval: bool = True  # demo data: zero-shot accuracy on seen and held-out colour-shape labels
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Keys renamed since earlier configs: old dotted key -> new dotted key.
+RENAMED_KEYS: dict[str, str] = {
+    "train.lr": "optim.lr",
+    "train.batch_size": "data.batch_size",
+    "model.image.model_name": "model.image.name",
+    "model.text.model_name": "model.text.name",
+    "model.projection.projection_dim": "model.projection.dim",
+    "model.temperature": "model.logit_scale_init",
+}
+
+
+# --------------------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Reads a YAML config strictly and applies dotted overrides.
+
+    Args:
+        path: YAML file; None gives the defaults.
+        overrides: `key.sub=value` strings; values are parsed as YAML (`1e-4`, `true`, `[1, 2]`).
+
+    Returns:
+        The validated, frozen Config.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; configs/ lists the shipped ones")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, optim, train)")
+        raw = loaded or {}
+    for override in overrides or []:
+        _apply_override(raw, override)
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Builds a Config from nested plain data, with the same strict checks as load_config."""
+    config = _build(Config, raw, prefix="", source=source)
+    validate(config, source)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value_text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} must look like key.sub=value, e.g. optim.lr=1e-4")
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError:
+        value = value_text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(dotted, key, fields, source))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{dotted}.", source)
+        else:
+            kwargs[key] = _check_type(value, hint, dotted, source)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(dotted: str, key: str, fields: dict, source: str) -> str:
+    if dotted in RENAMED_KEYS:
+        return f"{source}: key {dotted!r} was renamed to {RENAMED_KEYS[dotted]!r}; please update the config"
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(fields)}"
+    return f"{source}: unknown key {dotted!r}{hint}"
+
+
+def _check_type(value: Any, hint: Any, dotted: str, source: str) -> Any:
+    """Returns value coerced to hint (int->float, list->tuple), or raises naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, option, dotted, source)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            suggestion = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: {dotted}={value!r} is not one of {list(args)}{suggestion}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: {dotted} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(v, a, f"{dotted}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{source}: {dotted} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def validate(config: Config, source: str = "<config>") -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (config.data.batch_size > 0, "data.batch_size", config.data.batch_size, "must be > 0"),
+        (config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "must be >= 0"),
+        (config.optim.lr > 0, "optim.lr", config.optim.lr, "must be > 0"),
+        (config.optim.tower_lr is None or config.optim.tower_lr > 0, "optim.tower_lr", config.optim.tower_lr,
+         "must be > 0 (lock the tower to freeze it)"),
+        (config.optim.weight_decay >= 0, "optim.weight_decay", config.optim.weight_decay, "must be >= 0"),
+        (config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps, "must be >= 0"),
+        (config.train.epochs > 0, "train.epochs", config.train.epochs, "must be > 0"),
+        (config.train.accum_steps >= 1, "train.accum_steps", config.train.accum_steps, "must be >= 1"),
+        (config.train.log_every >= 1, "train.log_every", config.train.log_every, "must be >= 1"),
+        (0 <= config.model.projection.dropout < 1, "model.projection.dropout", config.model.projection.dropout,
+         "must be in [0, 1)"),
+        (config.model.projection.dim > 0, "model.projection.dim", config.model.projection.dim, "must be > 0"),
+        (config.model.text.max_length > 1, "model.text.max_length", config.model.text.max_length, "must be > 1"),
+        (0 <= config.data.val_fraction < 1 and 0 <= config.data.test_fraction < 1
+         and config.data.val_fraction + config.data.test_fraction < 1,
+         "data.val_fraction/test_fraction", (config.data.val_fraction, config.data.test_fraction),
+         "must be fractions that leave some training images"),
+    ]
+    for ok, key, value, rule in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {key}={value!r} {rule}")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,245 @@
+"""CLIP: an image tower, a text tower, two projection heads and a learnable temperature.
+
+Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (2021). The towers are thin
+adapters over timm and Hugging Face transformers (as open_clip's timm_model.py / hf_model.py are), so any model of
+either library works by name. Read top to bottom: ImageEncoder, TextEncoder, ProjectionHead, then CLIP.
+
+The model holds no loss: `forward` returns normalised embeddings, logits and the scale; liteclip.loss reads logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from liteclip.config import ImageEncoderConfig, ModelConfig, ProjectionConfig, TextEncoderConfig
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------- image tower
+
+
+class ImageEncoder(nn.Module):
+    """Any timm model as a pooled-feature extractor (no classifier).
+
+    Exposes `num_features` and `data_config` (timm's input size, mean, std, interpolation, crop_pct), so the data
+    pipeline normalises with the tower's own statistics.
+    """
+
+    def __init__(self, config: ImageEncoderConfig):
+        super().__init__()
+        self.config = config
+        kwargs: dict[str, Any] = {"num_classes": 0}
+        if config.weights_file:
+            # timm loads the file through its pretrained path, which drops the classifier for num_classes=0
+            path = Path(config.weights_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"model.image.weights_file={path} does not exist")
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        else:
+            kwargs["pretrained"] = config.pretrained
+        try:
+            self.model = timm.create_model(config.name, **kwargs)
+        except RuntimeError as error:
+            if "Unknown model" in str(error):
+                close = timm.list_models(f"*{config.name.split('.')[0][:6]}*")[:5]
+                raise ValueError(f"model.image.name={config.name!r} is not a timm model; close names: {close}") from None
+            raise
+        self.num_features: int = self.model.num_features
+        data_config = timm.data.resolve_model_data_config(self.model)
+        if config.image_size is not None:
+            data_config["input_size"] = (3, config.image_size, config.image_size)
+        if config.mean is not None:
+            data_config["mean"] = tuple(config.mean)
+        if config.std is not None:
+            data_config["std"] = tuple(config.std)
+        self.data_config: dict[str, Any] = data_config
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)  # (B, 3, H, W) -> (B, num_features)
+
+
+# -------------------------------------------------------------------------------------------------- text tower
+
+
+class TextEncoder(nn.Module):
+    """Any Hugging Face AutoModel as a sentence encoder with a chosen pooling.
+
+    Poolings: `mean` (attention-masked mean over tokens, liteCLIP's choice), `cls` (the first token, BERT-style),
+    `eos` (the last real token, for causally-masked towers where only it has seen the whole caption).
+    """
+
+    def __init__(self, config: TextEncoderConfig, hf_config: Any | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        self.config = config
+        remote = config.trust_remote_code
+        if hf_config is not None:  # rebuilding a saved model: architecture from the saved config, weights follow
+            self.model = AutoModel.from_config(hf_config, trust_remote_code=remote)
+        elif config.pretrained:
+            self.model = AutoModel.from_pretrained(config.name, trust_remote_code=remote)
+        else:
+            self.model = AutoModel.from_config(AutoConfig.from_pretrained(config.name, trust_remote_code=remote),
+                                               trust_remote_code=remote)
+        if config.pooling not in ("mean", "cls", "eos"):
+            raise ValueError(f"model.text.pooling={config.pooling!r} must be one of mean, cls, eos")
+        self.num_features: int = self.model.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        if self.config.pooling == "cls":
+            return hidden[:, 0]  # (B, H)
+        if self.config.pooling == "eos":
+            last = attention_mask.sum(dim=1) - 1  # index of the last real token, (B,)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, H)
+
+
+# ---------------------------------------------------------------------------------------------- projection head
+
+
+class ProjectionHead(nn.Module):
+    """Maps a tower's features into the shared embedding space.
+
+    Kinds:
+        residual: Linear -> GELU -> Dropout, added back to the projection, then LayerNorm (liteCLIP).
+        residual_mlp: Linear -> GELU -> Linear -> Dropout, residual, LayerNorm (the Simple-CLIP recipe).
+        linear: one bias-free Linear (OpenAI CLIP).
+    """
+
+    def __init__(self, in_features: int, config: ProjectionConfig):
+        super().__init__()
+        self.kind = config.kind
+        self.projection = nn.Linear(in_features, config.dim, bias=config.kind != "linear")
+        if config.kind != "linear":
+            self.fc = nn.Linear(config.dim, config.dim) if config.kind == "residual_mlp" else nn.Identity()
+            self.dropout = nn.Dropout(config.dropout)
+            self.layer_norm = nn.LayerNorm(config.dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(features)  # (B, F) -> (B, D)
+        if self.kind == "linear":
+            return projected
+        hidden = self.dropout(self.fc(F.gelu(projected)))  # (B, D)
+        return self.layer_norm(hidden + projected)  # (B, D)
+
+
+# ------------------------------------------------------------------------------------------------------- CLIP
+
+
+@dataclass
+class CLIPOutput:
+    image_embeds: torch.Tensor  # (B, D), L2-normalised
+    text_embeds: torch.Tensor  # (B, D), L2-normalised
+    logit_scale: torch.Tensor  # scalar, exp of the clamped log-scale
+    logits_per_image: torch.Tensor  # (B, B) = scale * image_embeds @ text_embeds.T
+    logits_per_text: torch.Tensor  # (B, B), its transpose
+
+
+class CLIP(nn.Module):
+    """Two towers and two heads trained so matching image-caption pairs have high cosine similarity.
+
+    Attributes:
+        tokenizer: the text tower's tokenizer (saved with the model by save_pretrained).
+        data_config: the image tower's timm data config (input size, mean, std, interpolation, crop_pct).
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer: Any = None, text_hf_config: Any | None = None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_encoder = ImageEncoder(config.image)
+        self.text_encoder = TextEncoder(config.text, hf_config=text_hf_config)
+        self.image_projection = ProjectionHead(self.image_encoder.num_features, config.projection)
+        self.text_projection = ProjectionHead(self.text_encoder.num_features, config.projection)
+        # log of the inverse temperature, learned in log space as in the paper
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)),
+                                        requires_grad=config.learn_logit_scale)
+        self.data_config = self.image_encoder.data_config
+        if config.image.channels_last:
+            self.image_encoder.to(memory_format=torch.channels_last)
+        for tower, locked in ((self.image_encoder, config.image.locked), (self.text_encoder, config.text.locked)):
+            if locked:
+                tower.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        # locked towers stay in eval mode so their dropout and batch-norm statistics never change
+        if self.config.image.locked:
+            self.image_encoder.eval()
+        if self.config.text.locked:
+            self.text_encoder.eval()
+        return self
+
+    def scale(self) -> torch.Tensor:
+        """The multiplier on cosine similarities: exp(logit_scale), clamped at exp(logit_scale_max)."""
+        return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled image-tower features before the head, (B, 3, H, W) -> (B, F); cached when the tower is locked."""
+        if self.config.image.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return self.image_encoder(pixel_values)
+
+    def encode_image(self, pixel_values: torch.Tensor | None = None,
+                     image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised image embeddings (B, D), from pixels or from precomputed tower features."""
+        if image_features is None:
+            image_features = self.image_features(pixel_values)
+        return F.normalize(self.image_projection(image_features), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings (B, D) from token ids (B, L) and their attention mask (B, L)."""
+        return F.normalize(self.text_projection(self.text_encoder(input_ids, attention_mask)), dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None) -> CLIPOutput:
+        image_embeds = self.encode_image(pixel_values, image_features)  # (B, D)
+        text_embeds = self.encode_text(input_ids, attention_mask)  # (B, D)
+        scale = self.scale()
+        logits_per_image = scale * image_embeds @ text_embeds.t()  # (B, B)
+        return CLIPOutput(image_embeds, text_embeds, scale, logits_per_image, logits_per_image.t())
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that take no weight decay besides biases and norms."""
+        return {"logit_scale"}
+
+    # ------------------------------------------------------------------------------------------------- saving
+
+    def save_pretrained(self, directory: str | Path, full_config: Any = None) -> Path:
+        """Writes config.yaml, model.safetensors, text_config/ and tokenizer/ into `directory` (atomically)."""
+        from liteclip.checkpoint import save_model_dir
+
+        return save_model_dir(self, directory, full_config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> CLIP:
+        """Loads a directory written by save_pretrained, with no network and no pickle."""
+        from liteclip.checkpoint import load_model_dir
+
+        return load_model_dir(directory, device)
+
+
+def build_model(config: ModelConfig) -> CLIP:
+    """Builds the CLIP model and its tokenizer from the model section of a config."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.text.name, trust_remote_code=config.text.trust_remote_code)
+    model = CLIP(config, tokenizer=tokenizer)
+    num_params = sum(p.numel() for p in model.parameters())
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("built CLIP %s + %s: %.2fM parameters, %.2fM trainable", config.image.name, config.text.name,
+                num_params / 1e6, num_trainable / 1e6)
+    return model
+

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random-init towers and a locally trained tokenizer, so no test touches the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from liteclip.config import Config, config_from_dict
+
+SENTENCES = [
+    "a small red circle on the left", "a large blue square in the middle", "a yellow triangle at the top",
+    "two shapes: a green circle above a red square", "a photo of a dog", "a photo of a cat",
+    "the photo of a human baby", "a boy jumping with skateboard", "a purple star on a white background",
+    "an orange square below a blue triangle", "a picture of a small green triangle on the right",
+]
+
+
+def write_tiny_text_model(directory: Path) -> Path:
+    """A 2-layer, 64-wide BERT and a WordPiece tokenizer trained on a few sentences, saved like a hub model."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tokenizer.train_from_iterator(SENTENCES, trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=128, max_position_embeddings=64)
+    BertModel(config).save_pretrained(directory)
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def tiny_config_dict(text_dir: Path, **sections) -> dict:
+    """Nested config data for a model small enough to train in a test: convnext_atto at 32 px + 2-layer BERT."""
+    raw = {
+        "model": {
+            "image": {"name": "convnext_atto", "pretrained": False, "image_size": 32},
+            "text": {"name": str(text_dir), "pretrained": True, "max_length": 16},
+            "projection": {"dim": 32, "dropout": 0.0},
+        },
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+@pytest.fixture
+def tiny_config(tiny_text_dir: Path) -> Config:
+    return config_from_dict(tiny_config_dict(tiny_text_dir))
+
+
+def draw_image(path: Path, color: tuple[int, int, int], size: int = 40) -> Path:
+    """A real image file: a coloured square on grey with a little noise."""
+    rng = np.random.default_rng(sum(color))
+    pixels = np.full((size, size, 3), 128, dtype=np.uint8)
+    pixels[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = color
+    pixels = np.clip(pixels + rng.integers(-5, 6, pixels.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path

@@ -1,0 +1,74 @@
+import pytest
+
+from liteclip.config import Config, ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_a_file():
+    config = load_config()
+    assert config == Config()
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    path = write(tmp_path, "optim:\n  lerning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "optim.lerning_rate" in message and str(path) in message
+
+
+def test_misspelled_key_gets_closest_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load_config(write(tmp_path, "data:\n  batch_sise: 8\n"))
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'model'"):
+        load_config(write(tmp_path, "modle:\n  image: {}\n"))
+
+
+def test_renamed_key_points_to_new_name(tmp_path):
+    with pytest.raises(ConfigError, match="renamed to 'optim.lr'"):
+        load_config(write(tmp_path, "train:\n  lr: 0.1\n"))
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("data:\n  batch_size: eight\n", "data.batch_size must be int"),
+    ("data:\n  batch_size: 0\n", "data.batch_size=0 must be > 0"),
+    ("optim:\n  lr: -1.0\n", "optim.lr=-1.0 must be > 0"),
+    ("model:\n  text:\n    pooling: maen\n", "did you mean 'mean'"),
+    ("model:\n  image:\n    pretrained: 1\n", "model.image.pretrained must be bool"),
+    ("optim:\n  betas: [0.9]\n", "optim.betas must be a list of 2"),
+])
+def test_values_are_checked(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        load_config(write(tmp_path, text))
+
+
+def test_overrides_apply_on_top(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 0.1\n")
+    config = load_config(path, ["optim.lr=1e-4", "model.image.name=resnet50", "optim.betas=[0.8, 0.9]"])
+    assert config.optim.lr == 1e-4
+    assert config.model.image.name == "resnet50"
+    assert config.optim.betas == (0.8, 0.9)
+
+
+def test_bad_override_format():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config(None, ["optim.lrr=1"])
+
+
+def test_yaml_round_trip():
+    config = load_config(None, ["optim.lr=0.003", "model.projection.dim=64"])
+    path_text = config.to_yaml()
+    import yaml
+
+    from liteclip.config import config_from_dict
+    assert config_from_dict(yaml.safe_load(path_text)) == config

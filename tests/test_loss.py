@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from liteclip import clip_loss
+
+
+def naive_clip_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Independent reference: explicit log-softmax over rows (image->text) and over columns (text->image)."""
+    n = logits.shape[0]
+    log_probs_rows = logits - logits.logsumexp(dim=1, keepdim=True)
+    log_probs_cols = logits - logits.logsumexp(dim=0, keepdim=True)
+    image_to_text = -sum(log_probs_rows[i, i] for i in range(n)) / n
+    text_to_image = -sum(log_probs_cols[i, i] for i in range(n)) / n
+    return (image_to_text + text_to_image) / 2
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_matches_naive_reference(n):
+    torch.manual_seed(n)
+    logits = torch.randn(n, n, dtype=torch.float64) * 5  # not symmetric: a dropped direction would show
+    torch.testing.assert_close(clip_loss(logits), naive_clip_loss(logits), atol=1e-6, rtol=0)
+
+
+def test_matches_transformers_clip_loss():
+    modeling_clip = pytest.importorskip("transformers.models.clip.modeling_clip")
+    hf_loss = getattr(modeling_clip, "image_text_contrastive_loss", None) or modeling_clip.clip_loss
+    torch.manual_seed(0)
+    for n in (2, 5, 16):
+        logits = torch.randn(n, n, dtype=torch.float64) * 3
+        # transformers takes the text-major similarity; the loss is symmetric in the two directions
+        torch.testing.assert_close(clip_loss(logits), hf_loss(logits.t()), atol=1e-6, rtol=0)
+
+
+def test_each_direction_counts():
+    logits = torch.zeros(3, 3)
+    logits[0, 1] = logits[0, 2] = 10.0  # one row hurt, two columns hurt: the directions disagree
+    row_only = F.cross_entropy(logits, torch.arange(3))
+    col_only = F.cross_entropy(logits.t(), torch.arange(3))
+    assert abs(row_only - col_only) > 1.0
+    torch.testing.assert_close(clip_loss(logits), (row_only + col_only) / 2)
+
+
+def test_shifted_labels_would_differ():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 6) + 8 * torch.eye(6)
+    shifted = F.cross_entropy(logits, torch.arange(6).roll(1))
+    assert clip_loss(logits) < 0.1 * shifted
+
+
+def test_aligned_embeddings_with_large_scale_give_near_zero_loss():
+    embeds = F.normalize(torch.randn(16, 32, dtype=torch.float64), dim=-1)
+    # random 32-d unit vectors have off-diagonal cosine well below 1; a scale of 100 makes the diagonal dominate
+    embeds = F.normalize(torch.eye(16, 32, dtype=torch.float64) + 0.01 * embeds, dim=-1)
+    assert clip_loss(100.0 * embeds @ embeds.t()) < 1e-3
+    assert clip_loss(1.0 * embeds @ embeds.t()) > 1.0  # ignoring the scale would leave the loss high
+
+
+def test_independent_random_embeddings_give_about_log_n():
+    torch.manual_seed(0)
+    n = 256
+    image_embeds = F.normalize(torch.randn(n, 512), dim=-1)
+    text_embeds = F.normalize(torch.randn(n, 512), dim=-1)
+    loss = clip_loss(image_embeds @ text_embeds.t())  # scale 1: logits near 0
+    assert abs(loss.item() - math.log(n)) < 0.05

@@ -1,0 +1,160 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from liteclip import CLIP, build_model
+from liteclip.checkpoint import ModelLoadError
+from liteclip.config import ProjectionConfig
+from liteclip.model import ProjectionHead
+
+
+def tokenize(model, texts):
+    batch = model.tokenizer(texts, padding=True, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+@pytest.fixture
+def model(tiny_config):
+    torch.manual_seed(0)
+    return build_model(tiny_config.model).eval()
+
+
+def test_forward_shapes_and_normalised_embeddings(model):
+    pixels = torch.randn(3, 3, 32, 32)
+    input_ids, attention_mask = tokenize(model, ["a red circle", "a blue square on the left", "a cat"])
+    out = model(pixels, input_ids, attention_mask)
+    assert out.image_embeds.shape == out.text_embeds.shape == (3, 32)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out.text_embeds.norm(dim=-1), torch.ones(3))
+    expected = math.exp(math.log(1 / 0.07)) * out.image_embeds @ out.text_embeds.t()
+    torch.testing.assert_close(out.logits_per_image, expected)
+    torch.testing.assert_close(out.logits_per_text, expected.t())
+
+
+def test_logit_scale_is_clamped_at_100(model):
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.scale().item() == pytest.approx(100.0)
+
+
+def test_data_config_follows_overrides(model):
+    assert model.data_config["input_size"] == (3, 32, 32)
+    assert len(model.data_config["mean"]) == 3
+
+
+def test_mean_pooling_ignores_padding(model):
+    short_ids, short_mask = tokenize(model, ["a red circle"])
+    padded_ids, padded_mask = tokenize(model, ["a red circle", "two shapes: a green circle above a red square"])
+    assert padded_mask[0].sum() < padded_mask.shape[1]  # the first caption really is padded
+    with torch.no_grad():
+        alone = model.text_encoder(short_ids, short_mask)
+        in_batch = model.text_encoder(padded_ids, padded_mask)[:1]
+        hidden = model.text_encoder.model(input_ids=short_ids, attention_mask=short_mask).last_hidden_state
+    torch.testing.assert_close(alone, hidden.mean(dim=1))  # independent: plain mean over the real tokens
+    torch.testing.assert_close(in_batch, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "eos"])
+def test_token_poolings(tiny_config, pooling):
+    config = dataclasses.replace(tiny_config.model, text=dataclasses.replace(tiny_config.model.text, pooling=pooling))
+    model = build_model(config).eval()
+    input_ids, attention_mask = tokenize(model, ["a red circle", "a large blue square in the middle"])
+    with torch.no_grad():
+        pooled = model.text_encoder(input_ids, attention_mask)
+        hidden = model.text_encoder.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    lengths = attention_mask.sum(dim=1).tolist()
+    positions = [0, 0] if pooling == "cls" else [n - 1 for n in lengths]
+    expected = torch.stack([hidden[i, p] for i, p in enumerate(positions)])
+    torch.testing.assert_close(pooled, expected)
+
+
+@pytest.mark.parametrize("kind", ["residual", "residual_mlp", "linear"])
+def test_projection_heads(kind):
+    torch.manual_seed(0)
+    head = ProjectionHead(20, ProjectionConfig(kind=kind, dim=8, dropout=0.0)).eval()
+    features = torch.randn(4, 20)
+    projected = head.projection(features)
+    if kind == "linear":
+        expected = features @ head.projection.weight.t()
+    else:
+        hidden = F.gelu(projected)
+        if kind == "residual_mlp":
+            hidden = head.fc(hidden)
+        expected = F.layer_norm(hidden + projected, (8,), head.layer_norm.weight, head.layer_norm.bias)
+    torch.testing.assert_close(head(features), expected)
+
+
+def test_locked_towers_get_no_gradients(tiny_config):
+    config = dataclasses.replace(
+        tiny_config.model,
+        image=dataclasses.replace(tiny_config.model.image, locked=True),
+        text=dataclasses.replace(tiny_config.model.text, locked=True))
+    model = build_model(config).train()
+    assert not model.image_encoder.training and not model.text_encoder.training
+    input_ids, attention_mask = tokenize(model, ["a red circle", "a cat"])
+    out = model(torch.randn(2, 3, 32, 32), input_ids, attention_mask)
+    out.logits_per_image.sum().backward()
+    assert all(p.grad is None for p in model.image_encoder.parameters())
+    assert all(p.grad is None for p in model.text_encoder.parameters())
+    assert model.image_projection.projection.weight.grad is not None
+
+
+def test_save_and_load_round_trip_offline(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    model.save_pretrained(tmp_path / "saved")
+    assert {p.name for p in (tmp_path / "saved").iterdir()} >= {"config.yaml", "model.safetensors", "tokenizer"}
+    loaded = CLIP.from_pretrained(tmp_path / "saved")
+    pixels = torch.randn(2, 3, 32, 32)
+    captions = ["a small red circle on the left", "a cat"]
+    ids, mask = tokenize(model, captions)
+    loaded_ids, loaded_mask = tokenize(loaded, captions)
+    assert torch.equal(ids, loaded_ids) and torch.equal(mask, loaded_mask)
+    with torch.no_grad():
+        expected, actual = model(pixels, ids, mask), loaded(pixels, loaded_ids, loaded_mask)
+    assert torch.equal(expected.logits_per_image, actual.logits_per_image)
+    assert torch.equal(expected.image_embeds, actual.image_embeds)
+    assert loaded.data_config == model.data_config
+
+
+def test_saving_again_replaces_the_directory(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        model.logit_scale.fill_(1.0)
+    model.save_pretrained(tmp_path / "m")
+    assert CLIP.from_pretrained(tmp_path / "m").logit_scale.item() == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging leftovers
+
+
+def test_mismatched_weights_name_the_tensors(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    state["image_projection.projection.weight"] = torch.zeros(7, 7)
+    del state["text_projection.layer_norm.bias"]
+    save_file(state, str(weights))
+    with pytest.raises(ModelLoadError) as error:
+        CLIP.from_pretrained(tmp_path / "m")
+    message = str(error.value)
+    assert "image_projection.projection.weight" in message and "(7, 7)" in message
+    assert "missing: text_projection.layer_norm.bias" in message
+
+
+def test_missing_model_directory_says_how_to_get_one(tmp_path):
+    with pytest.raises(ModelLoadError, match="train.py --config configs/demo.yaml"):
+        CLIP.from_pretrained(tmp_path / "nothing")
+
+
+def test_local_weights_file_for_the_image_tower(tiny_config, tmp_path):
+    import timm
+
+    source = timm.create_model("convnext_atto", pretrained=False)  # with a classifier, as downloaded files have
+    save_file(source.state_dict(), str(tmp_path / "atto.safetensors"))
+    config = dataclasses.replace(tiny_config.model, image=dataclasses.replace(
+        tiny_config.model.image, weights_file=str(tmp_path / "atto.safetensors")))
+    model = build_model(config)
+    torch.testing.assert_close(model.image_encoder.model.stem[0].weight, source.stem[0].weight)
