@@ -37,6 +37,7 @@ class ImageEncoderConfig:
     image_size: int | None = None  # override the tower's own input size (timm data config)
     mean: tuple[float, float, float] | None = None  # override the tower's normalisation mean
     std: tuple[float, float, float] | None = None  # override the tower's normalisation std
+    crop_pct: float | None = None  # override the evaluation center-crop fraction (1.0: keep the whole image)
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and GPU
 
 

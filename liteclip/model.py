@@ -61,6 +61,8 @@ class ImageEncoder(nn.Module):
             data_config["mean"] = tuple(config.mean)
         if config.std is not None:
             data_config["std"] = tuple(config.std)
+        if config.crop_pct is not None:
+            data_config["crop_pct"] = config.crop_pct
         self.data_config: dict[str, Any] = data_config
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from liteclip.config import Config, config_from_dict
+from liteclip.data.demo import write_text_tower
 
 SENTENCES = [
     "a small red circle on the left", "a large blue square in the middle", "a yellow triangle at the top",
@@ -19,24 +20,11 @@ SENTENCES = [
 
 
 def write_tiny_text_model(directory: Path) -> Path:
-    """A 2-layer, 64-wide BERT and a WordPiece tokenizer trained on a few sentences, saved like a hub model."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    """A 2-layer, 64-wide random BERT and a WordPiece tokenizer trained on a few sentences, saved like a hub model."""
+    from transformers import AutoConfig, BertModel
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tokenizer.train_from_iterator(SENTENCES, trainer)
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=128, max_position_embeddings=64)
-    BertModel(config).save_pretrained(directory)
-    fast.save_pretrained(str(directory))
+    write_text_tower(directory, SENTENCES, hidden_size=64, num_layers=2, vocab_size=200)
+    BertModel(AutoConfig.from_pretrained(directory)).save_pretrained(directory)
     return directory
 
 

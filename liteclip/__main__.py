@@ -1,0 +1,5 @@
+import sys
+
+from liteclip.cli import main
+
+sys.exit(main())

@@ -1,0 +1,188 @@
+"""Every command line of the project: `liteclip train | predict | index | search | eval-zeroshot |
+eval-retrieval | data ...`. `train.py` and `python -m liteclip.data` are thin doors into this module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from liteclip.config import load_config
+    from liteclip.training import fit
+
+    config = load_config(args.config, args.set)
+    fit(config, resume=args.resume, show_progress=not args.no_progress)
+    return 0
+
+
+def _pipeline(args: argparse.Namespace):
+    from liteclip.pipeline import ZeroShotPipeline
+
+    return ZeroShotPipeline(args.model_dir, device=args.device, templates=args.template or None)
+
+
+def _emit(args: argparse.Namespace, data, table_rows: list[tuple], header: tuple) -> None:
+    """JSON for scripts, an aligned table for people."""
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in table_rows)) for i, h in enumerate(header)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    for row in table_rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    pipeline = _pipeline(args)
+    results = pipeline.predict(list(args.images), args.labels, top_k=args.top_k)
+    data = [{"image": image, "predictions": [{"label": l, "probability": p} for l, p in result]}
+            for image, result in zip(args.images, results)]
+    rows = [(image, label, f"{prob * 100:.2f}%") for image, result in zip(args.images, results)
+            for label, prob in result]
+    _emit(args, data, rows, ("image", "label", "probability"))
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from liteclip.pipeline import ImageSearch
+
+    search = ImageSearch(_pipeline(args))
+    encoded = search.index(args.folder, args.index, batch_size=args.batch_size)
+    data = {"index": str(args.index), "images": len(search.paths), "encoded": encoded}
+    _emit(args, data, [(str(args.index), len(search.paths), encoded)], ("index", "images", "newly encoded"))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from liteclip.pipeline import ImageSearch
+
+    search = ImageSearch(_pipeline(args))
+    if not Path(args.index).is_file():
+        raise FileNotFoundError(f"no index at {args.index}; build one with `liteclip index FOLDER --index {args.index}`")
+    search.load(args.index)
+    hits = search.similar(args.image, args.top_k) if args.image else search.search(args.query, args.top_k)
+    data = [{"path": str(path), "score": score} for path, score in hits]
+    _emit(args, data, [(str(path), f"{score:.4f}") for path, score in hits], ("path", "score"))
+    return 0
+
+
+def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    from liteclip.pipeline import evaluate_zero_shot
+
+    result = evaluate_zero_shot(_pipeline(args), args.folder, args.template or None, args.batch_size)
+    rows = [(name, v["count"], f"{v['top1']:.2f}") for name, v in result["per_class"].items()]
+    rows.append(("ALL", sum(v["count"] for v in result["per_class"].values()),
+                 "  ".join(f"{k}={v:.2f}" for k, v in result.items() if k.startswith("top"))))
+    _emit(args, result, rows, ("class", "images", "top1 %"))
+    return 0
+
+
+def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from liteclip.checkpoint import read_model_config
+    from liteclip.config import load_config
+    from liteclip.data import load_splits
+    from liteclip.pipeline import evaluate_retrieval
+
+    pipeline = _pipeline(args)
+    data_config = (load_config(args.config, args.set) if args.config else read_model_config(args.model_dir)).data
+    split = load_splits(data_config)[args.split]
+    metrics = evaluate_retrieval(pipeline.model, split, args.batch_size, pipeline.device)
+    _emit(args, metrics, [(k, f"{v:.2f}") for k, v in metrics.items()], ("metric", f"{args.split} %"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liteclip", description="Train and use small CLIP models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model from a YAML config",
+                                description="Train a CLIP model. Example: liteclip train --config configs/demo.yaml "
+                                            "--set optim.lr=1e-4 train.epochs=3")
+    train.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="dotted overrides applied on top of the config, e.g. optim.lr=1e-4 data.batch_size=32")
+    train.add_argument("--resume", default=None, metavar="PATH|auto",
+                       help="continue from a checkpoint, or 'auto' for the run directory's last.pt")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    train.set_defaults(handler=_cmd_train)
+
+    def inference_command(name: str, help_text: str, handler, description: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, description=description)
+        command.add_argument("--model-dir", default="model", help="model directory from save_pretrained (./model)")
+        command.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+        command.add_argument("--json", action="store_true", help="machine-readable output")
+        command.set_defaults(handler=handler)
+        return command
+
+    predict = inference_command("predict", "zero-shot classify images among text labels", _cmd_predict,
+                                "Example: liteclip predict cat.jpg --labels 'a photo of a dog' 'a photo of a cat'")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--labels", nargs="+", required=True, help="candidate labels (at least 2)")
+    predict.add_argument("--template", action="append", help="prompt template with {}, repeatable")
+    predict.add_argument("--top-k", type=int, default=None, help="show only the k most likely labels")
+
+    index = inference_command("index", "embed every image under a folder for search", _cmd_index,
+                              "Example: liteclip index photos/ --index photos.index")
+    index.add_argument("folder")
+    index.add_argument("--index", default="liteclip.index", help="index file (re-indexing reuses unchanged files)")
+    index.add_argument("--batch-size", type=int, default=64)
+    index.set_defaults(template=None)
+
+    search = inference_command("search", "text-to-image (or image-to-image) search in an index", _cmd_search,
+                               "Example: liteclip search 'a boy jumping with skateboard' --index photos.index")
+    search.add_argument("query", nargs="?", help="text query")
+    search.add_argument("--image", help="find images similar to this image instead")
+    search.add_argument("--index", default="liteclip.index")
+    search.add_argument("--top-k", type=int, default=5)
+    search.set_defaults(template=None)
+
+    zeroshot = inference_command("eval-zeroshot", "zero-shot accuracy on an ImageFolder directory",
+                                 _cmd_eval_zeroshot, "Example: liteclip eval-zeroshot pets/ --template 'a photo of a {}.'")
+    zeroshot.add_argument("folder", help="root/<class name>/*.jpg")
+    zeroshot.add_argument("--template", action="append", help="prompt template with {}, repeatable")
+    zeroshot.add_argument("--batch-size", type=int, default=64)
+
+    retrieval = inference_command("eval-retrieval", "retrieval recall of a model on a captions dataset split",
+                                  _cmd_eval_retrieval,
+                                  "Example: liteclip eval-retrieval --split test  (data as in the model's config)")
+    retrieval.add_argument("--config", default=None, help="take the data section from this YAML instead")
+    retrieval.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    retrieval.add_argument("--split", default="test", choices=["train", "val", "test"])
+    retrieval.add_argument("--batch-size", type=int, default=64)
+    retrieval.set_defaults(template=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from liteclip.checkpoint import ModelLoadError
+    from liteclip.training import NonFiniteLossError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "search" and not (args.query or args.image):
+        parser.error("search needs a text query or --image PATH")
+    _setup_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except (FileNotFoundError, PermissionError, ValueError, ModelLoadError, NonFiniteLossError, OSError) as error:
+        # user-facing problems: a one-line reason, not a traceback from deep inside a library
+        print(f"liteclip {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Datasets and data loaders, built from the data section of a config.
+
+    splits = load_splits(cfg.data)                                  # {"train", "val", "test"} -> [CaptionedImage]
+    loaders = build_dataloaders(cfg.data, tokenizer, max_length, data_config)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from liteclip.config import DataConfig
+from liteclip.data.captions import (BadRowPolicy, CaptionCollator, CaptionedImage, DataError, ImageCaptionDataset,
+                                    read_caption_csv)
+from liteclip.data.demo import ensure_demo_data
+from liteclip.data.flickr8k import read_flickr8k
+from liteclip.data.transforms import build_transforms, image_size
+
+__all__ = ["CaptionCollator", "CaptionedImage", "DataError", "ImageCaptionDataset", "build_dataloaders",
+           "build_datasets", "load_splits", "prepare_dataset"]
+
+
+def prepare_dataset(config: DataConfig) -> Path:
+    """Makes sure the dataset is on disk (generating the demo data on first use) and returns its root."""
+    root = Path(config.root)
+    if config.dataset == "demo":
+        return ensure_demo_data(root, config.demo_num_images, config.demo_image_size, config.demo_seed)
+    if not root.is_dir():
+        hint = (f"`python -m liteclip.data download flickr8k --root {root}` fetches it" if config.dataset == "flickr8k"
+                else "point data.root at the folder your captions file's image paths are relative to")
+        raise DataError(f"data.root={root} does not exist; {hint}")
+    return root
+
+
+def load_splits(config: DataConfig, policy: BadRowPolicy | None = None) -> dict[str, list[CaptionedImage]]:
+    """Reads the configured dataset into image-level train/val/test splits."""
+    root = prepare_dataset(config)
+    policy = policy or BadRowPolicy(config.on_bad_row)
+    if config.dataset == "csv":
+        if not config.captions_file:
+            raise DataError("data.captions_file must name the CSV/TSV file when data.dataset is csv")
+        splits = read_caption_csv(root / config.captions_file, root, config.image_column, config.caption_column,
+                                  config.split_column, config.val_fraction, config.test_fraction, config.split_seed,
+                                  policy)
+        policy.summarise()
+    else:
+        splits = read_flickr8k(root, config.captions_file, config.val_fraction, config.test_fraction,
+                               config.split_seed, policy)
+    if not splits["train"]:
+        raise DataError(f"{root}: the training split is empty")
+    if config.max_train_samples is not None:
+        splits["train"] = splits["train"][:config.max_train_samples]
+    return splits
+
+
+def build_datasets(config: DataConfig, data_config: dict[str, Any],
+                   splits: dict[str, list[CaptionedImage]] | None = None) -> dict[str, ImageCaptionDataset]:
+    """Train/val/test datasets; train draws captions as configured, evaluation takes each image once."""
+    splits = splits if splits is not None else load_splits(config)
+    train_tf, eval_tf = build_transforms(data_config, config.augment, config.crop_scale, config.horizontal_flip)
+    decode_size = image_size(data_config)
+    return {
+        "train": ImageCaptionDataset(splits["train"], train_tf, config.train_captions, decode_size),
+        "val": ImageCaptionDataset(splits["val"], eval_tf, "first", decode_size),
+        "test": ImageCaptionDataset(splits["test"], eval_tf, "first", decode_size),
+    }
+
+
+def build_dataloaders(config: DataConfig, tokenizer: Any, max_length: int, data_config: dict[str, Any],
+                      datasets: dict[str, ImageCaptionDataset] | None = None, seed: int = 0, rank: int = 0,
+                      world_size: int = 1, pin_memory: bool = False) -> dict[str, DataLoader]:
+    """DataLoaders with dynamic padding; under DDP the training split is sharded with a DistributedSampler."""
+    datasets = datasets if datasets is not None else build_datasets(config, data_config)
+    collate = CaptionCollator(tokenizer, max_length)
+    workers = config.num_workers
+    common = {"collate_fn": collate, "num_workers": workers, "pin_memory": pin_memory}
+    train_sampler = None
+    if world_size > 1:
+        train_sampler = DistributedSampler(datasets["train"], num_replicas=world_size, rank=rank, shuffle=True,
+                                           seed=seed, drop_last=True)
+    generator = torch.Generator().manual_seed(seed)
+    loaders = {"train": DataLoader(datasets["train"], batch_size=config.batch_size, shuffle=train_sampler is None,
+                                   sampler=train_sampler, drop_last=len(datasets["train"]) > config.batch_size,
+                                   generator=generator, **common)}
+    # training workers are not persistent: fresh workers each epoch draw their seeds from the generator the
+    # trainer reseeds per epoch, which is what makes a resumed run replay exactly; evaluation is not random
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    for split in ("val", "test"):
+        loaders[split] = DataLoader(datasets[split], batch_size=eval_batch_size, shuffle=False,
+                                    persistent_workers=workers > 0, **common)
+    return loaders

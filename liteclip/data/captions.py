@@ -1,0 +1,221 @@
+"""What every dataset reader produces, and what turns it into batches.
+
+A reader returns, per split, a list of CaptionedImage (one image, all its captions). Splits are always by image, so
+one photo never sits in two splits. ImageCaptionDataset yields the sample contract
+
+    {"pixel_values": (3, H, W) float tensor, "caption": str, "image_index": int}
+
+and CaptionCollator stacks images and tokenises captions with dynamic padding (to the longest caption in the batch,
+truncated at max_length), which for short captions is several times less text-tower work than padding to 128.
+The generic CSV/TSV reader for users' own data lives here too.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read as configured; the message names the file, line and reason."""
+
+
+@dataclass
+class CaptionedImage:
+    image_path: Path
+    captions: list[str]
+
+
+@dataclass(frozen=True)
+class BadRow:
+    file: Path
+    line: int  # 1-based line in `file`; 0 when the problem is the file itself
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}" if self.line else f"{self.file}: {self.reason}"
+
+
+@dataclass
+class BadRowPolicy:
+    """Collects bad rows; with on_bad_row='error' the first one raises (check mode collects them all)."""
+
+    on_bad_row: Literal["error", "skip", "collect"] = "error"
+    rows: list[BadRow] = field(default_factory=list)
+
+    def report(self, file: Path, line: int, reason: str) -> None:
+        bad = BadRow(Path(file), line, reason)
+        if self.on_bad_row == "error":
+            raise DataError(f"{bad}\n(set data.on_bad_row: skip to drop bad rows, or run "
+                            f"`python -m liteclip.data check ROOT` to list them all)")
+        self.rows.append(bad)
+
+    def summarise(self) -> None:
+        if self.rows and self.on_bad_row == "skip":
+            logger.warning("skipped %d bad rows; first: %s", len(self.rows), self.rows[0])
+
+
+def resolve_image_path(image_root: Path, name: str) -> Path | None:
+    """The image's path under image_root, or None when the name escapes it (`../`, absolute paths elsewhere)."""
+    root = image_root.resolve()
+    path = (root / name).resolve()
+    return path if path.is_relative_to(root) else None
+
+
+def group_captions(rows: Iterable[tuple[int, Any, Any]], image_root: Path, source: Path,
+                   policy: BadRowPolicy) -> dict[str, CaptionedImage]:
+    """Groups (line, image name, caption) rows by image, reporting each bad row once.
+
+    Returns:
+        Image name -> CaptionedImage, in first-seen order.
+    """
+    images: dict[str, CaptionedImage] = {}
+    missing: set[str] = set()
+    for line, name, caption in rows:
+        if not isinstance(name, str) or not name.strip():
+            policy.report(source, line, "empty image name")
+            continue
+        name = name.strip()
+        if not isinstance(caption, str) or not caption.strip():
+            policy.report(source, line, f"empty or non-text caption for {name}: {caption!r}")
+            continue
+        if name not in images:
+            path = resolve_image_path(image_root, name)
+            if path is None:
+                policy.report(source, line, f"image path {name!r} escapes the image root {image_root}")
+                continue
+            if not path.is_file():
+                if name not in missing:
+                    policy.report(source, line, f"missing image {path}")
+                missing.add(name)
+                continue
+            images[name] = CaptionedImage(path, [])
+        images[name].captions.append(caption.strip())
+    return images
+
+
+def split_by_image(names: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """A seeded image-level split: every image lands in exactly one of train/val/test."""
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    num_test = round(len(order) * test_fraction)
+    num_val = round(len(order) * val_fraction)
+    return {"test": order[:num_test], "val": order[num_test:num_test + num_val], "train": order[num_test + num_val:]}
+
+
+def read_caption_csv(csv_path: Path, image_root: Path, image_column: str, caption_column: str,
+                     split_column: str | None, val_fraction: float, test_fraction: float, seed: int,
+                     policy: BadRowPolicy) -> dict[str, list[CaptionedImage]]:
+    """Reads a CSV (or TSV, by extension) of image paths and captions into image-level splits."""
+    if not csv_path.is_file():
+        raise DataError(f"captions file {csv_path} does not exist (data.captions_file is relative to data.root)")
+    delimiter = "\t" if csv_path.suffix.lower() in (".tsv", ".tab") else ","
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        header = reader.fieldnames or []
+        needed = [c for c in (image_column, caption_column, split_column) if c]
+        absent = [c for c in needed if c not in header]
+        if absent:
+            raise DataError(f"{csv_path}: missing column(s) {absent}; the header has {header}. Set "
+                            f"data.image_column / data.caption_column / data.split_column to the right names.")
+        rows = [(number, row[image_column], row[caption_column], row.get(split_column) if split_column else None)
+                for number, row in enumerate(reader, start=2)]
+    images = group_captions(((n, name, cap) for n, name, cap, _ in rows), image_root, csv_path, policy)
+    if split_column:
+        split_of: dict[str, str] = {}
+        for number, name, _, split in rows:
+            split = (split or "").strip().lower()
+            split = {"validation": "val", "dev": "val"}.get(split, split)
+            if split not in ("train", "val", "test"):
+                policy.report(csv_path, number, f"split {split!r} is not train, val or test")
+                images.pop(str(name).strip(), None)
+            else:
+                split_of.setdefault(str(name).strip(), split)
+        return {s: [images[n] for n in images if split_of.get(n) == s] for s in ("train", "val", "test")}
+    names = split_by_image(list(images), val_fraction, test_fraction, seed)
+    return {s: [images[n] for n in names[s]] for s in ("train", "val", "test")}
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+
+
+def load_image(path: Path, min_size: int | None = None) -> np.ndarray:
+    """Decodes an image to an RGB uint8 array (H, W, 3).
+
+    For JPEGs, `min_size` lets the decoder scale down by powers of two in the DCT (PIL's draft mode), which is much
+    cheaper than decoding full resolution and resizing afterwards.
+    """
+    try:
+        with Image.open(path) as image:
+            if min_size is not None and image.format == "JPEG":
+                image.draft("RGB", (min_size, min_size))
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot decode image ({error}); run `python -m liteclip.data check` on the "
+                        f"dataset, or remove the file") from None
+
+
+class ImageCaptionDataset(Dataset):
+    """Image-caption samples from a list of CaptionedImage.
+
+    Args:
+        images: the split's images.
+        transform: array (H, W, 3) uint8 -> tensor (3, H, W).
+        captions: "one": each image once per epoch with a caption drawn at random (no duplicate photo in a batch,
+            so no false negatives in the contrastive loss); "all": every (image, caption) pair (liteCLIP);
+            "first": each image once with its first caption (evaluation, deterministic).
+        decode_size: the smallest side the transform needs, for JPEG draft decoding.
+    """
+
+    def __init__(self, images: list[CaptionedImage], transform: Callable[[np.ndarray], torch.Tensor],
+                 captions: Literal["one", "all", "first"] = "one", decode_size: int | None = None):
+        self.images = images
+        self.transform = transform
+        self.captions = captions
+        self.decode_size = decode_size
+        self.pairs = [(i, j) for i, image in enumerate(images) for j in range(len(image.captions))]
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.captions == "all" else len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.captions == "all":
+            image_index, caption_index = self.pairs[index]
+        else:
+            image_index = index
+            # torch's RNG: seeded per DataLoader worker from the run's seed, so the draw is reproducible
+            num_captions = len(self.images[index].captions)
+            caption_index = int(torch.randint(num_captions, ())) if self.captions == "one" else 0
+        image = self.images[image_index]
+        pixels = load_image(image.image_path, self.decode_size)
+        return {"pixel_values": self.transform(pixels), "caption": image.captions[caption_index],
+                "image_index": image_index}
+
+
+class CaptionCollator:
+    """Stacks images and tokenises captions, padding only to the longest caption in the batch."""
+
+    def __init__(self, tokenizer: Any, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer([s["caption"] for s in samples], padding="longest", truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        batch = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+                 "image_index": torch.tensor([s["image_index"] for s in samples])}
+        for key in ("pixel_values", "image_features"):
+            if key in samples[0]:
+                batch[key] = torch.stack([s[key] for s in samples])
+        return batch

@@ -1,0 +1,87 @@
+"""Distributed helpers for runs launched by torchrun (PyTorch's own launcher; liteclip has none of its own).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is a single-process no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """auto: CUDA, then MPS, then CPU; an explicit choice that is unavailable is an error, not a silent fallback."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if preference == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("train.device=mps but MPS is not available; use train.device=auto or cpu")
+    return torch.device("cuda", local_rank) if preference == "cuda" else torch.device(preference)
+
+
+def init_distributed(device_preference: str = "auto") -> DistributedContext:
+    """Joins the process group torchrun described (NCCL on CUDA, gloo on CPU), or returns a single-process context."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_preference, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistributedContext(rank, local_rank, world_size, device)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates `tensor` from every rank along dim 0, keeping the autograd graph.
+
+    The backward sums each rank's gradient for this rank's slice, so a loss computed on the gathered batch trains
+    the local towers exactly as one process holding the whole batch would (after DDP averages the gradients).
+    """
+    if not is_distributed():
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

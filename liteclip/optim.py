@@ -1,0 +1,78 @@
+"""Optimiser and learning-rate schedule.
+
+Parameter groups chosen on purpose (as nanoGPT's configure_optimizers and timm's param_groups_weight_decay do): no
+weight decay on biases, norm weights or the temperature; one learning rate for the pretrained towers and another for
+the freshly initialised heads. Locked parameters are left out entirely, so they carry no optimiser state.
+
+The schedule is a pure function of the step (nanoGPT's get_lr): nothing to step, nothing to forget to step, and
+resuming needs only the step counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from liteclip.config import OptimConfig
+
+logger = logging.getLogger(__name__)
+
+
+def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
+    """Four groups: (tower | head) x (decay | no decay), trainable parameters only."""
+    no_decay_names = set(getattr(model, "no_weight_decay", lambda: set())())
+    tower_lr = config.tower_lr if config.tower_lr is not None else config.lr
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        in_tower = name.startswith(("image_encoder.", "text_encoder."))
+        # 1-D tensors are biases and norm scales: decaying them only fights the normalisation
+        decays = param.ndim >= 2 and name not in no_decay_names
+        groups.setdefault((in_tower, decays), []).append(param)
+    result = []
+    for (in_tower, decays), params in sorted(groups.items()):
+        result.append({"params": params, "lr": tower_lr if in_tower else config.lr,
+                       "weight_decay": config.weight_decay if decays else 0.0,
+                       "name": f"{'tower' if in_tower else 'head'}_{'decay' if decays else 'no_decay'}"})
+        result[-1]["base_lr"] = result[-1]["lr"]
+    for group in result:
+        logger.info("param group %-16s %4d tensors %10d parameters lr %.2e wd %.2g", group["name"],
+                    len(group["params"]), sum(p.numel() for p in group["params"]), group["lr"], group["weight_decay"])
+    return result
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
+    """AdamW (or Adam, as liteCLIP used) over the parameter groups; fused kernels on CUDA."""
+    groups = param_groups(model, config)
+    if not groups:
+        raise ValueError("nothing to train: every parameter is locked (model.image.locked and model.text.locked)")
+    kwargs = {"betas": config.betas, "eps": config.eps}
+    if device_type == "cuda":
+        kwargs["fused"] = True  # one kernel for the whole update instead of one per tensor
+    else:
+        kwargs["foreach"] = True
+    if config.name == "adam":
+        # plain Adam folds weight decay into the gradient (L2), as liteCLIP's torch.optim.Adam did
+        return torch.optim.Adam(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def lr_multiplier(step: int, total_steps: int, config: OptimConfig) -> float:
+    """The factor on each group's base lr at optimiser step `step` (0-based): linear warmup, then cosine or flat."""
+    if config.warmup_steps > 0 and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * multiplier

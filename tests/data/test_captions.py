@@ -1,0 +1,131 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from liteclip.data.captions import (BadRowPolicy, CaptionCollator, CaptionedImage, DataError, ImageCaptionDataset,
+                                    read_caption_csv)
+from liteclip.data.flickr8k import read_flickr8k
+from tests.conftest import draw_image
+
+
+def write_csv(path, rows, header=("path", "text", "split"), delimiter=","):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def csv_root(tmp_path):
+    root = tmp_path / "own"
+    for i in range(6):
+        draw_image(root / "img" / f"{i}.png", (40 * i, 0, 0))
+    return root
+
+
+def read(root, csv_name, split_column="split", policy=None, **kw):
+    return read_caption_csv(root / csv_name, root, "path", "text", split_column, 0.2, 0.2, 0, policy or BadRowPolicy(),
+                            **kw)
+
+
+def test_csv_with_split_column(csv_root):
+    rows = [(f"img/{i}.png", f"a caption {i}", "train" if i < 4 else "validation" if i == 4 else "test")
+            for i in range(6)]
+    rows.append(("img/0.png", "another caption for 0", "train"))
+    write_csv(csv_root / "caps.csv", rows)
+    splits = read(csv_root, "caps.csv")
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [4, 1, 1]
+    assert splits["train"][0].captions == ["a caption 0", "another caption for 0"]
+
+
+def test_tsv_without_split_column_is_split_by_image(csv_root):
+    rows = [(f"img/{i}.png", f"caption {i}.{j}", "") for i in range(6) for j in range(3)]
+    write_csv(csv_root / "caps.tsv", rows, delimiter="\t")
+    splits = read(csv_root, "caps.tsv", split_column=None)
+    names = [{im.image_path.name for im in splits[s]} for s in ("train", "val", "test")]
+    assert sum(len(n) for n in names) == 6 and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert all(len(im.captions) == 3 for s in splits.values() for im in s)
+
+
+@pytest.mark.parametrize("row, reason", [
+    (("img/missing.png", "a caption", "train"), "missing image"),
+    (("img/0.png", "   ", "train"), "empty or non-text caption"),
+    (("../outside.png", "a caption", "train"), "escapes the image root"),
+    (("img/1.png", "a caption", "holdout"), "is not train, val or test"),
+])
+def test_bad_rows_name_file_line_and_reason(csv_root, row, reason):
+    (csv_root.parent / "outside.png").write_bytes(b"not read")
+    write_csv(csv_root / "caps.csv", [("img/2.png", "fine", "train"), row])
+    with pytest.raises(DataError, match=rf"caps.csv:3: .*{reason}"):
+        read(csv_root, "caps.csv")
+    policy = BadRowPolicy("skip")
+    splits = read(csv_root, "caps.csv", policy=policy)
+    assert len(policy.rows) == 1 and reason in policy.rows[0].reason
+    assert [im.image_path.name for im in splits["train"]] == ["2.png"]
+
+
+def test_missing_columns_are_named(csv_root):
+    write_csv(csv_root / "caps.csv", [("img/0.png", "x")], header=("file", "text"))
+    with pytest.raises(DataError, match=r"missing column\(s\) \['path', 'split'\]; the header has \['file', 'text'\]"):
+        read(csv_root, "caps.csv")
+
+
+def test_one_caption_per_image_per_epoch_vs_all_pairs(kaggle_root):
+    images = read_flickr8k(kaggle_root, val_fraction=0.0, test_fraction=0.0)["train"]
+    identity = lambda pixels: torch.from_numpy(pixels.copy())
+    one = ImageCaptionDataset(images, identity, "one")
+    every = ImageCaptionDataset(images, identity, "all")
+    assert len(one) == 20 and len(every) == 100
+    torch.manual_seed(0)
+    drawn = {one[0]["caption"] for _ in range(40)}
+    assert len(drawn) > 1 and drawn <= set(images[0].captions)  # random, and always one of its own captions
+    assert [every[i]["caption"] for i in range(5)] == images[0].captions
+    first = ImageCaptionDataset(images, identity, "first")
+    assert {first[3]["caption"] for _ in range(5)} == {images[3].captions[0]}
+    assert one[0]["pixel_values"].shape == (40, 40, 3)
+
+
+def test_undecodable_image_names_the_file(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    dataset = ImageCaptionDataset([CaptionedImage(bad, ["x"])], lambda p: p, "first")
+    with pytest.raises(DataError, match="bad.jpg: cannot decode image"):
+        dataset[0]
+
+
+def test_collate_pads_to_the_longest_caption(tiny_text_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_text_dir))
+    collate = CaptionCollator(tokenizer, max_length=8)
+    samples = [{"pixel_values": torch.zeros(3, 4, 4), "caption": c, "image_index": i}
+               for i, c in enumerate(["a cat", "a small red circle on the left"])]
+    batch = collate(samples)
+    lengths = [len(tokenizer(c)["input_ids"]) for c in ("a cat", "a small red circle on the left")]
+    assert batch["input_ids"].shape == (2, min(max(lengths), 8))
+    assert batch["attention_mask"][0].sum().item() == lengths[0]
+    assert batch["attention_mask"][1].sum().item() == min(lengths[1], 8)  # truncated at max_length
+    assert batch["pixel_values"].shape == (2, 3, 4, 4)
+    assert batch["image_index"].tolist() == [0, 1]
+    short = collate(samples[:1])
+    assert short["input_ids"].shape == (1, lengths[0])  # dynamic: not padded to max_length
+
+
+def test_loader_with_workers(kaggle_root, tiny_text_dir):
+    from transformers import AutoTokenizer
+
+    from liteclip.config import DataConfig
+    from liteclip.data import build_dataloaders
+
+    config = DataConfig(dataset="flickr8k", root=str(kaggle_root), batch_size=4, num_workers=2)
+    data_config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0,
+                   "interpolation": "bilinear"}
+    loaders = build_dataloaders(config, AutoTokenizer.from_pretrained(str(tiny_text_dir)), 16, data_config)
+    batches = list(loaders["train"])
+    assert len(batches) == 4 and batches[0]["pixel_values"].shape == (4, 3, 32, 32)
+    indices = torch.cat([b["image_index"] for b in batches]).tolist()
+    assert len(set(indices)) == 16  # drop_last over 16 training images; no image twice in an epoch
+    assert np.isfinite(batches[0]["pixel_values"].numpy()).all()

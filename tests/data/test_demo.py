@@ -1,0 +1,44 @@
+import json
+
+from liteclip.data.demo import HELD_OUT, all_combinations, ensure_demo_data, zero_shot_items
+from liteclip.data.flickr8k import read_flickr8k
+
+
+def test_demo_is_deterministic_and_loads_through_the_flickr8k_reader(tmp_path):
+    first = ensure_demo_data(tmp_path / "a", num_images=60, image_size=32, seed=5)
+    second = ensure_demo_data(tmp_path / "b", num_images=60, image_size=32, seed=5)
+    other = ensure_demo_data(tmp_path / "c", num_images=60, image_size=32, seed=6)
+    names = sorted(p.name for p in (first / "Images").iterdir())
+    assert len(names) == 60
+    assert all((first / "Images" / n).read_bytes() == (second / "Images" / n).read_bytes() for n in names)
+    assert (first / "captions.txt").read_text() == (second / "captions.txt").read_text()
+    assert (first / "captions.txt").read_text() != (other / "captions.txt").read_text()
+    splits = read_flickr8k(first)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [48, 6, 6]
+    assert all(len(image.captions) >= 5 for split in splits.values() for image in split)
+
+
+def test_held_out_combinations_never_in_train_or_val(tmp_path):
+    root = ensure_demo_data(tmp_path / "d", num_images=400, image_size=32, seed=0)
+    annotations = json.loads((root / "annotations.json").read_text())
+    splits = read_flickr8k(root)
+    held = {tuple(c) for c in json.loads((root / "held_out.json").read_text())["held_out"]}
+    assert held == set(HELD_OUT)
+    for split in ("train", "val"):
+        for image in splits[split]:
+            assert not {tuple(o) for o in annotations[image.image_path.name]} & held
+            for caption in image.captions:
+                assert not any(f"{c} {s}" in caption for c, s in held)
+    items = zero_shot_items(root)
+    assert any(item.held_out for item in items) and any(not item.held_out for item in items)
+    classes = all_combinations()
+    assert all((classes[item.label] in held) == item.held_out for item in items)
+
+
+def test_regeneration_is_skipped_when_settings_match(tmp_path):
+    root = ensure_demo_data(tmp_path / "d", num_images=20, image_size=32, seed=0)
+    stamp = (root / "captions.txt").stat().st_mtime_ns
+    ensure_demo_data(tmp_path / "d", num_images=20, image_size=32, seed=0)
+    assert (root / "captions.txt").stat().st_mtime_ns == stamp
+    ensure_demo_data(tmp_path / "d", num_images=30, image_size=32, seed=0)
+    assert len(list((root / "Images").iterdir())) == 30

@@ -1,0 +1,178 @@
+"""ZeroShotPipeline, ImageSearch and evaluation on a tiny model saved to a temporary directory."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from liteclip import build_model
+from liteclip.checkpoint import ModelLoadError
+from liteclip.pipeline import ImageSearch, ZeroShotPipeline, evaluate_retrieval, evaluate_zero_shot
+from liteclip.data.captions import CaptionedImage
+from tests.conftest import draw_image
+
+LABELS = ['a photo of a dog', 'a photo of a cat', 'the photo of a human baby']
+
+
+@pytest.fixture
+def model_dir(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    build_model(tiny_config.model).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def images(tmp_path):
+    return [draw_image(tmp_path / "examples" / f"{name}.jpg", color)
+            for name, color in (("cat", (200, 30, 30)), ("dog", (30, 200, 30)), ("baby", (30, 30, 200)))]
+
+
+def test_liteclip_usage_verbatim(model_dir, images, monkeypatch, capsys):
+    monkeypatch.chdir(model_dir.parent)  # ZeroShotPipeline() loads ./model
+    from liteclip import ZeroShotPipeline as FromPackage
+
+    pipeline = FromPackage()
+    predictions = pipeline.predict('examples/cat.jpg', ['a photo of a dog', 'a photo of a cat', 'the photo of a human baby'])
+    for label, prob in predictions:
+        print(f"{label}: {prob*100:.2f}%")
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 3 and all(line.endswith("%") for line in printed)
+    assert sorted(label for label, _ in predictions) == sorted(LABELS)
+    probs = [p for _, p in predictions]
+    assert probs == sorted(probs, reverse=True)
+    assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_probabilities_are_softmax_of_scaled_logits(model_dir, images):
+    pipeline = ZeroShotPipeline(model_dir)
+    result = dict(pipeline.predict(images[0], LABELS))
+    model = pipeline.model
+    with torch.no_grad():
+        image_embed = pipeline.encode_images([images[0]])
+        tokens = model.tokenizer(LABELS, padding=True, return_tensors="pt")
+        text_embeds = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        expected = torch.softmax(model.logit_scale.exp() * image_embed @ text_embeds.t(), dim=-1)[0]
+    for label, prob in zip(LABELS, expected.tolist()):
+        assert result[label] == pytest.approx(prob, abs=1e-5)
+
+
+def test_batched_equals_single_and_accepts_every_image_type(model_dir, images):
+    pipeline = ZeroShotPipeline(model_dir)
+    singles = [pipeline.predict(path, LABELS) for path in images]
+    batched = pipeline.predict(images, LABELS)
+    for single, in_batch in zip(singles, batched):
+        assert [l for l, _ in single] == [l for l, _ in in_batch]
+        assert [p for _, p in single] == pytest.approx([p for _, p in in_batch], abs=1e-5)
+    pil = Image.open(images[0])
+    array = np.asarray(pil.convert("RGB"))
+    for other in (pil, array, str(images[0])):
+        result = pipeline.predict(other, LABELS)
+        assert [l for l, _ in result] == [l for l, _ in singles[0]]
+        assert [p for _, p in result] == pytest.approx([p for _, p in singles[0]], abs=1e-5)
+
+
+def test_top_k(model_dir, images):
+    pipeline = ZeroShotPipeline(model_dir)
+    full = pipeline.predict(images[0], LABELS)
+    assert pipeline.predict(images[0], LABELS, top_k=2) == full[:2]
+
+
+def test_cached_labels_do_not_call_the_text_tower_again(model_dir, images):
+    pipeline = ZeroShotPipeline(model_dir)
+    calls = {"n": 0}
+    original = pipeline.model.encode_text
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    pipeline.model.encode_text = counting
+    pipeline.predict(images[0], LABELS)
+    first = calls["n"]
+    pipeline.predict(images[1], LABELS)
+    pipeline.predict(images, LABELS)
+    assert first == 1 and calls["n"] == 1
+    pipeline.predict(images[0], LABELS[:2])
+    assert calls["n"] == 2  # a different label set is encoded
+
+
+def test_templates_are_averaged(model_dir, images):
+    pipeline = ZeroShotPipeline(model_dir)
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    embeds = pipeline.encode_labels(["cat", "dog"], templates)
+    from liteclip.pipeline import encode_texts
+
+    each = encode_texts(pipeline.model, ["a photo of a cat.", "a drawing of a cat."])
+    expected = torch.nn.functional.normalize(each.mean(dim=0), dim=-1)
+    torch.testing.assert_close(embeds[0], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="has no"):
+        pipeline.encode_labels(["cat", "dog"], ["no placeholder"])
+
+
+@pytest.mark.parametrize("bad_labels, message", [(["only one"], "at least 2 labels"), (["a", "a"], "distinct")])
+def test_bad_labels(model_dir, images, bad_labels, message):
+    with pytest.raises(ValueError, match=message):
+        ZeroShotPipeline(model_dir).predict(images[0], bad_labels)
+
+
+def test_bad_images(model_dir, tmp_path):
+    pipeline = ZeroShotPipeline(model_dir)
+    with pytest.raises(FileNotFoundError, match="missing.jpg does not exist"):
+        pipeline.predict(tmp_path / "missing.jpg", LABELS)
+    (tmp_path / "broken.jpg").write_bytes(b"definitely not an image")
+    with pytest.raises(ValueError, match="broken.jpg: cannot decode image"):
+        pipeline.predict(tmp_path / "broken.jpg", LABELS)
+    with pytest.raises(ValueError, match="uint8"):
+        pipeline.predict(np.zeros((8, 8, 3), dtype=np.float32), LABELS)
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="train.py --config configs/demo.yaml"):
+        ZeroShotPipeline(tmp_path / "nowhere")
+
+
+def test_index_is_incremental_and_search_returns_paths(model_dir, tmp_path):
+    folder = tmp_path / "photos"
+    for i in range(5):
+        draw_image(folder / f"{i}.png", (50 * i, 100, 150))
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    index_path = tmp_path / "photos.index"
+    assert search.index(folder, index_path, show_progress=False) == 5
+    assert search.index(folder, index_path, show_progress=False) == 0  # nothing changed
+    draw_image(folder / "new.png", (1, 2, 3))
+    draw_image(folder / "0.png", (9, 9, 9), size=48)  # changed file
+    assert search.index(folder, index_path, show_progress=False) == 2
+    hits = search.search("a red circle", top_k=3)
+    assert len(hits) == 3 and hits[0][1] >= hits[1][1] >= hits[2][1]
+    assert all(path.parent == folder.resolve() for path, _ in hits)
+    same = search.similar(folder / "3.png", top_k=1)
+    assert same[0][0].name == "3.png" and same[0][1] == pytest.approx(1.0, abs=1e-4)
+    fresh = ImageSearch(ZeroShotPipeline(model_dir))
+    fresh.load(index_path)
+    assert fresh.search("a red circle", top_k=3) == hits
+
+
+def test_empty_folder_is_an_error(model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ImageSearch(ZeroShotPipeline(model_dir)).index(tmp_path / "empty")
+
+
+def test_zero_shot_evaluation_on_an_image_folder(model_dir, tmp_path):
+    for name, color in (("red_thing", (220, 20, 20)), ("green_thing", (20, 220, 20)), ("blue_thing", (20, 20, 220))):
+        for i in range(3):
+            draw_image(tmp_path / "folder" / name / f"{i}.png", color)
+    pipeline = ZeroShotPipeline(model_dir)
+    result = evaluate_zero_shot(pipeline, tmp_path / "folder", ["a photo of a {}."], show_progress=False)
+    assert set(result["per_class"]) == {"red thing", "green thing", "blue thing"}
+    assert all(v["count"] == 3 for v in result["per_class"].values())
+    mean_per_class = sum(v["top1"] for v in result["per_class"].values()) / 3
+    assert result["top1"] == pytest.approx(mean_per_class)  # balanced classes
+    assert result["top3"] == pytest.approx(100.0)
+
+
+def test_retrieval_evaluation_runs_on_a_split(model_dir, images):
+    pipeline = ZeroShotPipeline(model_dir)
+    split = [CaptionedImage(p, [f"a {p.stem}", f"the {p.stem}"]) for p in images]
+    metrics = evaluate_retrieval(pipeline.model, split, show_progress=False)
+    assert metrics["image_to_text_R@10"] == 100.0 and 0 <= metrics["text_to_image_R@1"] <= 100

@@ -1,0 +1,230 @@
+"""The training engine on tiny models: a few steps each, all on the CPU."""
+
+import csv
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from liteclip import CLIP, build_model
+from liteclip.checkpoint import load_checkpoint
+from liteclip.cli import main
+from liteclip.config import load_config
+from liteclip.data import build_dataloaders, load_splits
+from liteclip.loss import clip_loss
+from liteclip.optim import build_optimizer
+from liteclip import training
+from liteclip.training import NonFiniteLossError, Precision, contrastive_step, fit, optimizer_step
+
+FP32 = Precision(None, "cpu")
+
+
+def tiny_overrides(tmp_path, *extra):
+    """A run small enough for a test: 48 demo images at 32 px, convnext_atto, the demo's own 2-layer text tower."""
+    data_root = tmp_path / "demo"
+    return [
+        f"data.root={data_root}", "data.demo_num_images=48", "data.demo_image_size=32", "data.batch_size=8",
+        "data.num_workers=0", "model.image.name=convnext_atto", "model.image.pretrained=false",
+        "model.image.image_size=32", "model.image.crop_pct=1.0", f"model.text.name={data_root}/text_encoder",
+        "model.text.pretrained=false", "model.text.max_length=16", "model.projection.dim=32",
+        "model.projection.dropout=0.0", "optim.warmup_steps=2", "optim.lr=1e-3", "train.epochs=2",
+        "train.log_every=1", f"train.output_dir={tmp_path / 'run'}", f"train.model_dir={tmp_path / 'model'}",
+        *extra,
+    ]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config("configs/demo.yaml", tiny_overrides(tmp_path, *extra))
+
+
+@pytest.fixture(autouse=True)
+def repo_root(monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def fixed_batches(config, count, batch_size):
+    """`count` deterministic batches of the demo data, built with the config's own model tokenizer."""
+    splits = load_splits(config.data)
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    loaders = build_dataloaders(config.data, model.tokenizer, 16, model.data_config, seed=0)
+    images = splits["train"][: count * batch_size]
+    transform = loaders["val"].dataset.transform
+    from liteclip.data.captions import CaptionCollator, load_image
+
+    collate = CaptionCollator(model.tokenizer, 16)
+    samples = [{"pixel_values": transform(load_image(im.image_path)), "caption": im.captions[0], "image_index": i}
+               for i, im in enumerate(images)]
+    batches = [collate(samples[i * batch_size:(i + 1) * batch_size]) for i in range(count)]
+    return model, [{k: v for k, v in b.items() if k != "image_index"} for b in batches]
+
+
+def test_loss_falls_on_a_fixed_batch(tmp_path):
+    config = tiny_config(tmp_path)
+    model, (batch,) = fixed_batches(config, 1, 16)
+    model.eval()  # fixed inputs, no dropout: the loss curve is the optimiser's alone
+    optimizer = build_optimizer(model, config.optim)
+    losses = []
+    for _ in range(25):
+        losses.append(contrastive_step(model, [batch], FP32, None).item())
+        optimizer_step(model, optimizer, None, 1.0)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_train_command_writes_logs_checkpoints_and_model(tmp_path):
+    assert main(["train", "--config", "configs/demo.yaml", "--no-progress", "--set", *tiny_overrides(tmp_path)]) == 0
+    run = tmp_path / "run"
+    steps = read_rows(run / "metrics.csv")
+    assert [int(r["step"]) for r in steps] == list(range(1, len(steps) + 1))
+    assert {"loss", "lr", "samples_per_s"} <= set(steps[0])
+    epochs = read_rows(run / "epochs.csv")
+    assert len(epochs) == 2 and {"mean_recall", "image_to_text_R@1", "text_to_image_R@10", "val_loss"} <= set(epochs[0])
+    assert load_config(run / "config.yaml").model.image.name == "convnext_atto"
+    assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
+    model = CLIP.from_pretrained(tmp_path / "model")
+    best = load_checkpoint(run / "best.pt")["model"]
+    assert torch.equal(model.state_dict()["logit_scale"], best["logit_scale"])
+    final = read_rows(run / "final_metrics.csv")
+    assert {"test_mean_recall", "zero_shot_seen_top1"} <= {r["metric"] for r in final}
+
+
+def test_same_seed_same_losses_with_workers(tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        config = tiny_config(tmp_path / name, "data.num_workers=2", "train.epochs=1", "train.max_steps=3")
+        fit(config, show_progress=False)
+        losses.append([r["loss"] for r in read_rows(tmp_path / name / "run" / "metrics.csv")])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch):
+    fit(tiny_config(tmp_path / "straight", "train.epochs=3"), show_progress=False)
+
+    real_epoch = training.train_one_epoch
+    calls = {"n": 0}
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(tmp_path / "resumed", "train.epochs=3"), show_progress=False)
+    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
+    assert load_checkpoint(tmp_path / "resumed" / "run" / "last.pt")["epoch"] == 1
+    fit(tiny_config(tmp_path / "resumed", "train.epochs=3"), resume="auto", show_progress=False)
+
+    straight = load_checkpoint(tmp_path / "straight" / "run" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "run" / "last.pt")
+    assert straight["step"] == resumed["step"]
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    steps = [int(r["step"]) for r in read_rows(tmp_path / "resumed" / "run" / "metrics.csv")]
+    assert steps == list(range(1, straight["step"] + 1))  # no step missing or logged twice
+    resumed_losses = [r["loss"] for r in read_rows(tmp_path / "resumed" / "run" / "metrics.csv")]
+    straight_losses = [r["loss"] for r in read_rows(tmp_path / "straight" / "run" / "metrics.csv")]
+    assert resumed_losses == straight_losses
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def loss_that_breaks(logits):
+        calls["n"] += 1
+        loss = clip_loss(logits)
+        return loss * float("nan") if calls["n"] > 7 else loss
+
+    monkeypatch.setattr(training, "clip_loss", loss_that_breaks)
+    config = tiny_config(tmp_path, "train.epochs=3")
+    with pytest.raises(NonFiniteLossError, match="optimiser step 8"):
+        fit(config, show_progress=False)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert all(torch.isfinite(t).all() for t in best["model"].values() if t.is_floating_point())
+    assert not (tmp_path / "model").exists()
+
+
+def test_unwritable_output_directory_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = tiny_config(tmp_path, f"train.output_dir={blocker / 'run'}")
+    with pytest.raises(PermissionError, match="cannot write to"):
+        fit(config, show_progress=False)
+    assert not (tmp_path / "demo").exists()  # failed before even preparing the data
+
+
+def grads_of(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_caching_matches_one_big_batch(tmp_path):
+    config = tiny_config(tmp_path)
+    model, (half_a, half_b) = fixed_batches(config, 2, 4)
+    model.eval()  # no dropout, so the no-grad and the grad passes see the same embeddings
+    full = {k: torch.cat([half_a[k], half_b[k]]) if k == "pixel_values" else None for k in half_a}
+    ids = [half_a["input_ids"], half_b["input_ids"]]
+    masks = [half_a["attention_mask"], half_b["attention_mask"]]
+    length = max(i.shape[1] for i in ids)
+    full["input_ids"] = torch.cat([torch.nn.functional.pad(i, (0, length - i.shape[1])) for i in ids])
+    full["attention_mask"] = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks])
+
+    big_loss = contrastive_step(model, [full], FP32, None)
+    big_grads = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    cached_loss = contrastive_step(model, [half_a, half_b], FP32, None)
+    cached_grads = grads_of(model)
+    torch.testing.assert_close(cached_loss, big_loss, atol=1e-5, rtol=1e-5)
+    assert big_grads.keys() == cached_grads.keys() and "logit_scale" in big_grads
+    for name in big_grads:
+        torch.testing.assert_close(cached_grads[name], big_grads[name], atol=2e-5, rtol=1e-3, msg=name)
+
+
+def _ddp_worker(rank, world_size, port, config_path, batches_path, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    from liteclip import distributed
+
+    distributed.init_distributed("cpu")
+    config = load_config(config_path)
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    batch = torch.load(batches_path)[rank]
+    loss = contrastive_step(ddp, [batch], FP32, None)
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads_of(model)}, out_path)
+    distributed.cleanup()
+
+
+def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
+    config = tiny_config(tmp_path)
+    model, (half_a, half_b) = fixed_batches(config, 2, 4)
+    length = max(half_a["input_ids"].shape[1], half_b["input_ids"].shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1]))
+    halves = [{k: pad(v) if k != "pixel_values" else v for k, v in h.items()} for h in (half_a, half_b)]
+    full = {k: torch.cat([halves[0][k], halves[1][k]]) for k in halves[0]}
+    torch.manual_seed(0)
+    reference = build_model(config.model).eval()
+    loss = contrastive_step(reference, [full], FP32, None)
+    expected = grads_of(reference)
+
+    (tmp_path / "config.yaml").write_text(config.to_yaml())
+    torch.save(halves, tmp_path / "batches.pt")
+    mp.spawn(_ddp_worker, args=(2, 29500 + os.getpid() % 1000, str(tmp_path / "config.yaml"),
+                                str(tmp_path / "batches.pt"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    result = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(result["loss"], loss, atol=1e-5, rtol=1e-5)
+    assert result["grads"].keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(result["grads"][name], expected[name], atol=2e-5, rtol=1e-3, msg=name)
