@@ -104,6 +104,35 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_download(args: argparse.Namespace) -> int:
+    from liteclip.data.download import download_dataset
+
+    pins = dict(item.split("=", 1) for item in args.sha256)
+    root = download_dataset(args.name, args.root, args.base_url, pins, keep_archives=args.keep_archives)
+    print(f"{args.name} ready in {root}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from liteclip.data.download import check_dataset
+
+    bad = check_dataset(args.root, args.captions_file, args.image_column, args.caption_column, args.split_column)
+    for row in bad:
+        print(row)
+    print(f"{len(bad)} bad row(s) in {args.root}" if bad else f"{args.root}: no problems found")
+    return 1 if bad else 0
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from liteclip.data.download import prepare_images
+
+    before, after = prepare_images(args.source, args.destination, args.size)
+    saved = 100.0 * (1 - after / before) if before else 0.0
+    print(f"images: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({saved:.0f}% smaller); "
+          f"set data.root={args.destination} to train on the prepared copy")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liteclip", description="Train and use small CLIP models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -164,6 +193,34 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--split", default="test", choices=["train", "val", "test"])
     retrieval.add_argument("--batch-size", type=int, default=64)
     retrieval.set_defaults(template=None)
+
+    data = commands.add_parser("data", help="download, check and prepare datasets",
+                               description="Dataset tools (also `python -m liteclip.data ...`).")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    download = data_commands.add_parser("download", help="download, verify and extract a dataset",
+                                        description="Example: python -m liteclip.data download flickr8k --root data/flickr8k")
+    download.add_argument("name", choices=["flickr8k"])
+    download.add_argument("--root", required=True, help="where the dataset goes")
+    download.add_argument("--base-url", default=None, help="a mirror holding the same archive names")
+    download.add_argument("--sha256", action="append", default=[], metavar="FILE=HEX",
+                          help="pin an archive's SHA-256 (repeatable)")
+    download.add_argument("--keep-archives", action="store_true", help="keep the zip files after extraction")
+    download.set_defaults(handler=_cmd_data_download)
+    check = data_commands.add_parser("check", help="report every bad row of a dataset; exit 1 if any",
+                                     description="Example: python -m liteclip.data check data/flickr8k")
+    check.add_argument("root")
+    check.add_argument("--captions-file", default=None, help="CSV/TSV relative to ROOT (default: Flickr8K layouts)")
+    check.add_argument("--image-column", default="image")
+    check.add_argument("--caption-column", default="caption")
+    check.add_argument("--split-column", default=None)
+    check.set_defaults(handler=_cmd_data_check)
+    prepare = data_commands.add_parser("prepare", help="write a resized copy of a dataset folder",
+                                       description="Example: python -m liteclip.data prepare data/flickr8k "
+                                                   "data/flickr8k_256 --size 256")
+    prepare.add_argument("source")
+    prepare.add_argument("destination")
+    prepare.add_argument("--size", type=int, default=256, help="shorter side in pixels (default 256)")
+    prepare.set_defaults(handler=_cmd_data_prepare)
     return parser
 
 

@@ -9,6 +9,7 @@ The model holds no loss: `forward` returns normalised embeddings, logits and the
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +47,12 @@ class ImageEncoder(nn.Module):
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
         else:
             kwargs["pretrained"] = config.pretrained
-        try:
-            self.model = timm.create_model(config.name, **kwargs)
-        except RuntimeError as error:
-            if "Unknown model" in str(error):
-                close = timm.list_models(f"*{config.name.split('.')[0][:6]}*")[:5]
-                raise ValueError(f"model.image.name={config.name!r} is not a timm model; close names: {close}") from None
-            raise
+        architecture = config.name.split(".")[0]
+        if not timm.is_model(architecture):
+            close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
+            raise ValueError(f"model.image.name={config.name!r} is not a timm model; close names: {close or 'none'} "
+                             f"(timm.list_models('*pattern*') lists them all)")
+        self.model = timm.create_model(config.name, **kwargs)
         self.num_features: int = self.model.num_features
         data_config = timm.data.resolve_model_data_config(self.model)
         if config.image_size is not None:
@@ -85,13 +85,18 @@ class TextEncoder(nn.Module):
 
         self.config = config
         remote = config.trust_remote_code
-        if hf_config is not None:  # rebuilding a saved model: architecture from the saved config, weights follow
-            self.model = AutoModel.from_config(hf_config, trust_remote_code=remote)
-        elif config.pretrained:
-            self.model = AutoModel.from_pretrained(config.name, trust_remote_code=remote)
-        else:
-            self.model = AutoModel.from_config(AutoConfig.from_pretrained(config.name, trust_remote_code=remote),
-                                               trust_remote_code=remote)
+        try:
+            if hf_config is not None:  # rebuilding a saved model: architecture from the saved config, weights follow
+                self.model = AutoModel.from_config(hf_config, trust_remote_code=remote)
+            elif config.pretrained:
+                self.model = AutoModel.from_pretrained(config.name, trust_remote_code=remote)
+            else:
+                self.model = AutoModel.from_config(AutoConfig.from_pretrained(config.name, trust_remote_code=remote),
+                                                   trust_remote_code=remote)
+        except OSError as error:
+            raise ValueError(f"model.text.name={config.name!r} is neither a local model directory nor a Hugging Face "
+                             f"model that could be fetched ({str(error).splitlines()[0]}). Check the spelling, or "
+                             f"download it once with network access and point model.text.name at the folder.") from None
         if config.pooling not in ("mean", "cls", "eos"):
             raise ValueError(f"model.text.pooling={config.pooling!r} must be one of mean, cls, eos")
         self.num_features: int = self.model.config.hidden_size
@@ -237,8 +242,8 @@ def build_model(config: ModelConfig) -> CLIP:
     """Builds the CLIP model and its tokenizer from the model section of a config."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.text.name, trust_remote_code=config.text.trust_remote_code)
-    model = CLIP(config, tokenizer=tokenizer)
+    model = CLIP(config)  # the towers first: their errors name a wrong model name most clearly
+    model.tokenizer = AutoTokenizer.from_pretrained(config.text.name, trust_remote_code=config.text.trust_remote_code)
     num_params = sum(p.numel() for p in model.parameters())
     num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("built CLIP %s + %s: %.2fM parameters, %.2fM trainable", config.image.name, config.text.name,

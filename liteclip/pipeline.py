@@ -203,14 +203,14 @@ class ImageSearch:
     def fingerprint(self) -> str:
         return model_fingerprint(self.pipeline.model_dir)
 
-    def index(self, folder: str | Path, index_path: str | Path | None = None, batch_size: int = 64,
-              show_progress: bool = True) -> int:
-        """Indexes every image under `folder`; returns how many files were (re-)encoded."""
+    def index(self, source: str | Path | Sequence[str | Path], index_path: str | Path | None = None,
+              batch_size: int = 64, show_progress: bool = True) -> int:
+        """Indexes every image under a folder, or a list of image files; returns how many were (re-)encoded."""
         from safetensors.torch import load_file, save
 
-        files = list_images(folder)
+        files = list_images(source) if isinstance(source, (str, Path)) else [Path(p) for p in source]
         if not files:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
         fingerprint = self.fingerprint
         previous: dict[str, tuple[list, torch.Tensor]] = {}
         if index_path is not None and Path(index_path).is_file():

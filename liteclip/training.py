@@ -35,6 +35,7 @@ from liteclip.data import build_dataloaders, build_datasets, load_splits
 from liteclip.loss import clip_loss
 from liteclip.metrics import retrieval_recall, zero_shot_accuracy
 from liteclip.model import CLIP, build_model
+from liteclip.data.transforms import eval_transform
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.pipeline import encode_image_files, encode_texts
 
@@ -266,6 +267,89 @@ def evaluate_demo_zero_shot(model: CLIP, root: str | Path, device: torch.device,
     return metrics
 
 
+# ------------------------------------------------------------------------------- locked-tower feature cache
+
+
+class CachedFeatureDataset(torch.utils.data.Dataset):
+    """Samples carrying precomputed image-tower features instead of pixels (same contract otherwise)."""
+
+    def __init__(self, dataset: Any, features: torch.Tensor):
+        self.dataset = dataset  # an ImageCaptionDataset: its images, caption mode and pairs are reused
+        self.features = features  # (N_images, F)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_index, caption_index = self.dataset.locate(index)
+        return {"image_features": self.features[image_index],
+                "caption": self.dataset.images[image_index].captions[caption_index], "image_index": image_index}
+
+    @property
+    def images(self):
+        return self.dataset.images
+
+
+def feature_cache_key(model: CLIP, paths: list[Path]) -> str:
+    """Identifies cached features: tower name, tower weights, eval transform and the exact file list."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    digest.update(model.config.image.name.encode())
+    digest.update(json.dumps(model.data_config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.image_encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for path in paths:
+        digest.update(str(path).encode())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def cached_image_features(model: CLIP, paths: list[Path], cache_dir: Path, device: torch.device,
+                          precision: Precision, num_workers: int = 0) -> torch.Tensor:
+    """(N, F) locked-tower features for image files, computed once and kept in cache_dir as safetensors."""
+    from safetensors.torch import load_file, save
+    from torch.utils.data import DataLoader
+
+    from liteclip.checkpoint import atomic_write_bytes
+    from liteclip.data.captions import CaptionedImage, ImageCaptionDataset
+
+    path = cache_dir / f"image_features_{feature_cache_key(model, paths)}.safetensors"
+    if path.is_file():
+        logger.info("image features from cache %s", path)
+        return load_file(str(path))["features"]
+    dataset = ImageCaptionDataset([CaptionedImage(p, [""]) for p in paths], eval_transform(model.data_config), "first")
+    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers,
+                        collate_fn=lambda samples: torch.stack([s["pixel_values"] for s in samples]))
+    model.eval()
+    chunks = []
+    for pixels in tqdm(loader, desc="caching image features", leave=False):
+        with precision.autocast():
+            chunks.append(model.image_features(pixels.to(device)).float().cpu())
+    features = torch.cat(chunks)
+    atomic_write_bytes(path, save({"features": features.contiguous()}))
+    logger.info("cached %d image features in %s", len(paths), path)
+    return features
+
+
+def use_feature_cache(model: CLIP, datasets: dict[str, Any], config: Config, device: torch.device,
+                      precision: Precision) -> dict[str, Any]:
+    """Swaps every split's images for cached features; later epochs and later runs skip the image tower."""
+    if not config.model.image.locked:
+        raise ValueError("train.cache_image_features needs model.image.locked: true (features of a tower that "
+                         "trains change every step)")
+    cache_dir = Path(config.data.root) / ".liteclip_cache"
+    swapped = {}
+    for split, dataset in datasets.items():
+        paths = [image.image_path for image in dataset.images]
+        features = cached_image_features(model, paths, cache_dir, device, precision, config.data.num_workers) \
+            if paths else torch.empty(0)
+        swapped[split] = CachedFeatureDataset(dataset, features)
+    return swapped
+
+
 # ------------------------------------------------------------------------------------------ run bookkeeping
 
 
@@ -309,6 +393,27 @@ class CsvLog:
             handle.flush()
 
 
+class TensorBoardLog:
+    """Mirrors logged rows to TensorBoard when the tensorboard package is installed; a no-op otherwise."""
+
+    def __init__(self, directory: Path, prefix: str):
+        self.prefix = prefix
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(directory))
+
+    def __call__(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{self.prefix}/{key}", value, row["step"])
+        self.writer.flush()
+
+
 def check_writable(*directories: Path) -> None:
     """Fails before training, not after an hour, if an output directory cannot take a checkpoint."""
     for directory in directories:
@@ -320,6 +425,8 @@ def check_writable(*directories: Path) -> None:
         except OSError as error:
             raise PermissionError(f"cannot write to {directory} ({error.strerror}); choose another "
                                   f"train.output_dir / train.model_dir or free some space") from None
+        for stale in directory.glob(".*.tmp"):  # left by a run killed in the middle of a checkpoint write
+            stale.unlink(missing_ok=True)
         free = shutil.disk_usage(directory).free
         if free < 64 * 2**20:
             raise OSError(f"only {free // 2**20} MiB free in {directory}; checkpoints need more")
@@ -388,11 +495,13 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
     seed_everything(config.train.seed)  # identical initial weights on every rank
     model = build_model(config.model).to(ctx.device)
     datasets = build_datasets(config.data, model.data_config, splits)
+    precision = resolve_precision(config.train.precision, ctx.device)
+    if config.train.cache_image_features:
+        datasets = use_feature_cache(model, datasets, config, ctx.device, precision)
     loaders = build_dataloaders(config.data, model.tokenizer, config.model.text.max_length, model.data_config,
                                 datasets, seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size,
                                 pin_memory=ctx.device.type == "cuda")
     optimizer = build_optimizer(model, config.optim, ctx.device.type)
-    precision = resolve_precision(config.train.precision, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type) if precision.dtype == torch.float16 else None
     steps_per_epoch = len(loaders["train"]) // config.train.accum_steps
     total_steps = config.train.epochs * steps_per_epoch
@@ -407,9 +516,16 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
     if ctx.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    step_log = CsvLog(output_dir / "metrics.csv", state.step if resume_path else None) if ctx.is_main else None
-    epoch_log = CsvLog(output_dir / "epochs.csv", state.step if resume_path else None) if ctx.is_main else None
-    log_row = step_log if step_log is not None else (lambda row: None)
+    resume_step = state.step if resume_path else None
+    step_log = CsvLog(output_dir / "metrics.csv", resume_step) if ctx.is_main else None
+    epoch_log = CsvLog(output_dir / "epochs.csv", resume_step) if ctx.is_main else None
+    board = {name: TensorBoardLog(output_dir / "tensorboard", name) for name in ("train", "val")} if ctx.is_main else {}
+
+    def log_row(row: dict) -> None:
+        if step_log is not None:
+            step_log(row)
+            board["train"](row)
+
     logger.info("training %d epochs x %d steps on %s (%s), %d process(es)", config.train.epochs, steps_per_epoch,
                 ctx.device, precision.dtype or "fp32", ctx.world_size)
 
@@ -433,6 +549,7 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
                 save_checkpoint(output_dir / BEST, training_state(model, optimizer, scaler, state, config))
             save_checkpoint(output_dir / LAST, training_state(model, optimizer, scaler, state, config))
             epoch_log(metrics)
+            board["val"](metrics)
             logger.info("epoch %d: %s", state.epoch, format_metrics(metrics))
         distributed.barrier()
 

@@ -34,10 +34,10 @@ def tiny_text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config_dict(text_dir: Path, **sections) -> dict:
-    """Nested config data for a model small enough to train in a test: convnext_atto at 32 px + 2-layer BERT."""
+    """Nested config data for a model small enough to train in a test: timm test_convnext3 at 32 px + 2-layer BERT."""
     raw = {
         "model": {
-            "image": {"name": "convnext_atto", "pretrained": False, "image_size": 32},
+            "image": {"name": "test_convnext3", "pretrained": False, "image_size": 32},
             "text": {"name": str(text_dir), "pretrained": True, "max_length": 16},
             "projection": {"dim": 32, "dropout": 0.0},
         },

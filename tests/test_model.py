@@ -152,9 +152,23 @@ def test_missing_model_directory_says_how_to_get_one(tmp_path):
 def test_local_weights_file_for_the_image_tower(tiny_config, tmp_path):
     import timm
 
-    source = timm.create_model("convnext_atto", pretrained=False)  # with a classifier, as downloaded files have
-    save_file(source.state_dict(), str(tmp_path / "atto.safetensors"))
+    source = timm.create_model("test_convnext3", pretrained=False)  # with a classifier, as downloaded files have
+    save_file(source.state_dict(), str(tmp_path / "tiny.safetensors"))
     config = dataclasses.replace(tiny_config.model, image=dataclasses.replace(
-        tiny_config.model.image, weights_file=str(tmp_path / "atto.safetensors")))
+        tiny_config.model.image, weights_file=str(tmp_path / "tiny.safetensors")))
     model = build_model(config)
     torch.testing.assert_close(model.image_encoder.model.stem[0].weight, source.stem[0].weight)
+
+
+def test_unknown_timm_name_suggests_close_ones(tiny_config):
+    config = dataclasses.replace(tiny_config.model, image=dataclasses.replace(tiny_config.model.image,
+                                                                              name="convnext_atoo"))
+    with pytest.raises(ValueError, match=r"model.image.name='convnext_atoo' is not a timm model; close names: \['convnext_atto'"):
+        build_model(config)
+
+
+def test_unknown_text_model_is_named(tiny_config, tmp_path):
+    config = dataclasses.replace(tiny_config.model, text=dataclasses.replace(tiny_config.model.text,
+                                                                             name=str(tmp_path / "no_such_bert")))
+    with pytest.raises(ValueError, match="model.text.name=.*no_such_bert.* is neither a local model directory"):
+        build_model(config)

@@ -22,11 +22,11 @@ FP32 = Precision(None, "cpu")
 
 
 def tiny_overrides(tmp_path, *extra):
-    """A run small enough for a test: 48 demo images at 32 px, convnext_atto, the demo's own 2-layer text tower."""
+    """A run small enough for a test: 48 demo images at 32 px, timm test_convnext3, the demo's own 2-layer text tower."""
     data_root = tmp_path / "demo"
     return [
         f"data.root={data_root}", "data.demo_num_images=48", "data.demo_image_size=32", "data.batch_size=8",
-        "data.num_workers=0", "model.image.name=convnext_atto", "model.image.pretrained=false",
+        "data.num_workers=0", "model.image.name=test_convnext3", "model.image.pretrained=false",
         "model.image.image_size=32", "model.image.crop_pct=1.0", f"model.text.name={data_root}/text_encoder",
         "model.text.pretrained=false", "model.text.max_length=16", "model.projection.dim=32",
         "model.projection.dropout=0.0", "optim.warmup_steps=2", "optim.lr=1e-3", "train.epochs=2",
@@ -86,7 +86,7 @@ def test_train_command_writes_logs_checkpoints_and_model(tmp_path):
     assert {"loss", "lr", "samples_per_s"} <= set(steps[0])
     epochs = read_rows(run / "epochs.csv")
     assert len(epochs) == 2 and {"mean_recall", "image_to_text_R@1", "text_to_image_R@10", "val_loss"} <= set(epochs[0])
-    assert load_config(run / "config.yaml").model.image.name == "convnext_atto"
+    assert load_config(run / "config.yaml").model.image.name == "test_convnext3"
     assert (run / "last.pt").is_file() and (run / "best.pt").is_file()
     model = CLIP.from_pretrained(tmp_path / "model")
     best = load_checkpoint(run / "best.pt")["model"]
@@ -228,3 +228,26 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
     assert result["grads"].keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(result["grads"][name], expected[name], atol=2e-5, rtol=1e-3, msg=name)
+
+
+def test_locked_image_tower_features_are_cached_and_reused(tmp_path, monkeypatch):
+    extra = ("model.image.locked=true", "train.cache_image_features=true", "train.epochs=1", "train.max_steps=3")
+    first = fit(tiny_config(tmp_path / "a", *extra), show_progress=False)
+    caches = list((tmp_path / "a" / "demo" / ".liteclip_cache").glob("image_features_*.safetensors"))
+    assert len(caches) == 3  # train, val, test
+
+    def tower_must_not_run(*args, **kwargs):
+        raise AssertionError("the image tower ran although its features were cached")
+
+    monkeypatch.setattr(CLIP, "image_features", tower_must_not_run)
+    monkeypatch.setattr(training, "evaluate_demo_zero_shot", lambda *a, **k: {})  # it encodes raw test images
+    config = tiny_config(tmp_path / "a", *extra, f"train.output_dir={tmp_path / 'again'}")
+    second = fit(config, show_progress=False)
+    assert second["test_mean_recall"] == pytest.approx(first["test_mean_recall"])
+    losses = [[r["loss"] for r in read_rows(d / "metrics.csv")] for d in (tmp_path / "a" / "run", tmp_path / "again")]
+    assert losses[0] == losses[1]
+
+
+def test_feature_cache_needs_a_locked_tower(tmp_path):
+    with pytest.raises(ValueError, match="model.image.locked"):
+        fit(tiny_config(tmp_path, "train.cache_image_features=true"), show_progress=False)

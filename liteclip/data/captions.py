@@ -189,14 +189,16 @@ class ImageCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs) if self.captions == "all" else len(self.images)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def locate(self, index: int) -> tuple[int, int]:
+        """(image index, caption index) of sample `index`; draws the caption when captions='one'."""
         if self.captions == "all":
-            image_index, caption_index = self.pairs[index]
-        else:
-            image_index = index
-            # torch's RNG: seeded per DataLoader worker from the run's seed, so the draw is reproducible
-            num_captions = len(self.images[index].captions)
-            caption_index = int(torch.randint(num_captions, ())) if self.captions == "one" else 0
+            return self.pairs[index]
+        # torch's RNG: seeded per DataLoader worker from the run's seed, so the draw is reproducible
+        num_captions = len(self.images[index].captions)
+        return index, int(torch.randint(num_captions, ())) if self.captions == "one" else 0
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_index, caption_index = self.locate(index)
         image = self.images[image_index]
         pixels = load_image(image.image_path, self.decode_size)
         return {"pixel_values": self.transform(pixels), "caption": image.captions[caption_index],

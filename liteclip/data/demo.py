@@ -224,26 +224,37 @@ def _captions(rng: np.random.Generator, objects: list[DrawnObject], image_size: 
 
 def write_text_tower(directory: str | Path, sentences: list[str], hidden_size: int = 128, num_layers: int = 2,
                      num_heads: int = 2, vocab_size: int = 300) -> Path:
-    """Writes a small BERT config and a WordPiece tokenizer trained on `sentences`, in the Hugging Face layout.
+    """Writes a small BERT config and a WordPiece tokenizer for `sentences`, in the Hugging Face layout.
 
-    The result loads with AutoTokenizer / AutoConfig from a local path, like a downloaded hub model would.
+    The vocabulary is built directly (special tokens, single characters and their ## forms, then the most frequent
+    words, ties alphabetical) rather than by the tokenizers trainer, whose tie-breaking varies between runs: the same
+    sentences must give the same token ids, or the same seed would not give the same model. The result loads with
+    AutoTokenizer / AutoConfig from a local path, like a downloaded hub model would.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, PreTrainedTokenizerFast
 
     directory = Path(directory)
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for sentence in sentences
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(sentence)))
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer.train_from_iterator(sentences, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    characters = sorted({character for word in counts for character in word})
+    words = [word for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+    tokens = list(dict.fromkeys(special + characters + [f"##{c}" for c in characters] + words))
+    vocab = {token: index for index, token in enumerate(tokens[:max(vocab_size, len(special) + 2 * len(characters))])}
+    tokenizer = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[(t, tokenizer.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+        single="[CLS] $A [SEP]", special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
     fast.save_pretrained(str(directory))
-    BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden_size, num_hidden_layers=num_layers,
+    BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers,
                num_attention_heads=num_heads, intermediate_size=hidden_size * 4,
                max_position_embeddings=64).save_pretrained(directory)
     return directory
-

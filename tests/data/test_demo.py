@@ -12,6 +12,8 @@ def test_demo_is_deterministic_and_loads_through_the_flickr8k_reader(tmp_path):
     assert len(names) == 60
     assert all((first / "Images" / n).read_bytes() == (second / "Images" / n).read_bytes() for n in names)
     assert (first / "captions.txt").read_text() == (second / "captions.txt").read_text()
+    for name in ("tokenizer.json", "config.json"):  # the demo's own text tower is identical too
+        assert (first / "text_encoder" / name).read_bytes() == (second / "text_encoder" / name).read_bytes()
     assert (first / "captions.txt").read_text() != (other / "captions.txt").read_text()
     splits = read_flickr8k(first)
     assert [len(splits[s]) for s in ("train", "val", "test")] == [48, 6, 6]

@@ -1,0 +1,7 @@
+"""`python -m liteclip.data download | check | prepare ...`: the dataset tools of liteclip.cli."""
+
+import sys
+
+from liteclip.cli import main
+
+sys.exit(main(["data", *sys.argv[1:]]))
