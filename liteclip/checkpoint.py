@@ -31,6 +31,7 @@ CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 TEXT_CONFIG_DIR = "text_config"
+VISION_CONFIG_DIR = "vision_config"  # only for Hugging Face image towers; timm towers rebuild from their name
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -85,6 +86,8 @@ def save_model_dir(model: CLIP, directory: str | Path, full_config: Config | Non
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "library": "liteclip"})
         model.text_encoder.model.config.save_pretrained(staging / TEXT_CONFIG_DIR)
+        if model.config.image.source == "hf":
+            model.image_encoder.model.config.save_pretrained(staging / VISION_CONFIG_DIR)
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         for file in staging.rglob("*"):
@@ -132,10 +135,13 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
         text=dataclasses.replace(config.text, pretrained=False, name=str(directory / TEXT_CONFIG_DIR)),
     )
     text_hf_config = AutoConfig.from_pretrained(directory / TEXT_CONFIG_DIR)
+    image_hf_config = None
+    if config.image.source == "hf":
+        image_hf_config = AutoConfig.from_pretrained(directory / VISION_CONFIG_DIR)
     tokenizer = None
     if (directory / TOKENIZER_DIR).is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR))
-    model = CLIP(config, tokenizer=tokenizer, text_hf_config=text_hf_config)
+    model = CLIP(config, tokenizer=tokenizer, text_hf_config=text_hf_config, image_hf_config=image_hf_config)
     if (directory / PREPROCESSOR_NAME).is_file():
         saved = json.loads((directory / PREPROCESSOR_NAME).read_text())
         model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}

@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ImageEncoderConfig:
     name: str = "convnext_tiny"  # any timm model name, optionally with a pretrained tag: "convnext_tiny.fb_in1k"
+    source: Literal["timm", "hf"] = "timm"  # hf: a Hugging Face vision model (its pooler output), e.g. CLIP's ViT
     pretrained: bool = True  # load timm's pretrained weights (needs the hub or its cache)
     weights_file: str | None = None  # local .safetensors/.pth for users who downloaded weights by hand
     locked: bool = False  # freeze the tower (LiT-style): no gradients, no optimiser state, eval mode
@@ -66,6 +67,10 @@ class ModelConfig:
     logit_scale_init: float = math.log(1 / 0.07)  # the paper's initial temperature 0.07
     logit_scale_max: float = math.log(100.0)  # the paper clips the scale at 100
     learn_logit_scale: bool = True  # false: fixed temperature (the Simple-CLIP recipe uses 1.0)
+    # start from a Hugging Face CLIP checkpoint (hub name or directory, e.g. openai/clip-vit-base-patch32): its towers,
+    # linear heads, temperature, tokenizer and preprocessing replace image/text/projection above, except the
+    # `locked` flags and learn_logit_scale, which still apply
+    init_from: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------ data

@@ -35,9 +35,12 @@ class ImageEncoder(nn.Module):
     pipeline normalises with the tower's own statistics.
     """
 
-    def __init__(self, config: ImageEncoderConfig):
+    def __init__(self, config: ImageEncoderConfig, hf_config: Any | None = None):
         super().__init__()
         self.config = config
+        if config.source == "hf":
+            self._init_hf(config, hf_config)
+            return
         kwargs: dict[str, Any] = {"num_classes": 0}
         if config.weights_file:
             # timm loads the file through its pretrained path, which drops the classifier for num_classes=0
@@ -65,7 +68,25 @@ class ImageEncoder(nn.Module):
             data_config["crop_pct"] = config.crop_pct
         self.data_config: dict[str, Any] = data_config
 
+    def _init_hf(self, config: ImageEncoderConfig, hf_config: Any | None) -> None:
+        """A Hugging Face vision tower (CLIPVisionModel, ViTModel, ...): pooled output, processor statistics."""
+        from transformers import AutoConfig, AutoModel
+
+        if hf_config is not None:
+            self.model = AutoModel.from_config(hf_config)
+        elif config.pretrained:
+            self.model = AutoModel.from_pretrained(config.name)
+        else:
+            self.model = AutoModel.from_config(AutoConfig.from_pretrained(config.name))
+        self.num_features = self.model.config.hidden_size
+        size = getattr(self.model.config, "image_size", 224)
+        # OpenAI CLIP's preprocessing: bicubic resize of the shorter side to the input size, center crop
+        self.data_config = {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 1.0,
+                            "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.config.source == "hf":
+            return self.model(pixel_values=pixel_values).pooler_output  # (B, hidden_size)
         return self.model(pixel_values)  # (B, 3, H, W) -> (B, num_features)
 
 
@@ -161,11 +182,12 @@ class CLIP(nn.Module):
         data_config: the image tower's timm data config (input size, mean, std, interpolation, crop_pct).
     """
 
-    def __init__(self, config: ModelConfig, tokenizer: Any = None, text_hf_config: Any | None = None):
+    def __init__(self, config: ModelConfig, tokenizer: Any = None, text_hf_config: Any | None = None,
+                 image_hf_config: Any | None = None):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
-        self.image_encoder = ImageEncoder(config.image)
+        self.image_encoder = ImageEncoder(config.image, hf_config=image_hf_config)
         self.text_encoder = TextEncoder(config.text, hf_config=text_hf_config)
         self.image_projection = ProjectionHead(self.image_encoder.num_features, config.projection)
         self.text_projection = ProjectionHead(self.text_encoder.num_features, config.projection)
@@ -232,9 +254,13 @@ class CLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> CLIP:
-        """Loads a directory written by save_pretrained, with no network and no pickle."""
-        from liteclip.checkpoint import load_model_dir
+        """Loads a directory written by save_pretrained (offline, no pickle), or a Hugging Face CLIP checkpoint
+        (a directory in the transformers layout, or a hub name such as openai/clip-vit-base-patch32)."""
+        from liteclip.checkpoint import CONFIG_NAME, load_model_dir
+        from liteclip.convert import is_hf_clip, load_hf_clip
 
+        if not (Path(directory) / CONFIG_NAME).is_file() and is_hf_clip(directory):
+            return load_hf_clip(str(directory)).to(device).eval()
         return load_model_dir(directory, device)
 
 
@@ -242,6 +268,10 @@ def build_model(config: ModelConfig) -> CLIP:
     """Builds the CLIP model and its tokenizer from the model section of a config."""
     from transformers import AutoTokenizer
 
+    if config.init_from:
+        from liteclip.convert import load_hf_clip
+
+        return load_hf_clip(config.init_from, base=config)
     model = CLIP(config)  # the towers first: their errors name a wrong model name most clearly
     model.tokenizer = AutoTokenizer.from_pretrained(config.text.name, trust_remote_code=config.text.trust_remote_code)
     num_params = sum(p.numel() for p in model.parameters())

@@ -172,3 +172,26 @@ def test_unknown_text_model_is_named(tiny_config, tmp_path):
                                                                              name=str(tmp_path / "no_such_bert")))
     with pytest.raises(ValueError, match="model.text.name=.*no_such_bert.* is neither a local model directory"):
         build_model(config)
+
+
+def test_remote_code_is_never_trusted_implicitly(tiny_config, monkeypatch):
+    import transformers
+
+    seen = []
+    for name in ("from_pretrained", "from_config"):
+        original = getattr(transformers.AutoModel, name)
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(transformers.AutoModel, name, spy)
+    original_tokenizer = transformers.AutoTokenizer.from_pretrained
+
+    def tokenizer_spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return original_tokenizer(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_spy)
+    build_model(tiny_config.model)
+    assert seen and all(flag is False for flag in seen)

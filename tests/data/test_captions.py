@@ -129,3 +129,13 @@ def test_loader_with_workers(kaggle_root, tiny_text_dir):
     indices = torch.cat([b["image_index"] for b in batches]).tolist()
     assert len(set(indices)) == 16  # drop_last over 16 training images; no image twice in an epoch
     assert np.isfinite(batches[0]["pixel_values"].numpy()).all()
+
+
+def test_missing_data_root_is_named(tmp_path):
+    from liteclip.config import DataConfig
+    from liteclip.data import load_splits
+
+    with pytest.raises(DataError, match=r"data.root=.*nowhere does not exist; `python -m liteclip.data download"):
+        load_splits(DataConfig(dataset="flickr8k", root=str(tmp_path / "nowhere")))
+    with pytest.raises(DataError, match="data.root=.*nowhere does not exist; point data.root"):
+        load_splits(DataConfig(dataset="csv", root=str(tmp_path / "nowhere"), captions_file="c.csv"))
