@@ -33,6 +33,7 @@ PREPROCESSOR_NAME = "preprocessor_config.json"
 TEXT_CONFIG_DIR = "text_config"
 VISION_CONFIG_DIR = "vision_config"  # only for Hugging Face image towers; timm towers rebuild from their name
 TOKENIZER_DIR = "tokenizer"
+OWNED_NAMES = {CONFIG_NAME, WEIGHTS_NAME, PREPROCESSOR_NAME, TEXT_CONFIG_DIR, TOKENIZER_DIR, VISION_CONFIG_DIR}
 
 
 class ModelLoadError(RuntimeError):
@@ -94,8 +95,15 @@ def save_model_dir(model: CLIP, directory: str | Path, full_config: Config | Non
             if file.is_file():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
+        # mkdtemp makes the folder private (0700); a saved model gets the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         previous = directory.with_name(f".{directory.name}.previous")
         if directory.exists():
+            for entry in directory.iterdir():  # files liteclip does not write (a README, notes) stay
+                if entry.name not in OWNED_NAMES:
+                    os.replace(entry, staging / entry.name)
             shutil.rmtree(previous, ignore_errors=True)
             os.replace(directory, previous)
         os.replace(staging, directory)

@@ -23,12 +23,13 @@ logger = logging.getLogger(__name__)
 
 
 def is_hf_clip(name_or_dir: str | Path) -> bool:
-    """A local transformers CLIP directory, or a hub name (anything that is not a local directory)."""
+    """A local transformers CLIP directory, or something shaped like a hub id (namespace/name)."""
     path = Path(name_or_dir)
     if path.is_dir():
         config = path / "config.json"
         return config.is_file() and json.loads(config.read_text()).get("model_type") == "clip"
-    return "/" in str(name_or_dir) and not path.exists()
+    text = str(name_or_dir)
+    return not path.exists() and not path.is_absolute() and not text.startswith(".") and text.count("/") == 1
 
 
 def image_processor_data_config(name_or_dir: str, image_size: int) -> dict:

@@ -56,17 +56,37 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenates `tensor` from every rank along dim 0, keeping the autograd graph.
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
 
-    The backward sums each rank's gradient for this rank's slice, so a loss computed on the gathered batch trains
-    the local towers exactly as one process holding the whole batch would (after DDP averages the gradients).
+    Written here rather than taken from torch.distributed.nn, whose gloo backward (an all-to-all emulation of
+    reduce-scatter) returned wrong gradients in our DDP equivalence test; all_reduce works on every backend.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)  # (W*B, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on every rank's slice
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates `tensor` from every rank along dim 0 (equal sizes), keeping the autograd graph.
+
+    Each rank then computes the loss of the whole global batch; the backward sums the ranks' gradients for each
+    slice, and DDP averages parameter gradients over ranks, so N processes of batch B train exactly like one
+    process of batch N*B.
     """
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:

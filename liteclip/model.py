@@ -120,6 +120,10 @@ class TextEncoder(nn.Module):
                              f"download it once with network access and point model.text.name at the folder.") from None
         if config.pooling not in ("mean", "cls", "eos"):
             raise ValueError(f"model.text.pooling={config.pooling!r} must be one of mean, cls, eos")
+        if getattr(self.model, "pooler", None) is not None:
+            # BERT-style poolers are never used by these poolings; left in, their parameters would get no
+            # gradient, and DDP would wait for them forever instead of averaging the other gradients
+            self.model.pooler = None
         self.num_features: int = self.model.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -256,11 +260,17 @@ class CLIP(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> CLIP:
         """Loads a directory written by save_pretrained (offline, no pickle), or a Hugging Face CLIP checkpoint
         (a directory in the transformers layout, or a hub name such as openai/clip-vit-base-patch32)."""
-        from liteclip.checkpoint import CONFIG_NAME, load_model_dir
+        from liteclip.checkpoint import CONFIG_NAME, ModelLoadError, load_model_dir
         from liteclip.convert import is_hf_clip, load_hf_clip
 
         if not (Path(directory) / CONFIG_NAME).is_file() and is_hf_clip(directory):
-            return load_hf_clip(str(directory)).to(device).eval()
+            try:
+                return load_hf_clip(str(directory)).to(device).eval()
+            except OSError as error:
+                raise ModelLoadError(
+                    f"no liteclip model directory at {directory}, and no Hugging Face CLIP checkpoint of that name "
+                    f"could be loaded ({str(error).splitlines()[0]}). Train one with `python train.py --config "
+                    f"configs/demo.yaml`, or check the name and the network.") from None
         return load_model_dir(directory, device)
 
 

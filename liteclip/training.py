@@ -280,8 +280,10 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image_index, caption_index = self.dataset.locate(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        image_index, caption_index = self.dataset.locate(index, generator)
         return {"image_features": self.features[image_index],
                 "caption": self.dataset.images[image_index].captions[caption_index], "image_index": image_index}
 
@@ -532,9 +534,7 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
     while state.epoch < config.train.epochs and (config.train.max_steps is None or
                                                  state.step < config.train.max_steps):
         seed_everything(epoch_seed(config.train.seed, state.epoch) + ctx.rank)
-        loaders["train"].generator.manual_seed(epoch_seed(config.train.seed, state.epoch))
-        if ctx.world_size > 1:
-            loaders["train"].sampler.set_epoch(state.epoch)
+        loaders["train"].sampler.set_epoch(state.epoch)  # data order and every sample's augmentation
         train_loss = train_one_epoch(train_model, loaders["train"], optimizer, state, config, total_steps,
                                      precision, scaler, ctx.device, log_row, show_progress and ctx.is_main)
         state.epoch += 1

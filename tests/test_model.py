@@ -122,12 +122,17 @@ def test_save_and_load_round_trip_offline(model, tmp_path, monkeypatch):
 
 
 def test_saving_again_replaces_the_directory(model, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "README.md").write_text("my notes")
     model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "README.md").read_text() == "my notes"  # not liteclip's to delete
     with torch.no_grad():
         model.logit_scale.fill_(1.0)
     model.save_pretrained(tmp_path / "m")
     assert CLIP.from_pretrained(tmp_path / "m").logit_scale.item() == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging leftovers
+    assert (tmp_path / "m" / "README.md").read_text() == "my notes"
+    assert (tmp_path / "m").stat().st_mode & 0o055  # readable by others, like any directory the user makes
 
 
 def test_mismatched_weights_name_the_tensors(model, tmp_path):

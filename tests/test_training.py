@@ -95,13 +95,13 @@ def test_train_command_writes_logs_checkpoints_and_model(tmp_path):
     assert {"test_mean_recall", "zero_shot_seen_top1"} <= {r["metric"] for r in final}
 
 
-def test_same_seed_same_losses_with_workers(tmp_path):
+def test_same_seed_same_losses_whatever_the_number_of_workers(tmp_path):
     losses = []
-    for name in ("a", "b"):
-        config = tiny_config(tmp_path / name, "data.num_workers=2", "train.epochs=1", "train.max_steps=3")
+    for name, workers in (("a", 0), ("b", 2)):
+        config = tiny_config(tmp_path / name, f"data.num_workers={workers}", "train.epochs=2", "train.max_steps=8")
         fit(config, show_progress=False)
         losses.append([r["loss"] for r in read_rows(tmp_path / name / "run" / "metrics.csv")])
-    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    assert len(losses[0]) == 8 and losses[0] == losses[1]
 
 
 def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch):
@@ -139,9 +139,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     calls = {"n": 0}
 
     def loss_that_breaks(logits):
-        calls["n"] += 1
         loss = clip_loss(logits)
-        return loss * float("nan") if calls["n"] > 7 else loss
+        if not torch.is_grad_enabled():  # evaluation: leave it alone
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] > 7 else loss  # the 8th optimiser step goes bad
 
     monkeypatch.setattr(training, "clip_loss", loss_that_breaks)
     config = tiny_config(tmp_path, "train.epochs=3")

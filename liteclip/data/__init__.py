@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from liteclip.config import DataConfig
 from liteclip.data.captions import (BadRowPolicy, CaptionCollator, CaptionedImage, DataError, ImageCaptionDataset,
-                                    read_caption_csv)
+                                    SeededSampler, read_caption_csv)
 from liteclip.data.demo import ensure_demo_data
 from liteclip.data.flickr8k import read_flickr8k
 from liteclip.data.transforms import build_transforms, image_size
@@ -76,19 +76,21 @@ def build_dataloaders(config: DataConfig, tokenizer: Any, max_length: int, data_
     datasets = datasets if datasets is not None else build_datasets(config, data_config)
     collate = CaptionCollator(tokenizer, max_length)
     workers = config.num_workers
-    common = {"collate_fn": collate, "num_workers": workers, "pin_memory": pin_memory}
-    train_sampler = None
+    # each loader has its own generator for its workers' base seed: drawing it from the global RNG would shift
+    # dropout masks depending on how many workers there are and whether they persist
+    common = {"collate_fn": collate, "num_workers": workers, "pin_memory": pin_memory,
+              "persistent_workers": workers > 0, "generator": torch.Generator().manual_seed(seed)}
     if world_size > 1:
-        train_sampler = DistributedSampler(datasets["train"], num_replicas=world_size, rank=rank, shuffle=True,
-                                           seed=seed, drop_last=True)
-    generator = torch.Generator().manual_seed(seed)
-    loaders = {"train": DataLoader(datasets["train"], batch_size=config.batch_size, shuffle=train_sampler is None,
-                                   sampler=train_sampler, drop_last=len(datasets["train"]) > config.batch_size,
-                                   generator=generator, **common)}
-    # training workers are not persistent: fresh workers each epoch draw their seeds from the generator the
-    # trainer reseeds per epoch, which is what makes a resumed run replay exactly; evaluation is not random
+        order = DistributedSampler(datasets["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                   drop_last=True)
+    else:
+        order = RandomSampler(datasets["train"], generator=torch.Generator().manual_seed(seed))
+    # every sample carries its own seed, so workers can persist across epochs and a resumed run still replays
+    # the exact augmentations and captions (call loader.sampler.set_epoch(epoch) each epoch)
+    loaders = {"train": DataLoader(datasets["train"], batch_size=config.batch_size,
+                                   sampler=SeededSampler(order, seed),
+                                   drop_last=len(datasets["train"]) > config.batch_size, **common)}
     eval_batch_size = config.eval_batch_size or config.batch_size
     for split in ("val", "test"):
-        loaders[split] = DataLoader(datasets[split], batch_size=eval_batch_size, shuffle=False,
-                                    persistent_workers=workers > 0, **common)
+        loaders[split] = DataLoader(datasets[split], batch_size=eval_batch_size, shuffle=False, **common)
     return loaders

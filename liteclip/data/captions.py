@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -189,20 +189,52 @@ class ImageCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs) if self.captions == "all" else len(self.images)
 
-    def locate(self, index: int) -> tuple[int, int]:
+    def locate(self, index: int, generator: torch.Generator | None = None) -> tuple[int, int]:
         """(image index, caption index) of sample `index`; draws the caption when captions='one'."""
         if self.captions == "all":
             return self.pairs[index]
-        # torch's RNG: seeded per DataLoader worker from the run's seed, so the draw is reproducible
         num_captions = len(self.images[index].captions)
-        return index, int(torch.randint(num_captions, ())) if self.captions == "one" else 0
+        return index, int(torch.randint(num_captions, (), generator=generator)) if self.captions == "one" else 0
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image_index, caption_index = self.locate(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        # SeededSampler sends (index, seed): the sample's randomness then depends on neither the worker that loads
+        # it nor how long that worker has lived; a plain index falls back to torch's RNG
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        image_index, caption_index = self.locate(index, generator)
         image = self.images[image_index]
         pixels = load_image(image.image_path, self.decode_size)
-        return {"pixel_values": self.transform(pixels), "caption": image.captions[caption_index],
-                "image_index": image_index}
+        transform_seed = int(torch.randint(2**31 - 1, (), generator=generator)) if generator is not None else None
+        pixels = self.transform(pixels, transform_seed) if transform_seed is not None else self.transform(pixels)
+        return {"pixel_values": pixels, "caption": image.captions[caption_index], "image_index": image_index}
+
+
+class SeededSampler(Sampler):
+    """Yields (index, seed) pairs: the order of an inner sampler, and a seed per sample from (seed, epoch, position).
+
+    Samplers run in the main process, so set_epoch reaches them even with persistent DataLoader workers.
+    """
+
+    def __init__(self, inner: Sampler, seed: int):
+        self.inner = inner
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+        generator = getattr(self.inner, "generator", None)
+        if generator is not None:
+            generator.manual_seed(self.seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for position, index in enumerate(self.inner):
+            yield index, (base + position) % (2**63 - 1)
 
 
 class CaptionCollator:

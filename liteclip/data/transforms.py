@@ -21,17 +21,18 @@ INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "near
 class Transform:
     """An albumentations pipeline as a callable: uint8 array (H, W, 3) -> float tensor (3, H, W).
 
-    Albumentations keeps its own RNG, seeded from the OS; a random pipeline is reseeded from torch's RNG on every
-    call, which the training run seeds (per DataLoader worker too), so augmentations repeat with the seed.
+    Albumentations keeps its own RNG, seeded from the OS; a random pipeline is reseeded on every call, from `seed`
+    when the caller has one (the training sampler gives each sample its own) or else from torch's RNG, so
+    augmentations repeat with the run's seed.
     """
 
     def __init__(self, pipeline: A.Compose, random: bool = False):
         self.pipeline = pipeline
         self.random = random
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
         if self.random:
-            self.pipeline.set_random_seed(int(torch.randint(2**31 - 1, ())))
+            self.pipeline.set_random_seed(seed if seed is not None else int(torch.randint(2**31 - 1, ())))
         image = self.pipeline(image=image)["image"]  # (H, W, 3) float32, normalised
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
