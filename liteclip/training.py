@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from liteclip import distributed
-from liteclip.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from liteclip.checkpoint import atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
 from liteclip.config import Config
 from liteclip.data import build_dataloaders, build_datasets, load_splits
 from liteclip.loss import clip_loss
@@ -315,7 +315,6 @@ def cached_image_features(model: CLIP, paths: list[Path], cache_dir: Path, devic
     from safetensors.torch import load_file, save
     from torch.utils.data import DataLoader
 
-    from liteclip.checkpoint import atomic_write_bytes
     from liteclip.data.captions import CaptionedImage, ImageCaptionDataset
 
     path = cache_dir / f"image_features_{feature_cache_key(model, paths)}.safetensors"
@@ -488,7 +487,7 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
     output_dir, model_dir = Path(config.train.output_dir), Path(config.train.model_dir)
     if ctx.is_main:
         check_writable(output_dir, model_dir.parent if model_dir.parent != Path("") else Path("."))
-        (output_dir / "config.yaml").write_text(config.to_yaml())
+        atomic_write_bytes(output_dir / "config.yaml", config.to_yaml().encode())
         splits = load_splits(config.data)  # the demo data is generated here, once, by rank 0
     distributed.barrier()
     if not ctx.is_main:
@@ -543,8 +542,9 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
             last_epoch = state.epoch == config.train.epochs
             if state.epoch % config.train.eval_every == 0 or last_epoch:
                 metrics.update(evaluate(model, loaders["val"], ctx.device, precision))
-            score = metrics.get("mean_recall", -train_loss)
-            if score > state.best_metric:
+            # best by validation recall; a run without a validation split falls back to the training loss
+            score = metrics.get("mean_recall", -train_loss if len(loaders["val"].dataset) == 0 else None)
+            if score is not None and score > state.best_metric:
                 state.best_metric, state.best_epoch = score, state.epoch
                 save_checkpoint(output_dir / BEST, training_state(model, optimizer, scaler, state, config))
             save_checkpoint(output_dir / LAST, training_state(model, optimizer, scaler, state, config))
