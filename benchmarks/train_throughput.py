@@ -142,7 +142,8 @@ def main() -> None:
         from transformers import AutoConfig
 
         bert_config = AutoConfig.from_pretrained(text_dir)
-        bert_config.vocab_size = 30522  # bert-mini's embedding table, so the optimiser does the same work
+        bert_config.vocab_size = 30522  # bert-mini's embedding table and positions: the same work per step
+        bert_config.max_position_embeddings = 512
         bert_config.save_pretrained(text_dir)
 
         count = args.batch_size * (args.steps + 1)
