@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from liteclip.checkpoint import WEIGHTS_NAME, atomic_write_bytes
-from liteclip.data.captions import CaptionedImage, DataError, load_image
+from liteclip.data.captions import CaptionedImage, load_image
 from liteclip.data.transforms import eval_transform, image_size
 from liteclip.metrics import retrieval_recall, zero_shot_accuracy
 from liteclip.model import CLIP
@@ -217,19 +217,20 @@ class ImageSearch:
             meta, embeds = _read_index(Path(index_path), load_file)
             if meta.get("model") == fingerprint:
                 previous = {e["path"]: (e["stamp"], embeds[i]) for i, e in enumerate(meta["files"])}
-        stamps = {str(p.resolve()): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
-        todo = [p for p in files if previous.get(str(p.resolve()), (None,))[0] != stamps[str(p.resolve())]]
-        fresh = encode_image_files(self.pipeline.model, todo, batch_size, self.pipeline.device,
-                                   show_progress=show_progress) if todo else None
-        fresh_by_path = {str(p.resolve()): fresh[i] for i, p in enumerate(todo)} if todo else {}
-        self.paths = files
-        self.embeddings = torch.stack([fresh_by_path.get(k, previous.get(k, (None, None))[1])
-                                       for k in (str(p.resolve()) for p in files)]).cpu()
+        keys = [str(p.resolve()) for p in files]
+        stamps = {key: [stat.st_size, stat.st_mtime_ns] for key, stat in zip(keys, (p.stat() for p in files))}
+        todo = [i for i, key in enumerate(keys) if previous.get(key, (None,))[0] != stamps[key]]
+        embeddings = {key: embedding for key, (_, embedding) in previous.items()}
+        if todo:
+            fresh = encode_image_files(self.pipeline.model, [files[i] for i in todo], batch_size,
+                                       self.pipeline.device, show_progress=show_progress)
+            embeddings.update({keys[i]: fresh[j] for j, i in enumerate(todo)})
+        self.paths = [Path(key) for key in keys]
+        self.embeddings = torch.stack([embeddings[key] for key in keys]).cpu()
         if index_path is not None:
-            meta = {"model": fingerprint, "files": [{"path": str(p.resolve()), "stamp": stamps[str(p.resolve())]}
-                                                    for p in files]}
+            meta = {"model": fingerprint, "files": [{"path": key, "stamp": stamps[key]} for key in keys]}
             atomic_write_bytes(index_path, save({"embeddings": self.embeddings.contiguous()},
-                                                      metadata={"liteclip_index": json.dumps(meta)}))
+                                                metadata={"liteclip_index": json.dumps(meta)}))
         logger.info("indexed %d images (%d encoded, %d reused)", len(files), len(todo), len(files) - len(todo))
         return len(todo)
 

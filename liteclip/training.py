@@ -185,7 +185,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         loss_sum += loss
         window_sum += loss
         window_steps += 1
-        window_samples += sum(len(b["input_ids"]) for b in micro_batches) * distributed_world_size()
+        window_samples += sum(len(b["input_ids"]) for b in micro_batches) * distributed.world_size()
         if window_steps == log_every or done == num_steps:
             window_loss = (window_sum / window_steps).item()  # the sync point
             if not math.isfinite(window_loss):
@@ -204,10 +204,6 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         progress.update(1)
     progress.close()
     return (loss_sum / max(done, 1)).item()
-
-
-def distributed_world_size() -> int:
-    return torch.distributed.get_world_size() if distributed.is_distributed() else 1
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -6,7 +6,6 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
 from liteclip import CLIP, build_model
 from liteclip.checkpoint import load_checkpoint
