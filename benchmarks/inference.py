@@ -1,8 +1,8 @@
 """Inference figures: ZeroShotPipeline latency (one image, 10 cached labels) against the image tower's bare forward,
 indexing throughput, and text-query latency over a 10,000-image index.
 
-    python benchmarks/inference.py                      # convnext_tiny + a bert-mini-shaped text tower, random init
-    python benchmarks/inference.py --model-dir model    # a trained model
+    python -m benchmarks.inference                      # convnext_tiny + a bert-mini-shaped text tower, random init
+    python -m benchmarks.inference --model-dir model    # a trained model
 
 Random weights time the same as trained ones; the default model is built offline from configs alone.
 """
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from liteclip.config import config_from_dict
-from liteclip.data.demo import write_text_tower
+from benchmarks.train_throughput import write_bert_mini_shape
 from liteclip.model import build_model
 from liteclip.pipeline import ImageSearch, ZeroShotPipeline
 
@@ -29,8 +29,7 @@ LABELS = [f"a photo of a {name}" for name in
 
 
 def build_default_model(directory: Path, image_name: str, image_size: int) -> Path:
-    text_dir = write_text_tower(directory / "bert_mini_shape", [f"{l}." for l in LABELS] * 3, hidden_size=256,
-                                num_layers=4, num_heads=4, vocab_size=500)
+    text_dir = write_bert_mini_shape(directory / "bert_mini_shape")
     config = config_from_dict({"model": {"image": {"name": image_name, "pretrained": False, "image_size": image_size},
                                          "text": {"name": str(text_dir), "pretrained": False}}})
     build_model(config.model).save_pretrained(directory / "model")

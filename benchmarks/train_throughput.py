@@ -1,7 +1,11 @@
 """Training throughput: the liteCLIP reference setup against liteclip's defaults, side by side on the same batches.
 
-    python benchmarks/train_throughput.py                         # convnext_tiny + bert-mini shape, 224 px, batch 32
-    python benchmarks/train_throughput.py --batch-size 16 --steps 4 --image-size 160
+    python -m benchmarks.train_throughput                                  # convnext_tiny + bert-mini shape, 224 px, batch 32
+    python -m benchmarks.train_throughput --config configs/demo.yaml --batch-size 64
+    python -m benchmarks.train_throughput --batch-size 16 --steps 4 --image-size 160
+
+With --config, the image tower (name, input size) comes from the config, and so does the text tower when it is a
+local directory; a hub text tower is replaced by a random one of bert-mini's shape (no downloads here).
 
 (a) reference, as liteCLIP trains: fp32, captions padded to 128 tokens, NCHW, tokenisation per sample in
     __getitem__, one `.item()` per step.
@@ -38,6 +42,17 @@ WORDS = ("a man in a red shirt is climbing a rock wall while two dogs run across
          "and a child in a blue jacket jumps off a wooden bench at the park").split()
 
 
+def write_bert_mini_shape(directory: Path) -> Path:
+    """A random text tower with bert-mini's shape (4 layers, 256 wide, 30,522 tokens, 512 positions), offline."""
+    from transformers import AutoConfig
+
+    write_text_tower(directory, WORDS, hidden_size=256, num_layers=4, num_heads=4)
+    config = AutoConfig.from_pretrained(directory)
+    config.vocab_size, config.max_position_embeddings = 30522, 512
+    config.save_pretrained(directory)
+    return directory
+
+
 def captions(count: int, seed: int = 0) -> list[str]:
     """Flickr-like captions: 8 to 20 words."""
     rng = np.random.default_rng(seed)
@@ -47,14 +62,14 @@ def captions(count: int, seed: int = 0) -> list[str]:
 class ReferenceDataset(Dataset):
     """liteCLIP's shape: every sample tokenised alone and padded to max_length in __getitem__."""
 
-    def __init__(self, images: torch.Tensor, texts: list[str], tokenizer):
-        self.images, self.texts, self.tokenizer = images, texts, tokenizer
+    def __init__(self, images: torch.Tensor, texts: list[str], tokenizer, max_length: int = 128):
+        self.images, self.texts, self.tokenizer, self.max_length = images, texts, tokenizer, max_length
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __getitem__(self, index: int) -> dict:
-        tokens = self.tokenizer(self.texts[index], padding="max_length", truncation=True, max_length=128,
+        tokens = self.tokenizer(self.texts[index], padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt")
         return {"pixel_values": self.images[index], "input_ids": tokens["input_ids"][0],
                 "attention_mask": tokens["attention_mask"][0]}
@@ -128,23 +143,29 @@ class Variant:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-model", default="convnext_tiny")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--config", default=None, help="take the towers from this YAML (random init)")
+    parser.add_argument("--image-model", default=None, help="timm name (default convnext_tiny, or the config's)")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default 224, or the config's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4, help="measured steps per variant (after 1 warm-up step)")
     parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
+    text_source = None
+    if args.config:
+        from liteclip.config import load_config
+
+        config = load_config(args.config)
+        args.image_model = args.image_model or config.model.image.name.split(".")[0]
+        args.image_size = args.image_size or config.model.image.image_size
+        if Path(config.model.text.name).is_dir():
+            text_source = Path(config.model.text.name)
+    args.image_model = args.image_model or "convnext_tiny"
+    args.image_size = args.image_size or 224
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     with tempfile.TemporaryDirectory() as tmp:
-        text_dir = write_text_tower(Path(tmp) / "bert_mini_shape", WORDS, hidden_size=256, num_layers=4, num_heads=4)
-        from transformers import AutoConfig
-
-        bert_config = AutoConfig.from_pretrained(text_dir)
-        bert_config.vocab_size = 30522  # bert-mini's embedding table and positions: the same work per step
-        bert_config.max_position_embeddings = 512
-        bert_config.save_pretrained(text_dir)
+        text_dir = text_source or write_bert_mini_shape(Path(tmp) / "bert_mini_shape")
 
         count = args.batch_size * (args.steps + 1)
         torch.manual_seed(0)
@@ -153,18 +174,21 @@ def main() -> None:
         reference_model, reference_optimizer = build(text_dir, args.image_model, args.image_size, False, device)
         default_model, default_optimizer = build(text_dir, args.image_model, args.image_size, True, device)
         tokenizer = default_model.tokenizer
+        # liteCLIP pads to 128; a tower with fewer positions (the demo's 64) is padded to its limit instead
+        max_length = min(128, default_model.text_encoder.model.config.max_position_embeddings)
         common = {"batch_size": args.batch_size, "shuffle": False, "num_workers": args.workers,
                   "pin_memory": device.type == "cuda"}
         reference = Variant("reference", reference_model, reference_optimizer,
-                            DataLoader(ReferenceDataset(images, texts, tokenizer), **common), device, None, 1)
+                            DataLoader(ReferenceDataset(images, texts, tokenizer, max_length), **common), device, None, 1)
         default = Variant("liteclip", default_model, default_optimizer,
-                          DataLoader(DefaultDataset(images, texts), collate_fn=CaptionCollator(tokenizer, 128),
+                          DataLoader(DefaultDataset(images, texts), collate_fn=CaptionCollator(tokenizer, max_length),
                                      **common), device, torch.bfloat16 if bf16 else None, 50)
         for step in range(args.steps + 1):
             for variant in (reference, default):
                 variant.step(measure=step > 0)
 
-    print(f"device: {device}, {args.image_model} at {args.image_size} px + bert-mini shape, batch {args.batch_size}, "
+    text_name = text_source or "bert-mini shape"
+    print(f"device: {device}, {args.image_model} at {args.image_size} px + {text_name}, batch {args.batch_size}, "
           f"{args.steps} measured steps each, threads {torch.get_num_threads()}")
     reference_rate = reference.report()
     default_rate = default.report()

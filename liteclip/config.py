@@ -134,6 +134,7 @@ class TrainConfig:
     log_every: int = 10  # steps between loss read-backs (each one is a host-device sync)
     eval_every: int = 1  # epochs between evaluations
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    compile: bool = False  # torch.compile both towers; whatever dynamo cannot compile runs eagerly instead
     cache_image_features: bool = False  # locked image tower: compute its features once and keep them on disk
     zero_shot_eval: bool = True  # demo data: zero-shot accuracy on seen and held-out colour-shape labels
 

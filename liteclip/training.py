@@ -72,6 +72,19 @@ def resolve_precision(choice: str, device: torch.device) -> Precision:
     return Precision(dtype, device.type)
 
 
+def compile_towers(model: CLIP) -> None:
+    """torch.compile both towers in place (parameter names unchanged), falling back to eager where unsupported."""
+    try:
+        import torch._dynamo
+
+        # an operator or platform the compiler cannot handle runs eagerly instead of stopping the run
+        torch._dynamo.config.suppress_errors = True
+        model.image_encoder.compile()
+        model.text_encoder.compile()
+    except Exception as error:  # no compiler toolchain, an old torch: train eagerly
+        logger.warning("torch.compile is unavailable here (%s); training without it", error)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -499,6 +512,8 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
                                 datasets, seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size,
                                 pin_memory=ctx.device.type == "cuda")
     optimizer = build_optimizer(model, config.optim, ctx.device.type)
+    if config.train.compile:
+        compile_towers(model)
     scaler = torch.amp.GradScaler(ctx.device.type) if precision.dtype == torch.float16 else None
     steps_per_epoch = len(loaders["train"]) // config.train.accum_steps
     total_steps = config.train.epochs * steps_per_epoch

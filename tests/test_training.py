@@ -252,3 +252,20 @@ def test_locked_image_tower_features_are_cached_and_reused(tmp_path, monkeypatch
 def test_feature_cache_needs_a_locked_tower(tmp_path):
     with pytest.raises(ValueError, match="model.image.locked"):
         fit(tiny_config(tmp_path, "train.cache_image_features=true"), show_progress=False)
+
+
+def test_compile_keeps_parameter_names_and_falls_back_when_unavailable(tmp_path, monkeypatch, caplog):
+    model, _ = fixed_batches(tiny_config(tmp_path), 1, 2)
+    names = list(model.state_dict())
+    training.compile_towers(model)
+    assert list(model.state_dict()) == names  # checkpoints stay loadable without any _orig_mod. surgery
+
+    def no_compiler(self, *args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", no_compiler)
+    with caplog.at_level("WARNING"):
+        fit(tiny_config(tmp_path / "run2", "train.compile=true", "train.epochs=1", "train.max_steps=2"),
+            show_progress=False)
+    assert "torch.compile is unavailable here (no C++ compiler)" in caplog.text
+    assert (tmp_path / "run2" / "model" / "model.safetensors").is_file()
