@@ -79,7 +79,7 @@ def build_dataloaders(config: DataConfig, tokenizer: Any, max_length: int, data_
     # each loader has its own generator for its workers' base seed: drawing it from the global RNG would shift
     # dropout masks depending on how many workers there are and whether they persist
     common = {"collate_fn": collate, "num_workers": workers, "pin_memory": pin_memory,
-              "persistent_workers": workers > 0, "generator": torch.Generator().manual_seed(seed)}
+              "persistent_workers": workers > 0}
     if world_size > 1:
         order = DistributedSampler(datasets["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                    drop_last=True)
@@ -88,9 +88,10 @@ def build_dataloaders(config: DataConfig, tokenizer: Any, max_length: int, data_
     # every sample carries its own seed, so workers can persist across epochs and a resumed run still replays
     # the exact augmentations and captions (call loader.sampler.set_epoch(epoch) each epoch)
     loaders = {"train": DataLoader(datasets["train"], batch_size=config.batch_size,
-                                   sampler=SeededSampler(order, seed),
+                                   sampler=SeededSampler(order, seed), generator=torch.Generator().manual_seed(seed),
                                    drop_last=len(datasets["train"]) > config.batch_size, **common)}
     eval_batch_size = config.eval_batch_size or config.batch_size
     for split in ("val", "test"):
-        loaders[split] = DataLoader(datasets[split], batch_size=eval_batch_size, shuffle=False, **common)
+        loaders[split] = DataLoader(datasets[split], batch_size=eval_batch_size, shuffle=False,
+                                    generator=torch.Generator().manual_seed(seed), **common)
     return loaders

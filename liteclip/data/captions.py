@@ -210,7 +210,8 @@ class ImageCaptionDataset(Dataset):
 
 
 class SeededSampler(Sampler):
-    """Yields (index, seed) pairs: the order of an inner sampler, and a seed per sample from (seed, epoch, position).
+    """Yields (index, seed) pairs: the order of an inner sampler, and a seed per sample from (seed, epoch, index),
+    unique per sample and epoch on every rank.
 
     Samplers run in the main process, so set_epoch reaches them even with persistent DataLoader workers.
     """
@@ -233,8 +234,8 @@ class SeededSampler(Sampler):
 
     def __iter__(self):
         base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
-        for position, index in enumerate(self.inner):
-            yield index, (base + position) % (2**63 - 1)
+        for index in self.inner:
+            yield index, (base + index) % (2**63 - 1)
 
 
 class CaptionCollator:

@@ -139,3 +139,20 @@ def test_missing_data_root_is_named(tmp_path):
         load_splits(DataConfig(dataset="flickr8k", root=str(tmp_path / "nowhere")))
     with pytest.raises(DataError, match="data.root=.*nowhere does not exist; point data.root"):
         load_splits(DataConfig(dataset="csv", root=str(tmp_path / "nowhere"), captions_file="c.csv"))
+
+
+def test_seeded_sampler_gives_every_sample_its_own_seed_per_epoch():
+    from torch.utils.data import DistributedSampler
+
+    from liteclip.data.captions import SeededSampler
+
+    dataset = list(range(10))
+    ranks = [SeededSampler(DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=0), 7)
+             for r in range(2)]
+    seeds = [dict(iter(sampler)) for sampler in ranks]
+    assert not set(seeds[0]) & set(seeds[1])  # DDP shards stay disjoint
+    assert len(set(seeds[0].values()) | set(seeds[1].values())) == 10  # no two samples share a seed
+    epoch0 = dict(iter(ranks[0]))
+    ranks[0].set_epoch(1)
+    epoch1 = dict(iter(ranks[0]))
+    assert epoch0 == seeds[0] and epoch1 != epoch0
