@@ -176,3 +176,35 @@ def test_retrieval_evaluation_runs_on_a_split(model_dir, images):
     split = [CaptionedImage(p, [f"a {p.stem}", f"the {p.stem}"]) for p in images]
     metrics = evaluate_retrieval(pipeline.model, split, show_progress=False)
     assert metrics["image_to_text_R@10"] == 100.0 and 0 <= metrics["text_to_image_R@1"] <= 100
+
+
+def test_search_ranks_a_planted_match_first_after_a_few_training_steps(tiny_config, tmp_path):
+    from liteclip.data.captions import CaptionCollator
+    from liteclip.optim import build_optimizer
+    from liteclip.training import Precision, contrastive_step, optimizer_step
+
+    colors = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
+    toy = {name: draw_image(tmp_path / "toy" / f"{name}.png", rgb) for name, rgb in colors.items()}
+    torch.manual_seed(0)
+    model = build_model(tiny_config.model)
+    pipeline = ZeroShotPipeline(tmp_path, model=model)  # its eval transform, for identical preprocessing
+    samples = [{"pixel_values": pipeline.transform(np.asarray(Image.open(path).convert("RGB"))),
+                "caption": f"a {name} square", "image_index": i} for i, (name, path) in enumerate(toy.items())]
+    batch = CaptionCollator(model.tokenizer, 16)(samples)
+    batch.pop("image_index")
+    optimizer = build_optimizer(model, tiny_config.optim)
+    model.train()
+    for _ in range(40):
+        contrastive_step(model, [batch], Precision(None, "cpu"), None)
+        optimizer_step(model, optimizer, None, 1.0)
+    model.save_pretrained(tmp_path / "trained")
+
+    folder = tmp_path / "gallery"
+    planted = draw_image(folder / "photo_017.png", colors["red"])
+    for name in ("green", "blue", "yellow"):
+        draw_image(folder / f"photo_{name}.png", colors[name])
+    search = ImageSearch(ZeroShotPipeline(tmp_path / "trained"))
+    search.index(folder, show_progress=False)
+    hits = search.search("a red square", top_k=4)
+    assert hits[0][0] == planted.resolve()
+    assert hits[0][1] > hits[1][1]
