@@ -51,24 +51,31 @@ def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256, devic
     return torch.cat(chunks) if chunks else torch.empty(0, model.config.projection.dim)
 
 
+def stack_pixels(samples: list[dict[str, Any]]) -> torch.Tensor:
+    """Collate for image-only loaders (module level, so spawned DataLoader workers can pickle it)."""
+    return torch.stack([sample["pixel_values"] for sample in samples])
+
+
 @torch.no_grad()
 def encode_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64, device: torch.device | str = "cpu",
                        autocast: Autocast = contextlib.nullcontext, show_progress: bool = False,
-                       num_workers: int = 0) -> torch.Tensor:
-    """(N, D) normalised image embeddings of image files, decoded in a DataLoader so workers can overlap."""
+                       num_workers: int = 0, tower_features: bool = False) -> torch.Tensor:
+    """(N, D) normalised image embeddings of image files, decoded in a DataLoader so workers can overlap; with
+    tower_features, the image tower's pooled features (N, F) before the head instead."""
     from torch.utils.data import DataLoader
 
     from liteclip.data.captions import ImageCaptionDataset
 
     dataset = ImageCaptionDataset([CaptionedImage(Path(p), [""]) for p in paths], eval_transform(model.data_config),
                                   "first", image_size(model.data_config))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=lambda samples: torch.stack([s["pixel_values"] for s in samples]))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=stack_pixels)
+    encode = model.image_features if tower_features else model.encode_image
     chunks = []
     for pixels in tqdm(loader, desc="encoding images", disable=not show_progress, unit="batch"):
         with autocast():
-            chunks.append(model.encode_image(pixels.to(device)).float())
-    return torch.cat(chunks) if chunks else torch.empty(0, model.config.projection.dim)
+            chunks.append(encode(pixels.to(device)).float())
+    width = model.image_encoder.num_features if tower_features else model.config.projection.dim
+    return torch.cat(chunks) if chunks else torch.empty(0, width)
 
 
 def model_fingerprint(model_dir: str | Path) -> str:

@@ -32,10 +32,10 @@ from liteclip import distributed
 from liteclip.checkpoint import atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
 from liteclip.config import Config
 from liteclip.data import build_dataloaders, build_datasets, load_splits
+from liteclip.data.captions import unpack_sample_key
 from liteclip.loss import clip_loss
 from liteclip.metrics import retrieval_recall, zero_shot_accuracy
 from liteclip.model import CLIP, build_model
-from liteclip.data.transforms import eval_transform
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.pipeline import encode_image_files, encode_texts
 
@@ -290,8 +290,7 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        index, generator = unpack_sample_key(key)
         image_index, caption_index = self.dataset.locate(index, generator)
         return {"image_features": self.features[image_index],
                 "caption": self.dataset.images[image_index].captions[caption_index], "image_index": image_index}
@@ -322,23 +321,14 @@ def cached_image_features(model: CLIP, paths: list[Path], cache_dir: Path, devic
                           precision: Precision, num_workers: int = 0) -> torch.Tensor:
     """(N, F) locked-tower features for image files, computed once and kept in cache_dir as safetensors."""
     from safetensors.torch import load_file, save
-    from torch.utils.data import DataLoader
-
-    from liteclip.data.captions import CaptionedImage, ImageCaptionDataset
 
     path = cache_dir / f"image_features_{feature_cache_key(model, paths)}.safetensors"
     if path.is_file():
         logger.info("image features from cache %s", path)
         return load_file(str(path))["features"]
-    dataset = ImageCaptionDataset([CaptionedImage(p, [""]) for p in paths], eval_transform(model.data_config), "first")
-    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers,
-                        collate_fn=lambda samples: torch.stack([s["pixel_values"] for s in samples]))
     model.eval()
-    chunks = []
-    for pixels in tqdm(loader, desc="caching image features", leave=False):
-        with precision.autocast():
-            chunks.append(model.image_features(pixels.to(device)).float().cpu())
-    features = torch.cat(chunks)
+    features = encode_image_files(model, paths, 64, device, precision.autocast, show_progress=True,
+                                  num_workers=num_workers, tower_features=True).cpu()
     atomic_write_bytes(path, save({"features": features.contiguous()}))
     logger.info("cached %d image features in %s", len(paths), path)
     return features

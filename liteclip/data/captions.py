@@ -166,6 +166,18 @@ def load_image(path: Path, min_size: int | None = None) -> np.ndarray:
                         f"dataset, or remove the file") from None
 
 
+def unpack_sample_key(key: int | tuple[int, int]) -> tuple[int, torch.Generator | None]:
+    """A dataset key -> (index, the sample's own RNG or None).
+
+    SeededSampler sends (index, seed): the sample's randomness then depends on neither the worker that loads it nor
+    how long that worker has lived. A plain index falls back to torch's global RNG.
+    """
+    if isinstance(key, tuple):
+        index, seed = key
+        return index, torch.Generator().manual_seed(seed)
+    return key, None
+
+
 class ImageCaptionDataset(Dataset):
     """Image-caption samples from a list of CaptionedImage.
 
@@ -197,10 +209,7 @@ class ImageCaptionDataset(Dataset):
         return index, int(torch.randint(num_captions, (), generator=generator)) if self.captions == "one" else 0
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        # SeededSampler sends (index, seed): the sample's randomness then depends on neither the worker that loads
-        # it nor how long that worker has lived; a plain index falls back to torch's RNG
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        index, generator = unpack_sample_key(key)
         image_index, caption_index = self.locate(index, generator)
         image = self.images[image_index]
         pixels = load_image(image.image_path, self.decode_size)
