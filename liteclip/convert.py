@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from liteclip.config import ImageEncoderConfig, ModelConfig, ProjectionConfig, TextEncoderConfig
-from liteclip.model import CLIP
+from liteclip.model import CLIP, clip_data_config
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ def is_hf_clip(name_or_dir: str | Path) -> bool:
 
 def image_processor_data_config(name_or_dir: str, image_size: int) -> dict:
     """The checkpoint's own preprocessing (shorter side resized, center crop, mean, std) as a timm data config."""
-    data_config = {"input_size": (3, image_size, image_size), "interpolation": "bicubic", "crop_pct": 1.0,
-                   "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
+    data_config = clip_data_config(image_size)
     try:
         from transformers import AutoImageProcessor
 

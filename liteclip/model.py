@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------- image tower
 
 
+def clip_data_config(size: int) -> dict[str, Any]:
+    """OpenAI CLIP's preprocessing as a timm data config: bicubic shorter-side resize to `size`, center crop."""
+    return {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 1.0,
+            "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
+
+
 class ImageEncoder(nn.Module):
     """Any timm model as a pooled-feature extractor (no classifier).
 
@@ -79,10 +85,7 @@ class ImageEncoder(nn.Module):
         else:
             self.model = AutoModel.from_config(AutoConfig.from_pretrained(config.name))
         self.num_features = self.model.config.hidden_size
-        size = getattr(self.model.config, "image_size", 224)
-        # OpenAI CLIP's preprocessing: bicubic resize of the shorter side to the input size, center crop
-        self.data_config = {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 1.0,
-                            "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
+        self.data_config = clip_data_config(getattr(self.model.config, "image_size", 224))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.config.source == "hf":
