@@ -1,20 +1,28 @@
 """Training throughput: the liteCLIP reference setup against liteclip's defaults, side by side on the same batches.
 
     python -m benchmarks.train_throughput                                  # convnext_tiny + bert-mini shape, 224 px, batch 32
+    python -m benchmarks.train_throughput --without keep_cpu_memory        # also liteclip minus one lever
     python -m benchmarks.train_throughput --config configs/demo.yaml --batch-size 64
     python -m benchmarks.train_throughput --batch-size 16 --steps 4 --image-size 160
 
 With --config, the image tower (name, input size) comes from the config, and so does the text tower when it is a
 local directory; a hub text tower is replaced by a random one of bert-mini's shape (no downloads here).
 
-(a) reference, as liteCLIP trains: fp32, captions padded to 128 tokens, NCHW, tokenisation per sample in
-    __getitem__, one `.item()` per step.
-(b) liteclip defaults: dynamic padding in the collate function, channels_last, bf16 autocast where the hardware has
-    it (CUDA), the loss read back only every log interval, fused AdamW on CUDA.
+The levers, all off in the reference (as liteCLIP trains) and all on in liteclip's defaults:
+    dynamic_padding    captions tokenised per batch and padded to its longest (reference: per sample in
+                       __getitem__, padded to 128 tokens)
+    channels_last      NHWC image tower and pixels
+    autocast           bf16 autocast where the hardware has it (CUDA with bf16; not CPUs without it)
+    lazy_readback      the loss read back every 50 steps (reference: one `.item()` per step)
+    fused_optimizer    fused AdamW on CUDA, foreach on CPU (reference: torch.optim.AdamW's default)
+    pin_memory         pinned host batches, copied without blocking (CUDA)
+    keep_cpu_memory    freed memory kept for the next step instead of faulted back in (CPU, glibc; liteclip.runtime)
 
-Steps alternate a, b, a, b so that a noisy shared machine slows both alike. Random init: weights do not change the
+Each variant runs in its own process, since the allocator setting is process-wide and so that each one's peak
+memory is its own. Steps alternate a, b, a, b (one process computing at a time) so that a noisy shared machine slows
+all alike; every process builds the same random batches from the same seed. Random init: weights do not change the
 cost. The text tower is built offline with bert-mini's shape (4 layers, 256 wide, 30,522-token vocabulary).
-Prints per-variant samples/s, the share of time spent waiting for data, peak memory, and as its last line
+Prints per-variant samples/s, the share of time spent waiting for data and peak memory, and as its last line
 `speedup_vs_reference=<float>`.
 """
 
@@ -22,9 +30,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import multiprocessing
 import resource
 import tempfile
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +48,36 @@ from liteclip.data.captions import CaptionCollator
 from liteclip.data.demo import write_text_tower
 from liteclip.loss import clip_loss
 from liteclip.model import build_model
-from liteclip.optim import build_optimizer
+from liteclip.optim import build_optimizer, param_groups
+from liteclip.runtime import keep_freed_memory
 
 WORDS = ("a man in a red shirt is climbing a rock wall while two dogs run across the green grass near the water "
          "and a child in a blue jacket jumps off a wooden bench at the park").split()
+
+
+@dataclass(frozen=True)
+class Levers:
+    dynamic_padding: bool = True
+    channels_last: bool = True
+    autocast: bool = True
+    lazy_readback: bool = True
+    fused_optimizer: bool = True
+    pin_memory: bool = True
+    keep_cpu_memory: bool = True
+
+
+REFERENCE = Levers(**{lever.name: False for lever in dataclasses.fields(Levers)})
+DEFAULTS = Levers()
+
+
+@dataclass(frozen=True)
+class Settings:
+    text_dir: str
+    image_model: str
+    image_size: int
+    batch_size: int
+    steps: int
+    workers: int
 
 
 def write_bert_mini_shape(directory: Path) -> Path:
@@ -88,28 +126,50 @@ class DefaultDataset(Dataset):
         return {"pixel_values": self.images[index], "caption": self.texts[index], "image_index": index}
 
 
-def build(text_dir: Path, image_model: str, image_size: int, channels_last: bool, device: torch.device):
-    config = config_from_dict({"model": {
-        "image": {"name": image_model, "pretrained": False, "image_size": image_size, "channels_last": channels_last},
-        "text": {"name": str(text_dir), "pretrained": False, "max_length": 128}}})
-    torch.manual_seed(0)
-    model = build_model(config.model).to(device).train()
-    return model, build_optimizer(model, config.optim, device.type)
-
-
 class Variant:
-    def __init__(self, name: str, model, optimizer, loader, device, autocast_dtype, read_every: int):
-        self.name, self.model, self.optimizer, self.device = name, model, optimizer, device
+    """One training setup: its model, optimiser and loader, stepped one batch at a time."""
+
+    def __init__(self, levers: Levers, settings: Settings, device: torch.device):
+        self.levers, self.device = levers, device
+        config = config_from_dict({"model": {
+            "image": {"name": settings.image_model, "pretrained": False, "image_size": settings.image_size,
+                      "channels_last": levers.channels_last},
+            "text": {"name": settings.text_dir, "pretrained": False, "max_length": 128}}})
+        torch.manual_seed(0)
+        self.model = build_model(config.model).to(device).train()
+        if levers.fused_optimizer:
+            self.optimizer = build_optimizer(self.model, config.optim, device.type)
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups(self.model, config.optim))
+
+        count = settings.batch_size * (settings.steps + 1)
+        torch.manual_seed(0)
+        images = torch.randn(count, 3, settings.image_size, settings.image_size)
+        texts = captions(count)
+        tokenizer = self.model.tokenizer
+        # liteCLIP pads to 128; a tower with fewer positions (the demo's 64) is padded to its limit instead
+        max_length = min(128, self.model.text_encoder.model.config.max_position_embeddings)
+        pin = levers.pin_memory and device.type == "cuda"
+        common = {"batch_size": settings.batch_size, "shuffle": False, "num_workers": settings.workers,
+                  "pin_memory": pin}
+        if levers.dynamic_padding:
+            loader = DataLoader(DefaultDataset(images, texts), collate_fn=CaptionCollator(tokenizer, max_length),
+                                **common)
+        else:
+            loader = DataLoader(ReferenceDataset(images, texts, tokenizer, max_length), **common)
         self.iterator = iter(loader)
-        self.autocast_dtype, self.read_every = autocast_dtype, read_every
-        self.samples = self.steps = self.measured_steps = 0
-        self.data_seconds = self.compute_seconds = 0.0
+        self.non_blocking = pin
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.autocast_dtype = torch.bfloat16 if levers.autocast and bf16 else None
+        self.read_every = 50 if levers.lazy_readback else 1
+        self.steps = 0
         self.pending = torch.zeros((), device=device)
 
-    def step(self, measure: bool) -> None:
+    def step(self) -> tuple[int, float, float]:
+        """One optimiser step; returns (samples, seconds waiting for data, seconds computing)."""
         start = time.perf_counter()
         batch = next(self.iterator)
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "image_index"}
+        batch = {k: v.to(self.device, non_blocking=self.non_blocking) for k, v in batch.items() if k != "image_index"}
         loaded = time.perf_counter()
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())
@@ -127,18 +187,62 @@ class Variant:
         if self.device.type == "cuda":
             torch.cuda.synchronize()  # the timing needs the work finished; training itself does not wait here
         end = time.perf_counter()
-        if measure:
-            self.measured_steps += 1
-            self.samples += len(batch["input_ids"])
-            self.data_seconds += loaded - start
-            self.compute_seconds += end - loaded
+        return len(batch["input_ids"]), loaded - start, end - loaded
 
-    def report(self) -> float:
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"  # KiB on Linux
+
+
+def serve_variant(connection, levers: Levers, settings: Settings) -> None:
+    """Child process: builds one variant, then runs one step each time the parent asks."""
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        keep = levers.keep_cpu_memory and device.type == "cpu"
+        with keep_freed_memory() if keep else contextlib.nullcontext():
+            variant = Variant(levers, settings, device)
+            connection.send(("ready", torch.get_num_threads()))
+            while connection.recv() == "step":
+                connection.send(("step", variant.step()))
+            connection.send(("peak", peak_memory(device)))
+    except Exception:
+        connection.send(("error", traceback.format_exc()))
+
+
+class VariantProcess:
+    def __init__(self, name: str, levers: Levers, settings: Settings, context):
+        self.name = name
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=serve_variant, args=(child, levers, settings), daemon=True)
+        self.process.start()
+        self.samples, self.steps, self.data_seconds, self.compute_seconds = 0, 0, 0.0, 0.0
+
+    def receive(self, expected: str):
+        kind, value = self.connection.recv()
+        if kind == "error":
+            raise RuntimeError(f"variant {self.name!r} failed:\n{value}")
+        assert kind == expected, (kind, expected)
+        return value
+
+    def step(self, measure: bool) -> None:
+        self.connection.send("step")
+        samples, data_seconds, compute_seconds = self.receive("step")
+        if measure:
+            self.samples += samples
+            self.steps += 1
+            self.data_seconds += data_seconds
+            self.compute_seconds += compute_seconds
+
+    def finish(self) -> tuple[float, str]:
+        self.connection.send("stop")
+        peak = self.receive("peak")
+        self.process.join()
         total = self.data_seconds + self.compute_seconds
         rate = self.samples / total
-        print(f"{self.name:10s} {rate:8.2f} samples/s   {total / self.measured_steps:6.2f} s/step   "
-              f"data wait {100 * self.data_seconds / total:5.1f}%")
-        return rate
+        print(f"{self.name:34s} {rate:9.2f} {total / self.steps:8.2f} {100 * self.data_seconds / total:9.1f}%   {peak}")
+        return rate, peak
 
 
 def main() -> None:
@@ -149,6 +253,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4, help="measured steps per variant (after 1 warm-up step)")
     parser.add_argument("--workers", type=int, default=0)
+    lever_names = [lever.name for lever in dataclasses.fields(Levers)]
+    parser.add_argument("--without", action="append", default=[], choices=lever_names, metavar="LEVER",
+                        help=f"also run liteclip's defaults minus this lever (repeatable): {', '.join(lever_names)}")
     args = parser.parse_args()
     text_source = None
     if args.config:
@@ -161,42 +268,29 @@ def main() -> None:
             text_source = Path(config.model.text.name)
     args.image_model = args.image_model or "convnext_tiny"
     args.image_size = args.image_size or 224
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     with tempfile.TemporaryDirectory() as tmp:
         text_dir = text_source or write_bert_mini_shape(Path(tmp) / "bert_mini_shape")
-
-        count = args.batch_size * (args.steps + 1)
-        torch.manual_seed(0)
-        images = torch.randn(count, 3, args.image_size, args.image_size)
-        texts = captions(count)
-        reference_model, reference_optimizer = build(text_dir, args.image_model, args.image_size, False, device)
-        default_model, default_optimizer = build(text_dir, args.image_model, args.image_size, True, device)
-        tokenizer = default_model.tokenizer
-        # liteCLIP pads to 128; a tower with fewer positions (the demo's 64) is padded to its limit instead
-        max_length = min(128, default_model.text_encoder.model.config.max_position_embeddings)
-        common = {"batch_size": args.batch_size, "shuffle": False, "num_workers": args.workers,
-                  "pin_memory": device.type == "cuda"}
-        reference = Variant("reference", reference_model, reference_optimizer,
-                            DataLoader(ReferenceDataset(images, texts, tokenizer, max_length), **common), device, None, 1)
-        default = Variant("liteclip", default_model, default_optimizer,
-                          DataLoader(DefaultDataset(images, texts), collate_fn=CaptionCollator(tokenizer, max_length),
-                                     **common), device, torch.bfloat16 if bf16 else None, 50)
+        settings = Settings(str(text_dir), args.image_model, args.image_size, args.batch_size, args.steps,
+                            args.workers)
+        variants = [("reference", REFERENCE), ("liteclip", DEFAULTS)]
+        variants += [(f"liteclip without {name}", dataclasses.replace(DEFAULTS, **{name: False}))
+                     for name in args.without]
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no inherited allocator state
+        processes = [VariantProcess(name, levers, settings, context) for name, levers in variants]
+        threads = {process.receive("ready") for process in processes}
         for step in range(args.steps + 1):
-            for variant in (reference, default):
-                variant.step(measure=step > 0)
+            for process in processes:
+                process.step(measure=step > 0)
 
-    text_name = text_source or "bert-mini shape"
-    print(f"device: {device}, {args.image_model} at {args.image_size} px + {text_name}, batch {args.batch_size}, "
-          f"{args.steps} measured steps each, threads {torch.get_num_threads()}")
-    reference_rate = reference.report()
-    default_rate = default.report()
-    if device.type == "cuda":
-        print(f"peak GPU memory (both models): {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    else:
-        print(f"peak resident memory (process, both models): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    print(f"speedup_vs_reference={default_rate / reference_rate:.3f}")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        threads_text = "/".join(map(str, sorted(threads)))
+        print(f"device: {device}, {args.image_model} at {args.image_size} px + {text_source or 'bert-mini shape'}, "
+              f"batch {args.batch_size}, {args.steps} measured steps each after 1 warm-up, threads {threads_text}, "
+              f"one process per variant")
+        print(f"{'variant':34s} {'samples/s':>9s} {'s/step':>8s} {'data wait':>10s}   peak memory")
+        rates = [process.finish()[0] for process in processes]
+    print(f"speedup_vs_reference={rates[1] / rates[0]:.3f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from liteclip.config import load_config
 from liteclip.data import build_dataloaders, load_splits
 from liteclip.loss import clip_loss
 from liteclip.optim import build_optimizer
+from liteclip.runtime import keep_freed_memory_for
 from liteclip import training
 from liteclip.training import NonFiniteLossError, Precision, contrastive_step, fit, optimizer_step
 
@@ -101,6 +102,23 @@ def test_same_seed_same_losses_whatever_the_number_of_workers(tmp_path):
         fit(config, show_progress=False)
         losses.append([r["loss"] for r in read_rows(tmp_path / name / "run" / "metrics.csv")])
     assert len(losses[0]) == 8 and losses[0] == losses[1]
+
+
+def test_cpu_runs_keep_freed_memory_unless_told_not_to_and_losses_are_unchanged(tmp_path, monkeypatch):
+    entered = []
+
+    def spy(device, enabled=True):
+        entered.append((device.type, enabled))
+        return keep_freed_memory_for(device, enabled)
+
+    monkeypatch.setattr(training, "keep_freed_memory_for", spy)
+    losses = []
+    for keep in (True, False):
+        config = tiny_config(tmp_path / str(keep), f"train.keep_cpu_memory={keep}", "train.max_steps=4")
+        fit(config, show_progress=False)
+        losses.append([r["loss"] for r in read_rows(tmp_path / str(keep) / "run" / "metrics.csv")])
+    assert entered == [("cpu", True), ("cpu", False)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]  # an allocator setting, not a numerical one
 
 
 def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch):

@@ -1,0 +1,66 @@
+"""Process-wide speed settings, switched on by whoever owns the process's time (the trainer, the CLI), never by the
+library on import.
+
+Why the CPU allocator matters: glibc serves every block above 32 MiB with its own mmap and unmaps it again on free.
+Most activations of a 224 px batch are that large, so each training step faults gigabytes back in page by page and
+the kernel zeroes every page. On the 2-core development machine that was a third of a convnext_tiny step
+(`python -m benchmarks.train_throughput --without keep_cpu_memory`). keep_freed_memory() tells glibc to serve large
+blocks from its heap and keep what is freed for the next step, as PyTorch's caching allocator does on CUDA and as
+jemalloc or tcmalloc (Intel's advice for CPU training) do when preloaded. The price is a higher resident peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import platform
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# mallopt parameters and glibc's defaults (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+INT_MAX = 2**31 - 1
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None  # macOS, Windows and musl allocate differently; nothing to tune here
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@contextlib.contextmanager
+def keep_freed_memory() -> Iterator[bool]:
+    """While inside, freed memory stays in the process for reuse instead of going back to the OS.
+
+    Yields whether the setting took effect (False off glibc). On exit glibc's defaults come back and the kept
+    memory is released, so a notebook that trained does not hold the training peak afterwards. Allocations made
+    by other threads keep working: glibc still maps blocks too large for a thread's own arena.
+    """
+    libc = _glibc()
+    applied = libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, INT_MAX) == 1
+    if libc is not None and not applied:
+        logger.debug("glibc refused the allocator settings; memory is returned to the OS as usual")
+    try:
+        yield applied
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+            libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)
+
+
+def keep_freed_memory_for(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """keep_freed_memory() around batched work on the CPU; nothing for an accelerator, whose allocator caches."""
+    return keep_freed_memory() if enabled and device.type == "cpu" else contextlib.nullcontext()

@@ -1,0 +1,37 @@
+import platform
+import resource
+
+import torch
+
+from liteclip.runtime import keep_freed_memory, keep_freed_memory_for
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def page_faults_of_a_repeated_large_allocation() -> int:
+    """Minor page faults taken by allocating and filling 256 MiB right after the same size was freed."""
+    torch.ones(2**26).sum()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(2**26).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_keep_freed_memory_reuses_large_blocks_and_restores_the_default_on_exit():
+    default = page_faults_of_a_repeated_large_allocation()
+    with keep_freed_memory() as applied:
+        kept = page_faults_of_a_repeated_large_allocation()
+    restored = page_faults_of_a_repeated_large_allocation()
+    assert applied == GLIBC
+    if GLIBC:
+        # by default glibc unmaps the freed block and the second allocation faults every page in again
+        assert default > 1000, default
+        assert kept < default / 20, (kept, default)
+        assert restored > default / 2, (restored, default)
+
+
+def test_keep_freed_memory_for_applies_only_to_enabled_cpu_work():
+    with keep_freed_memory_for(torch.device("cpu")) as applied:
+        assert applied == GLIBC
+    for device, enabled in ((torch.device("cpu"), False), (torch.device("cuda"), True), (torch.device("meta"), True)):
+        with keep_freed_memory_for(device, enabled) as applied:
+            assert applied is None  # nothing was touched
