@@ -9,8 +9,6 @@ import logging
 import sys
 from pathlib import Path
 
-from liteclip.runtime import keep_freed_memory_for
-
 DEFAULT_CONFIG = "configs/demo.yaml"
 
 
@@ -62,8 +60,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from liteclip.pipeline import ImageSearch
 
     search = ImageSearch(_pipeline(args))
-    with keep_freed_memory_for(search.pipeline.device):
-        encoded = search.index(args.folder, args.index, batch_size=args.batch_size)
+    encoded = search.index(args.folder, args.index, batch_size=args.batch_size)
     data = {"index": str(args.index), "images": len(search.paths), "encoded": encoded}
     _emit(args, data, [(str(args.index), len(search.paths), encoded)], ("index", "images", "newly encoded"))
     return 0
@@ -85,9 +82,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
     from liteclip.pipeline import evaluate_zero_shot
 
-    pipeline = _pipeline(args)
-    with keep_freed_memory_for(pipeline.device):
-        result = evaluate_zero_shot(pipeline, args.folder, args.template or None, args.batch_size)
+    result = evaluate_zero_shot(_pipeline(args), args.folder, args.template or None, args.batch_size)
     rows = [(name, v["count"], f"{v['top1']:.2f}") for name, v in result["per_class"].items()]
     rows.append(("ALL", sum(v["count"] for v in result["per_class"].values()),
                  "  ".join(f"{k}={v:.2f}" for k, v in result.items() if k.startswith("top"))))
@@ -104,8 +99,7 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args)
     data_config = (load_config(args.config, args.set) if args.config else read_model_config(args.model_dir)).data
     split = load_splits(data_config)[args.split]
-    with keep_freed_memory_for(pipeline.device):
-        metrics = evaluate_retrieval(pipeline.model, split, args.batch_size, pipeline.device)
+    metrics = evaluate_retrieval(pipeline.model, split, args.batch_size, pipeline.device)
     _emit(args, metrics, [(k, f"{v:.2f}") for k, v in metrics.items()], ("metric", f"{args.split} %"))
     return 0
 

@@ -25,6 +25,7 @@ from liteclip.data.captions import CaptionedImage, load_image
 from liteclip.data.transforms import eval_transform, image_size
 from liteclip.metrics import retrieval_recall, zero_shot_accuracy
 from liteclip.model import CLIP
+from liteclip.runtime import keep_freed_memory_for
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,11 @@ def encode_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64,
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=stack_pixels)
     encode = model.image_features if tower_features else model.encode_image
     chunks = []
-    for pixels in tqdm(loader, desc="encoding images", disable=not show_progress, unit="batch"):
-        with autocast():
-            chunks.append(encode(pixels.to(device)).float())
+    # batches of activations above glibc's mmap threshold: keep freed memory rather than fault it in every batch
+    with keep_freed_memory_for(torch.device(device)):
+        for pixels in tqdm(loader, desc="encoding images", disable=not show_progress, unit="batch"):
+            with autocast():
+                chunks.append(encode(pixels.to(device)).float())
     width = model.image_encoder.num_features if tower_features else model.config.projection.dim
     return torch.cat(chunks) if chunks else torch.empty(0, width)
 

@@ -3,8 +3,9 @@ library on import.
 
 Why the CPU allocator matters: glibc serves every block above 32 MiB with its own mmap and unmaps it again on free.
 Most activations of a 224 px batch are that large, so each training step faults gigabytes back in page by page and
-the kernel zeroes every page. On the 2-core development machine that was a third of a convnext_tiny step
-(`python -m benchmarks.train_throughput --without keep_cpu_memory`). keep_freed_memory() tells glibc to serve large
+the kernel zeroes every page: 1.4 million page faults per convnext_tiny step at batch 32, and up to two fifths of
+the step's time on the 2-core development VM, where faults are dear (`python -m benchmarks.train_throughput
+--without keep_cpu_memory`). keep_freed_memory() tells glibc to serve large
 blocks from its heap and keep what is freed for the next step, as PyTorch's caching allocator does on CUDA and as
 jemalloc or tcmalloc (Intel's advice for CPU training) do when preloaded. The price is a higher resident peak.
 """
@@ -16,6 +17,7 @@ import ctypes
 import ctypes.util
 import logging
 import platform
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -40,26 +42,39 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+_lock = threading.Lock()
+_holders = 0  # nested and concurrent users: the outermost one applies and restores
+_applied = False
+
+
 @contextlib.contextmanager
 def keep_freed_memory() -> Iterator[bool]:
     """While inside, freed memory stays in the process for reuse instead of going back to the OS.
 
-    Yields whether the setting took effect (False off glibc). On exit glibc's defaults come back and the kept
-    memory is released, so a notebook that trained does not hold the training peak afterwards. Allocations made
-    by other threads keep working: glibc still maps blocks too large for a thread's own arena.
+    Yields whether the setting took effect (False off glibc). Nesting is fine (training calls the batched image
+    encoder, which asks too): the outermost exit brings glibc's defaults back and releases the kept memory, so a
+    notebook that trained does not hold the training peak afterwards. Allocations made by other threads keep
+    working: glibc still maps blocks too large for a thread's own arena.
     """
+    global _holders, _applied
     libc = _glibc()
-    applied = libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, INT_MAX) == 1
-    if libc is not None and not applied:
-        logger.debug("glibc refused the allocator settings; memory is returned to the OS as usual")
+    with _lock:
+        if _holders == 0 and libc is not None:
+            _applied = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, INT_MAX) == 1
+            if not _applied:
+                logger.debug("glibc refused the allocator settings; memory is returned to the OS as usual")
+        _holders += 1
+        applied = _applied
     try:
         yield applied
     finally:
-        if libc is not None:
-            libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-            libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-            libc.malloc_trim(0)
-
+        with _lock:
+            _holders -= 1
+            if _holders == 0 and libc is not None:
+                libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)
+                _applied = False
 
 def keep_freed_memory_for(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """keep_freed_memory() around batched work on the CPU; nothing for an accelerator, whose allocator caches."""

@@ -9,11 +9,15 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def page_faults_of_a_repeated_large_allocation() -> int:
-    """Minor page faults taken by allocating and filling 256 MiB right after the same size was freed."""
-    torch.ones(2**26).sum()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(2**26).sum()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    """Minor page faults taken by allocating and filling 256 MiB right after the same size was freed; the fewest
+    of three tries, since a process's first large blocks may still come from a fresh heap segment."""
+    faults = []
+    for _ in range(3):
+        torch.ones(2**26).sum()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(2**26).sum()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return min(faults)
 
 
 def test_keep_freed_memory_reuses_large_blocks_and_restores_the_default_on_exit():
@@ -35,3 +39,13 @@ def test_keep_freed_memory_for_applies_only_to_enabled_cpu_work():
     for device, enabled in ((torch.device("cpu"), False), (torch.device("cuda"), True), (torch.device("meta"), True)):
         with keep_freed_memory_for(device, enabled) as applied:
             assert applied is None  # nothing was touched
+
+
+def test_a_nested_exit_leaves_the_outer_setting_in_place():
+    with keep_freed_memory() as outer:
+        with keep_freed_memory() as inner:  # training calls the batched image encoder, which asks again
+            assert inner == outer == GLIBC
+        still_kept = page_faults_of_a_repeated_large_allocation()
+    restored = page_faults_of_a_repeated_large_allocation()
+    if GLIBC:
+        assert still_kept < 100 < restored, (still_kept, restored)
