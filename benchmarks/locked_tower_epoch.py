@@ -21,7 +21,7 @@ from liteclip.config import config_from_dict
 from liteclip.data.captions import CaptionCollator, CaptionedImage, ImageCaptionDataset, SeededSampler
 from liteclip.model import build_model
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
-from liteclip.training import CachedFeatureDataset, Precision, contrastive_step, optimizer_step
+from liteclip.training import CachedFeatureDataset, contrastive_step, optimizer_step, resolve_precision
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                             collate_fn=CaptionCollator(model.tokenizer, 64))
         optimizer = build_optimizer(model, config.optim)
-        precision = Precision(None, "cpu")
+        precision = resolve_precision("auto", torch.device("cpu"))  # as train.precision: auto decides here
         start = time.perf_counter()
         steps = 0
         for batch in loader:
@@ -55,7 +55,8 @@ def main() -> None:
             steps += 1
         seconds = time.perf_counter() - start
     print(f"{args.pairs} pairs, batch {args.batch_size}, {steps} steps, image tower locked ({args.image_model} "
-          f"features cached), text tower bert-mini shape; threads {torch.get_num_threads()}")
+          f"features cached), text tower bert-mini shape, {precision.dtype or 'fp32'}; "
+          f"threads {torch.get_num_threads()}")
     print(f"epoch_seconds={seconds:.1f}")
 
 

@@ -12,7 +12,7 @@ The levers, all off in the reference (as liteCLIP trains) and all on in liteclip
     dynamic_padding    captions tokenised per batch and padded to its longest (reference: per sample in
                        __getitem__, padded to 128 tokens)
     channels_last      NHWC image tower and pixels
-    autocast           bf16 autocast where the hardware has it (CUDA with bf16; not CPUs without it)
+    autocast           bf16 autocast where the hardware has it (CUDA with bf16, CPUs with AMX)
     lazy_readback      the loss read back every 50 steps (reference: one `.item()` per step)
     fused_optimizer    fused AdamW on CUDA, foreach on CPU (reference: torch.optim.AdamW's default)
     pin_memory         pinned host batches, copied without blocking (CUDA)
@@ -50,6 +50,7 @@ from liteclip.loss import clip_loss
 from liteclip.model import build_model
 from liteclip.optim import build_optimizer, param_groups
 from liteclip.runtime import keep_freed_memory
+from liteclip.training import resolve_precision
 
 WORDS = ("a man in a red shirt is climbing a rock wall while two dogs run across the green grass near the water "
          "and a child in a blue jacket jumps off a wooden bench at the park").split()
@@ -159,7 +160,7 @@ class Variant:
             loader = DataLoader(ReferenceDataset(images, texts, tokenizer, max_length), **common)
         self.iterator = iter(loader)
         self.non_blocking = pin
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        bf16 = resolve_precision("auto", device).dtype == torch.bfloat16  # as train.precision: auto decides
         self.autocast_dtype = torch.bfloat16 if levers.autocast and bf16 else None
         self.read_every = 50 if levers.lazy_readback else 1
         self.steps = 0

@@ -136,8 +136,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (tests, smoke runs)
     compile: bool = False  # torch.compile both towers; whatever dynamo cannot compile runs eagerly instead
     cache_image_features: bool = False  # locked image tower: compute its features once and keep them on disk
-    # CPU: keep memory freed by one step for the next instead of faulting it back in (glibc); ~1.5x faster
-    # convnext training on the 2-core development CPU, for a ~20% higher resident peak
+    # CPU: keep memory freed by one step for the next instead of faulting it back in (glibc, liteclip.runtime):
+    # 1.2-1.7x faster convnext_tiny training on the 2-core development VM, for up to ~15% higher resident peak
     keep_cpu_memory: bool = True
     zero_shot_eval: bool = True  # demo data: zero-shot accuracy on seen and held-out colour-shape labels
 

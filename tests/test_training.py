@@ -2,6 +2,7 @@
 
 import csv
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,40 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
         losses.append(contrastive_step(model, [batch], FP32, None).item())
         optimizer_step(model, optimizer, None, 1.0)
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_keeps_fp32_weights(tmp_path):
+    config = tiny_config(tmp_path)
+    model, (batch,) = fixed_batches(config, 1, 16)
+    model.eval()
+    optimizer = build_optimizer(model, config.optim)
+    bf16 = Precision(torch.bfloat16, "cpu")
+    losses = []
+    for _ in range(25):
+        losses.append(contrastive_step(model, [batch], bf16, None).item())
+        optimizer_step(model, optimizer, None, 1.0)
+    assert losses[-1] < 0.7 * losses[0]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # autocast casts activations, not weights
+    with bf16.autocast():  # the convolutions ran in bf16 (the tower's final LayerNorm returns fp32)
+        assert model.image_encoder.model.stem(batch["pixel_values"]).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
+def test_auto_precision_on_the_cpu_is_bf16_only_where_it_is_native(monkeypatch, native, expected):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    assert training.resolve_precision("auto", torch.device("cpu")).dtype == expected
+    assert training.resolve_precision("auto", torch.device("mps")).dtype is None
+    assert training.resolve_precision("fp32", torch.device("cpu")).dtype is None
+    assert training.resolve_precision("bf16", torch.device("cpu")).dtype == torch.bfloat16
+
+
+def test_the_native_bf16_probe_agrees_with_the_cpu_flags():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():  # not Linux: the probe must still answer
+        assert isinstance(training.cpu_has_native_bf16(), bool)
+        return
+    flags = set(cpuinfo.read_text().split())
+    assert training.cpu_has_native_bf16() == ({"amx_tile", "avx512_bf16"} <= flags)
 
 
 def test_train_command_writes_logs_checkpoints_and_model(tmp_path):
