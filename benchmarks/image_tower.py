@@ -121,18 +121,18 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; {args.model} at {args.image_size} px, batch {batch_size}, "
           f"{'bf16 autocast' if bf16 else 'fp32'}, channels_last{', compiled' if args.compile else ''}")
-    print(f"matrix work per image: forward {forward_flops_per_image / 1e9:.2f} GFLOP, "
-          f"forward+backward {train_flops_per_image / 1e9:.2f} GFLOP")
-    print(f"attainable peak (square {dtype} matmul here): {peak:.2f} TFLOP/s"
+    print(f"matrix work per image: forward {forward_flops_per_image / 1e9:.3g} GFLOP, "
+          f"forward+backward {train_flops_per_image / 1e9:.3g} GFLOP")
+    print(f"attainable peak (square {dtype} matmul here): {peak:.3g} TFLOP/s"
           + (f"; vendor dense bf16 peak {spec:.0f} TFLOP/s" if spec else ""))
     for label, seconds, flops in (("inference", forward_seconds, forward_flops_per_image),
                                   ("training (fwd+bwd)", train_seconds, train_flops_per_image)):
         rate = batch_size / seconds
         achieved = rate * flops / 1e12
-        line = (f"{label:20s} {rate:9.1f} images/s   {achieved:7.2f} TFLOP/s   "
-                f"{100 * achieved / peak:5.1f}% of attainable peak")
+        line = (f"{label:20s} {rate:9.1f} images/s   {achieved:8.3g} TFLOP/s   "
+                f"{100 * achieved / peak:6.3g}% of attainable peak")
         if spec:
-            line += f"   {100 * achieved / spec:5.1f}% of vendor peak"
+            line += f"   {100 * achieved / spec:6.3g}% of vendor peak"
         print(line)
     if device.type == "cuda":
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")

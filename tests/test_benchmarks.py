@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end on tiny settings and print figures in their documented form (their numbers
+are for benchmarks/README.md, not for assertions)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(*argv: str) -> list[str]:
+    result = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()
+
+
+def test_train_throughput_prints_every_variant_and_ends_with_the_speedup():
+    lines = run_module("benchmarks.train_throughput", "--image-model", "test_convnext3", "--image-size", "32",
+                       "--batch-size", "4", "--steps", "1", "--without", "keep_cpu_memory")
+    row = re.compile(r"(?P<name>\S.*?)\s{2,}(?P<rate>[\d.]+)\s+(?P<step>[\d.]+)\s+(?P<wait>[\d.]+)%\s+[\d.]+ GiB (RSS|GPU)")
+    rows = {m["name"]: m for m in map(row.fullmatch, lines) if m}
+    assert set(rows) == {"reference", "liteclip", "liteclip without keep_cpu_memory"}
+    assert all(float(m["rate"]) > 0 and float(m["step"]) > 0 for m in rows.values())
+    assert re.fullmatch(r"speedup_vs_reference=\d+\.\d{3}", lines[-1])
+    assert float(lines[-1].split("=")[1]) > 0
+
+
+def test_image_tower_reports_throughput_and_fraction_of_peak():
+    lines = run_module("benchmarks.image_tower", "--model", "test_convnext3", "--image-size", "32", "--batch-size",
+                       "4", "--repeats", "1")
+    figures = [line for line in lines if line.startswith(("inference", "training"))]
+    assert len(figures) == 2
+    for line in figures:
+        rate, tflops, fraction = (float(x) for x in re.findall(r"([\d.e+-]+)\s?(?:images/s|TFLOP/s|% of)", line))
+        assert rate > 0 and tflops > 0 and fraction > 0
