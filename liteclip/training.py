@@ -310,13 +310,14 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         return self.dataset.images
 
 
-def feature_cache_key(model: CLIP, paths: list[Path]) -> str:
-    """Identifies cached features: tower name, tower weights, eval transform and the exact file list."""
+def feature_cache_key(model: CLIP, paths: list[Path], precision: Precision) -> str:
+    """Identifies cached features: tower name, tower weights, eval transform, precision and the exact file list."""
     import hashlib
     import json
 
     digest = hashlib.sha256()
     digest.update(model.config.image.name.encode())
+    digest.update(str(precision.dtype).encode())  # bf16 features (an AMX CPU, a GPU) are not fp32 ones
     digest.update(json.dumps(model.data_config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.image_encoder.state_dict().items()):
         digest.update(name.encode())
@@ -332,7 +333,7 @@ def cached_image_features(model: CLIP, paths: list[Path], cache_dir: Path, devic
     """(N, F) locked-tower features for image files, computed once and kept in cache_dir as safetensors."""
     from safetensors.torch import load_file, save
 
-    path = cache_dir / f"image_features_{feature_cache_key(model, paths)}.safetensors"
+    path = cache_dir / f"image_features_{feature_cache_key(model, paths, precision)}.safetensors"
     if path.is_file():
         logger.info("image features from cache %s", path)
         return load_file(str(path))["features"]
