@@ -1,7 +1,7 @@
 """Training throughput: the liteCLIP reference setup against liteclip's defaults, side by side on the same batches.
 
-    python -m benchmarks.train_throughput                                  # convnext_tiny + bert-mini shape, 224 px, batch 32
-    python -m benchmarks.train_throughput --without keep_cpu_memory        # also liteclip minus one lever
+    python -m benchmarks.train_throughput                              # convnext_tiny + bert-mini shape, 224 px
+    python -m benchmarks.train_throughput --without keep_cpu_memory    # also liteclip minus one lever
     python -m benchmarks.train_throughput --config configs/demo.yaml --batch-size 64
     python -m benchmarks.train_throughput --batch-size 16 --steps 4 --image-size 160
 

@@ -1,13 +1,13 @@
-"""Process-wide speed settings, switched on by whoever owns the process's time (the trainer, the CLI), never by the
-library on import.
+"""Process-wide speed settings, switched on around heavy work (a training run, batched image encoding) and off
+again after it; never on import.
 
 Why the CPU allocator matters: glibc serves every block above 32 MiB with its own mmap and unmaps it again on free.
 Most activations of a 224 px batch are that large, so each training step faults gigabytes back in page by page and
 the kernel zeroes every page: 1.4 million page faults per convnext_tiny step at batch 32, and up to two fifths of
 the step's time on the 2-core development VM, where faults are dear (`python -m benchmarks.train_throughput
---without keep_cpu_memory`). keep_freed_memory() tells glibc to serve large
-blocks from its heap and keep what is freed for the next step, as PyTorch's caching allocator does on CUDA and as
-jemalloc or tcmalloc (Intel's advice for CPU training) do when preloaded. The price is a higher resident peak.
+--without keep_cpu_memory`). keep_freed_memory() tells glibc to serve large blocks from its heap and keep what is
+freed for the next step, as PyTorch's caching allocator does on CUDA and as jemalloc or tcmalloc (Intel's advice
+for CPU training) do when preloaded. The price is a higher resident peak.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def keep_freed_memory() -> Iterator[bool]:
                 libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
                 libc.malloc_trim(0)
                 _applied = False
+
 
 def keep_freed_memory_for(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """keep_freed_memory() around batched work on the CPU; nothing for an accelerator, whose allocator caches."""

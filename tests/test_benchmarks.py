@@ -19,7 +19,8 @@ def run_module(*argv: str) -> list[str]:
 def test_train_throughput_prints_every_variant_and_ends_with_the_speedup():
     lines = run_module("benchmarks.train_throughput", "--image-model", "test_convnext3", "--image-size", "32",
                        "--batch-size", "4", "--steps", "1", "--without", "keep_cpu_memory")
-    row = re.compile(r"(?P<name>\S.*?)\s{2,}(?P<rate>[\d.]+)\s+(?P<step>[\d.]+)\s+(?P<wait>[\d.]+)%\s+[\d.]+ GiB (RSS|GPU)")
+    row = re.compile(r"(?P<name>\S.*?)\s{2,}(?P<rate>[\d.]+)\s+(?P<step>[\d.]+)\s+(?P<wait>[\d.]+)%"
+                     r"\s+[\d.]+ GiB (RSS|GPU)")
     rows = {m["name"]: m for m in map(row.fullmatch, lines) if m}
     assert set(rows) == {"reference", "liteclip", "liteclip without keep_cpu_memory"}
     assert all(float(m["rate"]) > 0 and float(m["step"]) > 0 for m in rows.values())
