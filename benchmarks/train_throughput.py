@@ -49,7 +49,7 @@ from liteclip.data.demo import write_text_tower
 from liteclip.loss import clip_loss
 from liteclip.model import build_model
 from liteclip.optim import build_optimizer, param_groups
-from liteclip.runtime import keep_freed_memory
+from liteclip.runtime import keep_freed_memory_for
 from liteclip.training import resolve_precision
 
 WORDS = ("a man in a red shirt is climbing a rock wall while two dogs run across the green grass near the water "
@@ -201,8 +201,7 @@ def serve_variant(connection, levers: Levers, settings: Settings) -> None:
     """Child process: builds one variant, then runs one step each time the parent asks."""
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        keep = levers.keep_cpu_memory and device.type == "cpu"
-        with keep_freed_memory() if keep else contextlib.nullcontext():
+        with keep_freed_memory_for(device, levers.keep_cpu_memory):
             variant = Variant(levers, settings, device)
             connection.send(("ready", torch.get_num_threads()))
             while connection.recv() == "step":
