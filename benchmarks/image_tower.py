@@ -76,8 +76,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = args.batch_size or (256 if device.type == "cuda" else 32)
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
-    bf16 = resolve_precision("auto", device).dtype == torch.bfloat16  # as train.precision: auto decides
+    precision = resolve_precision("auto", device)  # as train.precision: auto decides
+    bf16 = precision.dtype == torch.bfloat16
     dtype = torch.bfloat16 if bf16 else torch.float32
+    autocast = precision.autocast if bf16 else contextlib.nullcontext  # bf16 or fp32: no fp16 scaler needed here
 
     torch.manual_seed(0)
     tower = timm.create_model(args.model, pretrained=False, num_classes=0).to(device)
@@ -86,9 +88,6 @@ def main() -> None:
     pixels = pixels.contiguous(memory_format=torch.channels_last)
     if args.compile:
         tower.compile()
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if bf16 else contextlib.nullcontext()
 
     def forward() -> None:
         with torch.no_grad(), autocast():

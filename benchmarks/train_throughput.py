@@ -29,7 +29,6 @@ Prints per-variant samples/s, the share of time spent waiting for data and peak 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import multiprocessing
 import resource
@@ -50,7 +49,7 @@ from liteclip.loss import clip_loss
 from liteclip.model import build_model
 from liteclip.optim import build_optimizer, param_groups
 from liteclip.runtime import keep_freed_memory_for
-from liteclip.training import resolve_precision
+from liteclip.training import Precision, resolve_precision
 
 WORDS = ("a man in a red shirt is climbing a rock wall while two dogs run across the green grass near the water "
          "and a child in a blue jacket jumps off a wooden bench at the park").split()
@@ -161,7 +160,7 @@ class Variant:
         self.iterator = iter(loader)
         self.non_blocking = pin
         bf16 = resolve_precision("auto", device).dtype == torch.bfloat16  # as train.precision: auto decides
-        self.autocast_dtype = torch.bfloat16 if levers.autocast and bf16 else None
+        self.precision = Precision(torch.bfloat16 if levers.autocast and bf16 else None, device.type)
         self.read_every = 50 if levers.lazy_readback else 1
         self.steps = 0
         self.pending = torch.zeros((), device=device)
@@ -172,9 +171,7 @@ class Variant:
         batch = next(self.iterator)
         batch = {k: v.to(self.device, non_blocking=self.non_blocking) for k, v in batch.items() if k != "image_index"}
         loaded = time.perf_counter()
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-                    else contextlib.nullcontext())
-        with autocast:
+        with self.precision.autocast():
             out = self.model(**batch)
         loss = clip_loss(out.logits_per_image.float())
         loss.backward()

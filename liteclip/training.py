@@ -494,7 +494,7 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
         show_progress: tqdm bars.
     """
     ctx = distributed.init_distributed(config.train.device)
-    # without it a CPU step spends a third of its time faulting freed activations back in (see liteclip.runtime)
+    # without it a CPU step can spend two fifths of its time faulting freed activations back in (liteclip.runtime)
     with keep_freed_memory_for(ctx.device, config.train.keep_cpu_memory):
         return train_and_export(config, ctx, resume, show_progress)
 
