@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from liteclip.runtime import keep_freed_memory_for
-from liteclip.training import resolve_precision
+from liteclip.precision import resolve_precision
 
 # vendors' dense bf16 tensor-core peaks, TFLOP/s (no sparsity); checked in this order against the device name
 SPEC_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),

@@ -21,7 +21,9 @@ from liteclip.config import config_from_dict
 from liteclip.data.captions import CaptionCollator, CaptionedImage, ImageCaptionDataset, SeededSampler
 from liteclip.model import build_model
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
-from liteclip.training import CachedFeatureDataset, contrastive_step, optimizer_step, resolve_precision
+from liteclip.feature_cache import CachedFeatureDataset
+from liteclip.precision import resolve_precision
+from liteclip.training import contrastive_step, optimizer_step
 
 
 def main() -> None:

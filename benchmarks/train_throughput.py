@@ -49,7 +49,7 @@ from liteclip.loss import clip_loss
 from liteclip.model import build_model
 from liteclip.optim import build_optimizer, param_groups
 from liteclip.runtime import keep_freed_memory_for
-from liteclip.training import Precision, resolve_precision
+from liteclip.precision import Precision, resolve_precision
 
 WORDS = ("a man in a red shirt is climbing a rock wall while two dogs run across the green grass near the water "
          "and a child in a blue jacket jumps off a wooden bench at the park").split()

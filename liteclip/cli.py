@@ -1,5 +1,8 @@
 """Every command line of the project: `liteclip train | predict | index | search | eval-zeroshot |
-eval-retrieval | data ...`. `train.py` and `python -m liteclip.data` are thin doors into this module."""
+eval-retrieval | data ...`. `train.py` and `python -m liteclip.data` are thin doors into this module.
+
+Each command imports what it needs when it runs, so parsing and `--help` never load torch.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from liteclip.errors import LiteclipError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -28,10 +33,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pipeline(args: argparse.Namespace):
+def _pipeline(args: argparse.Namespace, templates: list[str] | None = None):
     from liteclip.pipeline import ZeroShotPipeline
 
-    return ZeroShotPipeline(args.model_dir, device=args.device, templates=args.template or None)
+    return ZeroShotPipeline(args.model_dir, device=args.device, templates=templates)
 
 
 def _emit(args: argparse.Namespace, data, table_rows: list[tuple], header: tuple) -> None:
@@ -46,7 +51,7 @@ def _emit(args: argparse.Namespace, data, table_rows: list[tuple], header: tuple
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    pipeline = _pipeline(args)
+    pipeline = _pipeline(args, args.template)
     results = pipeline.predict(list(args.images), args.labels, top_k=args.top_k)
     data = [{"image": image, "predictions": [{"label": l, "probability": p} for l, p in result]}
             for image, result in zip(args.images, results)]
@@ -71,7 +76,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     search = ImageSearch(_pipeline(args))
     if not Path(args.index).is_file():
-        raise FileNotFoundError(f"no index at {args.index}; build one with `liteclip index FOLDER --index {args.index}`")
+        raise FileNotFoundError(f"no index at {args.index}; build one with "
+                                f"`liteclip index FOLDER --index {args.index}`")
     search.load(args.index)
     hits = search.similar(args.image, args.top_k) if args.image else search.search(args.query, args.top_k)
     data = [{"path": str(path), "score": score} for path, score in hits]
@@ -80,9 +86,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
-    from liteclip.pipeline import evaluate_zero_shot
+    from liteclip.data.image_folder import read_image_folder
+    from liteclip.evaluation import evaluate_zero_shot
 
-    result = evaluate_zero_shot(_pipeline(args), args.folder, args.template or None, args.batch_size)
+    pipeline = _pipeline(args)
+    task = read_image_folder(args.folder, args.template)
+    result = evaluate_zero_shot(pipeline.model, task, args.batch_size, pipeline.device)
     rows = [(name, v["count"], f"{v['top1']:.2f}") for name, v in result["per_class"].items()]
     rows.append(("ALL", sum(v["count"] for v in result["per_class"].values()),
                  "  ".join(f"{k}={v:.2f}" for k, v in result.items() if k.startswith("top"))))
@@ -91,16 +100,18 @@ def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
-    from liteclip.checkpoint import read_model_config
     from liteclip.config import load_config
     from liteclip.data import load_splits
-    from liteclip.pipeline import evaluate_retrieval
+    from liteclip.evaluation import evaluate_retrieval
+    from liteclip.pretrained import read_model_config
 
     pipeline = _pipeline(args)
     data_config = (load_config(args.config, args.set) if args.config else read_model_config(args.model_dir)).data
     split = load_splits(data_config)[args.split]
     metrics = evaluate_retrieval(pipeline.model, split, args.batch_size, pipeline.device)
-    _emit(args, metrics, [(k, f"{v:.2f}") for k, v in metrics.items()], ("metric", f"{args.split} %"))
+    rows = [(k, f"{v:.2f} %") for k, v in metrics.items() if k != "loss"]
+    rows.append(("contrastive loss", f"{metrics['loss']:.4f}"))
+    _emit(args, metrics, rows, ("metric", args.split))
     return 0
 
 
@@ -137,7 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liteclip", description="Train and use small CLIP models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_train, _add_predict, _add_index, _add_search, _add_eval_zeroshot, _add_eval_retrieval,
+                        _add_data):
+        add_command(commands)
+    return parser
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a model from a YAML config",
                                 description="Train a CLIP model. Example: liteclip train --config configs/demo.yaml "
                                             "--set optim.lr=1e-4 train.epochs=3")
@@ -149,56 +166,72 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     train.set_defaults(handler=_cmd_train)
 
-    def inference_command(name: str, help_text: str, handler, description: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=help_text, description=description)
-        command.add_argument("--model-dir", default="model", help="model directory from save_pretrained (./model)")
-        command.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
-        command.add_argument("--json", action="store_true", help="machine-readable output")
-        command.set_defaults(handler=handler)
-        return command
 
-    predict = inference_command("predict", "zero-shot classify images among text labels", _cmd_predict,
-                                "Example: liteclip predict cat.jpg --labels 'a photo of a dog' 'a photo of a cat'")
+def _add_inference_command(commands: argparse._SubParsersAction, name: str, help_text: str, handler,
+                           description: str) -> argparse.ArgumentParser:
+    """A subcommand that loads a saved model: --model-dir, --device and --json in common."""
+    command = commands.add_parser(name, help=help_text, description=description)
+    command.add_argument("--model-dir", default="model", help="model directory from save_pretrained (./model)")
+    command.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    command.add_argument("--json", action="store_true", help="machine-readable output")
+    command.set_defaults(handler=handler)
+    return command
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    predict = _add_inference_command(
+        commands, "predict", "zero-shot classify images among text labels", _cmd_predict,
+        "Example: liteclip predict cat.jpg --labels 'a photo of a dog' 'a photo of a cat'")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--labels", nargs="+", required=True, help="candidate labels (at least 2)")
     predict.add_argument("--template", action="append", help="prompt template with {}, repeatable")
     predict.add_argument("--top-k", type=int, default=None, help="show only the k most likely labels")
 
-    index = inference_command("index", "embed every image under a folder for search", _cmd_index,
-                              "Example: liteclip index photos/ --index photos.index")
+
+def _add_index(commands: argparse._SubParsersAction) -> None:
+    index = _add_inference_command(commands, "index", "embed every image under a folder for search", _cmd_index,
+                                   "Example: liteclip index photos/ --index photos.index")
     index.add_argument("folder")
     index.add_argument("--index", default="liteclip.index", help="index file (re-indexing reuses unchanged files)")
     index.add_argument("--batch-size", type=int, default=64)
-    index.set_defaults(template=None)
 
-    search = inference_command("search", "text-to-image (or image-to-image) search in an index", _cmd_search,
-                               "Example: liteclip search 'a boy jumping with skateboard' --index photos.index")
+
+def _add_search(commands: argparse._SubParsersAction) -> None:
+    search = _add_inference_command(
+        commands, "search", "text-to-image (or image-to-image) search in an index", _cmd_search,
+        "Example: liteclip search 'a boy jumping with skateboard' --index photos.index")
     search.add_argument("query", nargs="?", help="text query")
     search.add_argument("--image", help="find images similar to this image instead")
     search.add_argument("--index", default="liteclip.index")
     search.add_argument("--top-k", type=int, default=5)
-    search.set_defaults(template=None)
 
-    zeroshot = inference_command("eval-zeroshot", "zero-shot accuracy on an ImageFolder directory",
-                                 _cmd_eval_zeroshot, "Example: liteclip eval-zeroshot pets/ --template 'a photo of a {}.'")
+
+def _add_eval_zeroshot(commands: argparse._SubParsersAction) -> None:
+    zeroshot = _add_inference_command(
+        commands, "eval-zeroshot", "zero-shot accuracy on an ImageFolder directory", _cmd_eval_zeroshot,
+        "Example: liteclip eval-zeroshot pets/ --template 'a photo of a {}.'")
     zeroshot.add_argument("folder", help="root/<class name>/*.jpg")
     zeroshot.add_argument("--template", action="append", help="prompt template with {}, repeatable")
     zeroshot.add_argument("--batch-size", type=int, default=64)
 
-    retrieval = inference_command("eval-retrieval", "retrieval recall of a model on a captions dataset split",
-                                  _cmd_eval_retrieval,
-                                  "Example: liteclip eval-retrieval --split test  (data as in the model's config)")
+
+def _add_eval_retrieval(commands: argparse._SubParsersAction) -> None:
+    retrieval = _add_inference_command(
+        commands, "eval-retrieval", "retrieval recall of a model on a captions dataset split", _cmd_eval_retrieval,
+        "Example: liteclip eval-retrieval --split test  (data as in the model's config)")
     retrieval.add_argument("--config", default=None, help="take the data section from this YAML instead")
     retrieval.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     retrieval.add_argument("--split", default="test", choices=["train", "val", "test"])
     retrieval.add_argument("--batch-size", type=int, default=64)
-    retrieval.set_defaults(template=None)
 
+
+def _add_data(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="download, check and prepare datasets",
                                description="Dataset tools (also `python -m liteclip.data ...`).")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    download = data_commands.add_parser("download", help="download, verify and extract a dataset",
-                                        description="Example: python -m liteclip.data download flickr8k --root data/flickr8k")
+    download = data_commands.add_parser(
+        "download", help="download, verify and extract a dataset",
+        description="Example: python -m liteclip.data download flickr8k --root data/flickr8k")
     download.add_argument("name", choices=["flickr8k"])
     download.add_argument("--root", required=True, help="where the dataset goes")
     download.add_argument("--base-url", default=None, help="a mirror holding the same archive names")
@@ -221,13 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("destination")
     prepare.add_argument("--size", type=int, default=256, help="shorter side in pixels (default 256)")
     prepare.set_defaults(handler=_cmd_data_prepare)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from liteclip.checkpoint import ModelLoadError
-    from liteclip.training import NonFiniteLossError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "search" and not (args.query or args.image):
@@ -235,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.handler(args)
-    except (FileNotFoundError, PermissionError, ValueError, ModelLoadError, NonFiniteLossError, OSError) as error:
-        # user-facing problems: a one-line reason, not a traceback from deep inside a library
+    except (LiteclipError, OSError) as error:
+        # problems a user can fix (liteclip's own, and files that are missing, unreadable or full): a one-line
+        # reason, not a traceback from deep inside a library; anything else is a bug and keeps its traceback
         print(f"liteclip {args.command}: error: {error}", file=sys.stderr)
         return 2
 

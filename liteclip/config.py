@@ -4,7 +4,8 @@ Every YAML key maps onto a dataclass field. An unknown key is an error that name
 closest valid spelling (timm's argparse-from-YAML accepts typos silently; we don't). Values are type-checked, and
 dotted command-line overrides (`--set optim.lr=1e-4`) apply on top before validation.
 
-This module imports nothing from the rest of the package: every other room reads its own section from here.
+This module imports nothing from the rest of the package but its error types: every other room reads its own
+section from here.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says where and what to do."""
+from liteclip.errors import ConfigError
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -139,7 +138,7 @@ class TrainConfig:
     # CPU: keep memory freed by one step for the next instead of faulting it back in (glibc, liteclip.runtime):
     # 1.2-1.7x faster convnext_tiny training on the 2-core development VM, for up to ~15% higher resident peak
     keep_cpu_memory: bool = True
-    zero_shot_eval: bool = True  # demo data: zero-shot accuracy on seen and held-out colour-shape labels
+    zero_shot_eval: bool = True  # datasets that define zero-shot labels (the demo): accuracy on the test split
 
 
 @dataclass(frozen=True)

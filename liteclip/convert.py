@@ -5,6 +5,9 @@ The towers stay the library's own (CLIPVisionModel, CLIPTextModel: causal mask, 
 adds what is equivalent around them: the vision tower's pooled output, the text tower's end-of-text token (`eos`
 pooling: the last attended token, which the CLIP tokenizer makes the end-of-text token), bias-free linear heads and
 the learned temperature.
+
+This module builds no model: it reads a checkpoint into a liteclip config and a state dict under liteclip's
+parameter names, and liteclip.pretrained builds the CLIP from them, so imports flow one way.
 """
 
 from __future__ import annotations
@@ -12,14 +15,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from liteclip.config import ImageEncoderConfig, ModelConfig, ProjectionConfig, TextEncoderConfig
-from liteclip.model import CLIP, clip_data_config
 
 logger = logging.getLogger(__name__)
+
+
+def clip_data_config(size: int) -> dict[str, Any]:
+    """OpenAI CLIP's preprocessing as a timm data config: bicubic shorter-side resize to `size`, center crop."""
+    return {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 1.0,
+            "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
 
 
 def is_hf_clip(name_or_dir: str | Path) -> bool:
@@ -51,8 +61,20 @@ def image_processor_data_config(name_or_dir: str, image_size: int) -> dict:
     return data_config
 
 
-def load_hf_clip(name_or_dir: str, base: ModelConfig | None = None) -> CLIP:
-    """A liteclip CLIP holding the weights of a transformers CLIPModel checkpoint.
+@dataclass
+class ConvertedCLIP:
+    """Everything needed to build a liteclip CLIP that holds a transformers CLIPModel's weights."""
+
+    config: ModelConfig
+    text_hf_config: Any  # the towers' own transformers configs: the architecture is rebuilt from them
+    vision_hf_config: Any
+    tokenizer: Any
+    data_config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]  # under liteclip's parameter names
+
+
+def read_hf_clip(name_or_dir: str, base: ModelConfig | None = None) -> ConvertedCLIP:
+    """Reads a transformers CLIPModel checkpoint into liteclip's config and parameter names.
 
     Args:
         name_or_dir: hub name (needs the network or its cache) or a directory written by CLIPModel.save_pretrained.
@@ -72,13 +94,17 @@ def load_hf_clip(name_or_dir: str, base: ModelConfig | None = None) -> CLIP:
         logit_scale_init=float(source.logit_scale.detach()), logit_scale_max=math.log(100.0),
         learn_logit_scale=base.learn_logit_scale,
     )
-    model = CLIP(config, tokenizer=AutoTokenizer.from_pretrained(name_or_dir),
-                 text_hf_config=hf_config.text_config, image_hf_config=hf_config.vision_config)
-    with torch.no_grad():
-        model.image_encoder.model.load_state_dict(source.vision_model.state_dict())
-        model.text_encoder.model.load_state_dict(source.text_model.state_dict())
-        model.image_projection.projection.weight.copy_(source.visual_projection.weight)
-        model.text_projection.projection.weight.copy_(source.text_projection.weight)
-        model.logit_scale.copy_(source.logit_scale)
-    model.data_config = image_processor_data_config(name_or_dir, hf_config.vision_config.image_size)
-    return model
+    return ConvertedCLIP(config, hf_config.text_config, hf_config.vision_config,
+                         AutoTokenizer.from_pretrained(name_or_dir),
+                         image_processor_data_config(name_or_dir, hf_config.vision_config.image_size),
+                         liteclip_state_dict(source))
+
+
+def liteclip_state_dict(source: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIPModel's tensors under the names of liteclip's CLIP with transformers towers and linear heads."""
+    state = {"logit_scale": source.logit_scale.detach(),
+             "image_projection.projection.weight": source.visual_projection.weight.detach(),
+             "text_projection.projection.weight": source.text_projection.weight.detach()}
+    for prefix, tower in (("image_encoder.model.", source.vision_model), ("text_encoder.model.", source.text_model)):
+        state.update({prefix + name: tensor for name, tensor in tower.state_dict().items()})
+    return state

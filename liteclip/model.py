@@ -5,12 +5,13 @@ adapters over timm and Hugging Face transformers (as open_clip's timm_model.py /
 either library works by name. Read top to bottom: ImageEncoder, TextEncoder, ProjectionHead, then CLIP.
 
 The model holds no loss: `forward` returns normalised embeddings, logits and the scale; liteclip.loss reads logits.
+Building from a config, saving and loading (from_config, save_pretrained, from_pretrained) come from
+liteclip.pretrained's mixin, as Hugging Face models get them from PreTrainedModel.
 """
 
 from __future__ import annotations
 
 import difflib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from liteclip.config import ImageEncoderConfig, ModelConfig, ProjectionConfig, TextEncoderConfig
-
-logger = logging.getLogger(__name__)
+from liteclip.convert import clip_data_config
+from liteclip.errors import ConfigError
+from liteclip.pretrained import PretrainedMixin
 
 
 # ------------------------------------------------------------------------------------------------- image tower
-
-
-def clip_data_config(size: int) -> dict[str, Any]:
-    """OpenAI CLIP's preprocessing as a timm data config: bicubic shorter-side resize to `size`, center crop."""
-    return {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 1.0,
-            "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
 
 
 class ImageEncoder(nn.Module):
@@ -59,7 +55,7 @@ class ImageEncoder(nn.Module):
         architecture = config.name.split(".")[0]
         if not timm.is_model(architecture):
             close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
-            raise ValueError(f"model.image.name={config.name!r} is not a timm model; close names: {close or 'none'} "
+            raise ConfigError(f"model.image.name={config.name!r} is not a timm model; close names: {close or 'none'} "
                              f"(timm.list_models('*pattern*') lists them all)")
         self.model = timm.create_model(config.name, **kwargs)
         self.num_features: int = self.model.num_features
@@ -118,11 +114,11 @@ class TextEncoder(nn.Module):
                 self.model = AutoModel.from_config(AutoConfig.from_pretrained(config.name, trust_remote_code=remote),
                                                    trust_remote_code=remote)
         except OSError as error:
-            raise ValueError(f"model.text.name={config.name!r} is neither a local model directory nor a Hugging Face "
+            raise ConfigError(f"model.text.name={config.name!r} is neither a local model directory nor a Hugging Face "
                              f"model that could be fetched ({str(error).splitlines()[0]}). Check the spelling, or "
                              f"download it once with network access and point model.text.name at the folder.") from None
         if config.pooling not in ("mean", "cls", "eos"):
-            raise ValueError(f"model.text.pooling={config.pooling!r} must be one of mean, cls, eos")
+            raise ConfigError(f"model.text.pooling={config.pooling!r} must be one of mean, cls, eos")
         if getattr(self.model, "pooler", None) is not None:
             # BERT-style poolers are never used by these poolings; left in, their parameters would get no
             # gradient, and DDP would wait for them forever instead of averaging the other gradients
@@ -181,7 +177,7 @@ class CLIPOutput:
     logits_per_text: torch.Tensor  # (B, B), its transpose
 
 
-class CLIP(nn.Module):
+class CLIP(PretrainedMixin, nn.Module):
     """Two towers and two heads trained so matching image-caption pairs have high cosine similarity.
 
     Attributes:
@@ -251,45 +247,7 @@ class CLIP(nn.Module):
         """Parameter names that take no weight decay besides biases and norms."""
         return {"logit_scale"}
 
-    # ------------------------------------------------------------------------------------------------- saving
-
-    def save_pretrained(self, directory: str | Path, full_config: Any = None) -> Path:
-        """Writes config.yaml, model.safetensors, text_config/ and tokenizer/ into `directory` (atomically)."""
-        from liteclip.checkpoint import save_model_dir
-
-        return save_model_dir(self, directory, full_config)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> CLIP:
-        """Loads a directory written by save_pretrained (offline, no pickle), or a Hugging Face CLIP checkpoint
-        (a directory in the transformers layout, or a hub name such as openai/clip-vit-base-patch32)."""
-        from liteclip.checkpoint import CONFIG_NAME, ModelLoadError, load_model_dir
-        from liteclip.convert import is_hf_clip, load_hf_clip
-
-        if not (Path(directory) / CONFIG_NAME).is_file() and is_hf_clip(directory):
-            try:
-                return load_hf_clip(str(directory)).to(device).eval()
-            except OSError as error:
-                raise ModelLoadError(
-                    f"no liteclip model directory at {directory}, and no Hugging Face CLIP checkpoint of that name "
-                    f"could be loaded ({str(error).splitlines()[0]}). Train one with `python train.py --config "
-                    f"configs/demo.yaml`, or check the name and the network.") from None
-        return load_model_dir(directory, device)
-
 
 def build_model(config: ModelConfig) -> CLIP:
-    """Builds the CLIP model and its tokenizer from the model section of a config."""
-    from transformers import AutoTokenizer
-
-    if config.init_from:
-        from liteclip.convert import load_hf_clip
-
-        return load_hf_clip(config.init_from, base=config)
-    model = CLIP(config)  # the towers first: their errors name a wrong model name most clearly
-    model.tokenizer = AutoTokenizer.from_pretrained(config.text.name, trust_remote_code=config.text.trust_remote_code)
-    num_params = sum(p.numel() for p in model.parameters())
-    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("built CLIP %s + %s: %.2fM parameters, %.2fM trainable", config.image.name, config.text.name,
-                num_params / 1e6, num_trainable / 1e6)
-    return model
-
+    """Builds the CLIP model and its tokenizer from the model section of a config (CLIP.from_config)."""
+    return CLIP.from_config(config)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from liteclip import CLIP, build_model
-from liteclip.checkpoint import ModelLoadError
+from liteclip.errors import ModelLoadError
 from liteclip.config import ProjectionConfig
 from liteclip.model import ProjectionHead
 

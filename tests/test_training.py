@@ -17,7 +17,9 @@ from liteclip.loss import clip_loss
 from liteclip.optim import build_optimizer
 from liteclip.runtime import keep_freed_memory_for
 from liteclip import training
-from liteclip.training import NonFiniteLossError, Precision, contrastive_step, fit, optimizer_step
+from liteclip.errors import NonFiniteLossError
+from liteclip.precision import Precision
+from liteclip.training import contrastive_step, fit, optimizer_step
 
 FP32 = Precision(None, "cpu")
 
@@ -93,24 +95,6 @@ def test_bf16_autocast_trains_on_the_cpu_and_keeps_fp32_weights(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # autocast casts activations, not weights
     with bf16.autocast():  # the convolutions ran in bf16 (the tower's final LayerNorm returns fp32)
         assert model.image_encoder.model.stem(batch["pixel_values"]).dtype == torch.bfloat16
-
-
-@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
-def test_auto_precision_on_the_cpu_is_bf16_only_where_it_is_native(monkeypatch, native, expected):
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
-    assert training.resolve_precision("auto", torch.device("cpu")).dtype == expected
-    assert training.resolve_precision("auto", torch.device("mps")).dtype is None
-    assert training.resolve_precision("fp32", torch.device("cpu")).dtype is None
-    assert training.resolve_precision("bf16", torch.device("cpu")).dtype == torch.bfloat16
-
-
-def test_the_native_bf16_probe_agrees_with_the_cpu_flags():
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():  # not Linux: the probe must still answer
-        assert isinstance(training.cpu_has_native_bf16(), bool)
-        return
-    flags = set(cpuinfo.read_text().split())
-    assert training.cpu_has_native_bf16() == ({"amx_tile", "avx512_bf16"} <= flags)
 
 
 def test_train_command_writes_logs_checkpoints_and_model(tmp_path):
@@ -294,7 +278,7 @@ def test_locked_image_tower_features_are_cached_and_reused(tmp_path, monkeypatch
         raise AssertionError("the image tower ran although its features were cached")
 
     monkeypatch.setattr(CLIP, "image_features", tower_must_not_run)
-    monkeypatch.setattr(training, "evaluate_demo_zero_shot", lambda *a, **k: {})  # it encodes raw test images
+    monkeypatch.setattr(training, "zero_shot_metrics", lambda *a, **k: {})  # it encodes raw test images
     config = tiny_config(tmp_path / "a", *extra, f"train.output_dir={tmp_path / 'again'}")
     second = fit(config, show_progress=False)
     assert second["test_mean_recall"] == pytest.approx(first["test_mean_recall"])

@@ -2,6 +2,10 @@
 
     splits = load_splits(cfg.data)                                  # {"train", "val", "test"} -> [CaptionedImage]
     loaders = build_dataloaders(cfg.data, tokenizer, max_length, data_config)
+    task = zero_shot_task(cfg.data, "test")                          # ZeroShotTask, or None without class labels
+
+This package is where dataset kinds are named; everything above it (the trainer, the evaluators) reads the contracts
+in captions.py and never asks which dataset it has.
 """
 
 from __future__ import annotations
@@ -13,21 +17,21 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from liteclip.config import DataConfig
+from liteclip.data import demo
 from liteclip.data.captions import (BadRowPolicy, CaptionCollator, CaptionedImage, DataError, ImageCaptionDataset,
-                                    SeededSampler, read_caption_csv)
-from liteclip.data.demo import ensure_demo_data
+                                    SeededSampler, ZeroShotTask, read_caption_csv)
 from liteclip.data.flickr8k import read_flickr8k
 from liteclip.data.transforms import build_transforms, image_size
 
-__all__ = ["CaptionCollator", "CaptionedImage", "DataError", "ImageCaptionDataset", "build_dataloaders",
-           "build_datasets", "load_splits", "prepare_dataset"]
+__all__ = ["CaptionCollator", "CaptionedImage", "DataError", "ImageCaptionDataset", "ZeroShotTask", "build_dataloaders",
+           "build_datasets", "load_splits", "prepare_dataset", "zero_shot_task"]
 
 
 def prepare_dataset(config: DataConfig) -> Path:
     """Makes sure the dataset is on disk (generating the demo data on first use) and returns its root."""
     root = Path(config.root)
     if config.dataset == "demo":
-        return ensure_demo_data(root, config.demo_num_images, config.demo_image_size, config.demo_seed)
+        return demo.ensure_demo_data(root, config.demo_num_images, config.demo_image_size, config.demo_seed)
     if not root.is_dir():
         hint = (f"`python -m liteclip.data download flickr8k --root {root}` fetches it" if config.dataset == "flickr8k"
                 else "point data.root at the folder your captions file's image paths are relative to")
@@ -54,6 +58,13 @@ def load_splits(config: DataConfig, policy: BadRowPolicy | None = None) -> dict[
     if config.max_train_samples is not None:
         splits["train"] = splits["train"][:config.max_train_samples]
     return splits
+
+
+def zero_shot_task(config: DataConfig, split: str = "test") -> ZeroShotTask | None:
+    """The dataset's own zero-shot classification task on a split, if it has class labels (the demo does)."""
+    if config.dataset == "demo":
+        return demo.zero_shot_task(config.root, split)
+    return None
 
 
 def build_datasets(config: DataConfig, data_config: dict[str, Any],

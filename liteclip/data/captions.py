@@ -7,7 +7,8 @@ one photo never sits in two splits. ImageCaptionDataset yields the sample contra
 
 and CaptionCollator stacks images and tokenises captions with dynamic padding (to the longest caption in the batch,
 truncated at max_length), which for short captions is several times less text-tower work than padding to 128.
-The generic CSV/TSV reader for users' own data lives here too.
+The generic CSV/TSV reader for users' own data lives here too, and so does the contract for zero-shot evaluation
+(ZeroShotTask: labelled images and the label texts), which a dataset provides if it has class labels.
 """
 
 from __future__ import annotations
@@ -24,17 +25,31 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from liteclip.errors import DataError
+
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A dataset that cannot be read as configured; the message names the file, line and reason."""
 
 
 @dataclass
 class CaptionedImage:
     image_path: Path
     captions: list[str]
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    image_path: Path
+    label: int  # index into the task's labels
+    group: str | None = None  # results are also reported per group (the demo: "seen" and "held_out" combinations)
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    """Images with class labels, and the texts that name the classes (formatted into templates when given)."""
+
+    labels: list[str]
+    items: list[LabelledImage]
+    templates: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +181,11 @@ def load_image(path: Path, min_size: int | None = None) -> np.ndarray:
                         f"dataset, or remove the file") from None
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch of a run: the trainer reseeds from it, and so does the data order."""
+    return seed * 1_000_003 + epoch
+
+
 def unpack_sample_key(key: int | tuple[int, int]) -> tuple[int, torch.Generator | None]:
     """A dataset key -> (index, the sample's own RNG or None).
 
@@ -236,13 +256,13 @@ class SeededSampler(Sampler):
             self.inner.set_epoch(epoch)
         generator = getattr(self.inner, "generator", None)
         if generator is not None:
-            generator.manual_seed(self.seed * 1_000_003 + epoch)
+            generator.manual_seed(epoch_seed(self.seed, epoch))
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __iter__(self):
-        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        base = epoch_seed(self.seed, self.epoch) * 10_000_019
         for index in self.inner:
             yield index, (base + index) % (2**63 - 1)
 

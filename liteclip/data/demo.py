@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from liteclip.data.captions import LabelledImage, ZeroShotTask
+from liteclip.data.flickr8k import SPLIT_FILES
+
 logger = logging.getLogger(__name__)
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -72,27 +75,26 @@ def with_articles(text: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
-@dataclass(frozen=True)
-class ZeroShotItem:
-    image_path: Path
-    label: int  # index into all_combinations()
-    held_out: bool
-
-
-def zero_shot_items(root: str | Path, split: str = "test") -> list[ZeroShotItem]:
-    """The single-object images of a split, labelled with their colour-shape class for zero-shot evaluation."""
+def zero_shot_items(root: str | Path, split: str = "test") -> list[LabelledImage]:
+    """The single-object images of a split, labelled with their colour-shape class (an index into
+    all_combinations()) and grouped into "seen" and "held_out" combinations."""
     root = Path(root)
-    split_file = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
-                  "test": "Flickr_8k.testImages.txt"}[split]
     annotations = json.loads((root / "annotations.json").read_text())
     classes = all_combinations()
     items = []
-    for name in (root / split_file).read_text().split():
+    for name in (root / SPLIT_FILES[split]).read_text().split():
         objects = annotations[name]
         if len(objects) == 1:
             combo = (objects[0][0], objects[0][1])
-            items.append(ZeroShotItem(root / "Images" / name, classes.index(combo), combo in HELD_OUT))
+            group = "held_out" if combo in HELD_OUT else "seen"
+            items.append(LabelledImage(root / "Images" / name, classes.index(combo), group))
     return items
+
+
+def zero_shot_task(root: str | Path, split: str = "test") -> ZeroShotTask:
+    """Zero-shot classification of a split's single-object images among all 24 colour-shape labels."""
+    labels = [class_prompt(color, shape) for color, shape in all_combinations()]
+    return ZeroShotTask(labels, zero_shot_items(root, split))
 
 
 def ensure_demo_data(root: str | Path, num_images: int = 3000, image_size: int = 96, seed: int = 0) -> Path:
@@ -145,8 +147,7 @@ def _generate(root: Path, num_images: int, image_size: int, seed: int) -> None:
         writer = csv.writer(handle)
         writer.writerow(["image", "caption"])
         writer.writerows(rows)
-    for split, file_name in (("train", "Flickr_8k.trainImages.txt"), ("val", "Flickr_8k.devImages.txt"),
-                             ("test", "Flickr_8k.testImages.txt")):
+    for split, file_name in SPLIT_FILES.items():
         (root / file_name).write_text("\n".join(splits[split]) + "\n")
     (root / "annotations.json").write_text(json.dumps(annotations))
     (root / "held_out.json").write_text(json.dumps(

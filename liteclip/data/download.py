@@ -7,7 +7,6 @@ SHA-256 in the manifest is checked against it too. A mismatch deletes the downlo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from liteclip.checkpoint import sha256_of
 from liteclip.data.captions import BadRow, BadRowPolicy, DataError, read_caption_csv
 from liteclip.data.flickr8k import read_flickr8k
 
@@ -92,14 +92,6 @@ def download_file(archive: Archive, directory: Path, show_progress: bool = True,
         raise
     os.replace(partial, target)
     return target
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_archive(path: Path, expected_sha256: str | None) -> None:

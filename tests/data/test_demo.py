@@ -32,9 +32,9 @@ def test_held_out_combinations_never_in_train_or_val(tmp_path):
             for caption in image.captions:
                 assert not any(f"{c} {s}" in caption for c, s in held)
     items = zero_shot_items(root)
-    assert any(item.held_out for item in items) and any(not item.held_out for item in items)
+    assert any(item.group == "held_out" for item in items) and any(item.group == "seen" for item in items)
     classes = all_combinations()
-    assert all((classes[item.label] in held) == item.held_out for item in items)
+    assert all((classes[item.label] in held) == (item.group == "held_out") for item in items)
 
 
 def test_regeneration_is_skipped_when_settings_match(tmp_path):

@@ -1,0 +1,108 @@
+"""Evaluating a model: retrieval recall on a captioned split, and zero-shot classification of labelled images.
+
+The one evaluation path: the trainer's per-epoch and final evaluation and `liteclip eval-retrieval` /
+`liteclip eval-zeroshot` all call these functions, on embeddings from liteclip.embedding. Library code: it never
+imports the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from liteclip.data.captions import CaptionedImage, ZeroShotTask
+from liteclip.embedding import Autocast, encode_image_files, encode_labels, encode_texts
+from liteclip.errors import DataError
+from liteclip.loss import clip_loss
+from liteclip.metrics import retrieval_recall, zero_shot_accuracy
+from liteclip.model import CLIP
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: int = 64,
+                       device: torch.device | str = "cpu", autocast: Autocast = contextlib.nullcontext,
+                       show_progress: bool = True, num_workers: int = 0,
+                       image_features: torch.Tensor | None = None) -> dict[str, float]:
+    """Retrieval recall R@1/5/10 both ways over a whole split (all captions of each image), and its contrastive loss.
+
+    Args:
+        images: the split.
+        batch_size: images per encoding batch; also the batch the `loss` is taken over.
+        image_features: (N, F) the image tower's cached features for `images` (a locked tower), used instead of
+            decoding and encoding the files.
+
+    Returns:
+        retrieval_recall's keys (percent), and `loss`: clip_loss over consecutive batches of (image, first caption)
+        pairs, averaged, as a validation loss comparable with the training loss.
+    """
+    if not images:
+        raise DataError("the split has no images")
+    model.eval()
+    if image_features is None:
+        image_embeds = encode_image_files(model, [image.image_path for image in images], batch_size, device, autocast,
+                                          show_progress=show_progress, num_workers=num_workers)
+    else:
+        image_embeds = embed_image_features(model, image_features, batch_size, device, autocast)
+    captions = [caption for image in images for caption in image.captions]
+    text_to_image = torch.tensor([i for i, image in enumerate(images) for _ in image.captions])
+    text_embeds = encode_texts(model, captions, batch_size, device, autocast)
+    metrics = retrieval_recall(image_embeds.cpu(), text_embeds.cpu(), text_to_image)
+    first_captions = torch.tensor([0] + [len(image.captions) for image in images[:-1]]).cumsum(0)  # (N,)
+    metrics["loss"] = paired_loss(image_embeds, text_embeds[first_captions.to(text_embeds.device)],
+                                  model.scale().float(), batch_size)
+    return metrics
+
+
+def embed_image_features(model: CLIP, image_features: torch.Tensor, batch_size: int, device: torch.device | str,
+                         autocast: Autocast) -> torch.Tensor:
+    """(N, D) normalised image embeddings from (N, F) cached image-tower features."""
+    chunks = []
+    for start in range(0, len(image_features), batch_size):
+        with autocast():
+            features = image_features[start:start + batch_size].to(device)  # (B, F)
+            chunks.append(model.encode_image(image_features=features).float())  # (B, D)
+    return torch.cat(chunks)
+
+
+def paired_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor, batch_size: int) -> float:
+    """Mean clip_loss over consecutive batches of matching (image, text) rows; a batch of one has no negatives and
+    is left out (NaN when no batch has two rows)."""
+    losses = [clip_loss(scale * image_embeds[start:start + batch_size] @ text_embeds[start:start + batch_size].t())
+              for start in range(0, len(image_embeds), batch_size) if len(image_embeds[start:start + batch_size]) > 1]
+    return torch.stack(losses).mean().item() if losses else float("nan")
+
+
+@torch.no_grad()
+def evaluate_zero_shot(model: CLIP, task: ZeroShotTask, batch_size: int = 64, device: torch.device | str = "cpu",
+                       autocast: Autocast = contextlib.nullcontext, show_progress: bool = True,
+                       num_workers: int = 0) -> dict[str, Any]:
+    """Zero-shot top-1/top-5 accuracy (percent) of classifying each image by its nearest label embedding.
+
+    Returns:
+        {"top1", "top5" (or top-C with fewer classes), "chance": 100 / C,
+         "per_class": {label: {"count", "top1"}}, "per_group": {group: {"count", "top1", ...}} for grouped items}
+    """
+    if not task.items:
+        raise DataError("the zero-shot task has no images")
+    model.eval()
+    class_embeds = encode_labels(model, task.labels, task.templates, device, autocast)  # (C, D)
+    image_embeds = encode_image_files(model, [item.image_path for item in task.items], batch_size, device, autocast,
+                                      show_progress=show_progress, num_workers=num_workers)  # (N, D)
+    class_embeds, image_embeds = class_embeds.cpu(), image_embeds.cpu()
+    targets = torch.tensor([item.label for item in task.items])
+    ks = (1, min(5, len(task.labels)))
+    result: dict[str, Any] = zero_shot_accuracy(image_embeds, class_embeds, targets, ks)
+    result["chance"] = 100.0 / len(task.labels)
+    predictions = (image_embeds @ class_embeds.t()).argmax(dim=1)
+    result["per_class"] = {task.labels[c]: {"count": int((targets == c).sum()),
+                                            "top1": 100.0 * float((predictions[targets == c] == c).float().mean())}
+                           for c in range(len(task.labels)) if (targets == c).any()}
+    groups = [item.group for item in task.items]
+    result["per_group"] = {}
+    for group in dict.fromkeys(g for g in groups if g is not None):
+        mask = torch.tensor([g == group for g in groups])
+        result["per_group"][group] = {"count": int(mask.sum()),
+                                      **zero_shot_accuracy(image_embeds[mask], class_embeds, targets[mask], ks)}
+    return result

@@ -1,0 +1,150 @@
+"""Building a CLIP from a config, saving it as a self-contained directory and loading it back.
+
+    model = CLIP.from_config(config.model)         # towers (pretrained or not), heads, tokenizer
+    model.save_pretrained("model")                 # config.yaml, model.safetensors, preprocessor_config.json,
+                                                   # text_config/, [vision_config/,] tokenizer/
+    model = CLIP.from_pretrained("model")          # or a Hugging Face CLIP checkpoint: a directory or a hub name
+
+As Hugging Face's PreTrainedModel does, these come to the model class from a mixin that sits below it, so model.py
+holds only nn.Module code and imports flow one way: model -> pretrained -> checkpoint (file I/O) and convert
+(foreign weights). The mixin builds through `cls(config, tokenizer=..., text_hf_config=..., image_hf_config=...)`
+and never imports the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from liteclip.checkpoint import load_weights, replace_directory
+from liteclip.config import Config, ConfigError, ModelConfig, config_from_dict
+from liteclip.convert import ConvertedCLIP, is_hf_clip, read_hf_clip
+from liteclip.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+WEIGHTS_NAME = "model.safetensors"
+PREPROCESSOR_NAME = "preprocessor_config.json"
+TEXT_CONFIG_DIR = "text_config"
+VISION_CONFIG_DIR = "vision_config"  # only for Hugging Face image towers; timm towers rebuild from their name
+TOKENIZER_DIR = "tokenizer"
+OWNED_NAMES = {CONFIG_NAME, WEIGHTS_NAME, PREPROCESSOR_NAME, TEXT_CONFIG_DIR, TOKENIZER_DIR, VISION_CONFIG_DIR}
+
+
+class PretrainedMixin:
+    """from_config / from_pretrained / save_pretrained for liteclip's CLIP (see the module docstring)."""
+
+    @classmethod
+    def from_config(cls, config: ModelConfig):
+        """Builds the model and its tokenizer from the model section of a config (`init_from`: a HF CLIP)."""
+        from transformers import AutoTokenizer
+
+        if config.init_from:
+            return from_converted(cls, read_hf_clip(config.init_from, base=config))
+        model = cls(config)  # the towers first: their errors name a wrong model name most clearly
+        model.tokenizer = AutoTokenizer.from_pretrained(config.text.name,
+                                                        trust_remote_code=config.text.trust_remote_code)
+        num_params = sum(p.numel() for p in model.parameters())
+        num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info("built CLIP %s + %s: %.2fM parameters, %.2fM trainable", config.image.name, config.text.name,
+                    num_params / 1e6, num_trainable / 1e6)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path, device: str | torch.device = "cpu"):
+        """Loads a directory written by save_pretrained (offline, no pickle), or a Hugging Face CLIP checkpoint
+        (a directory in the transformers layout, or a hub name such as openai/clip-vit-base-patch32)."""
+        if not (Path(name_or_dir) / CONFIG_NAME).is_file() and is_hf_clip(name_or_dir):
+            try:
+                converted = read_hf_clip(str(name_or_dir))
+            except OSError as error:
+                raise ModelLoadError(
+                    f"no liteclip model directory at {name_or_dir}, and no Hugging Face CLIP checkpoint of that "
+                    f"name could be loaded ({str(error).splitlines()[0]}). Train one with `python train.py "
+                    f"--config configs/demo.yaml`, or check the name and the network.") from None
+            return from_converted(cls, converted).to(device).eval()
+        return load_model_dir(cls, name_or_dir).to(device).eval()
+
+    def save_pretrained(self, directory: str | Path, full_config: Config | None = None) -> Path:
+        """Writes config.yaml, model.safetensors, text_config/ and tokenizer/ into `directory` (atomically)."""
+        return save_model_dir(self, directory, full_config)
+
+
+def from_converted(cls: type, converted: ConvertedCLIP):
+    """A model of class `cls` holding the weights of a converted Hugging Face CLIP."""
+    model = cls(converted.config, tokenizer=converted.tokenizer, text_hf_config=converted.text_hf_config,
+                image_hf_config=converted.vision_hf_config)
+    load_weights(model, converted.state_dict, str(converted.config.image.name))
+    model.data_config = converted.data_config
+    return model
+
+
+def save_model_dir(model: Any, directory: str | Path, full_config: Config | None = None) -> Path:
+    """Writes a self-contained model directory; replaces an existing one only once the new one is complete."""
+    from safetensors.torch import save_file
+
+    def write_contents(staging: Path) -> None:
+        config_dict = full_config.to_dict() if full_config is not None else Config(model=model.config).to_dict()
+        config_dict["model"] = Config(model=model.config).to_dict()["model"]
+        (staging / CONFIG_NAME).write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        (staging / PREPROCESSOR_NAME).write_text(json.dumps(model.data_config, indent=2))
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "library": "liteclip"})
+        model.text_encoder.model.config.save_pretrained(staging / TEXT_CONFIG_DIR)
+        if model.config.image.source == "hf":
+            model.image_encoder.model.config.save_pretrained(staging / VISION_CONFIG_DIR)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+
+    replace_directory(directory, write_contents, OWNED_NAMES)  # files liteclip does not write (a README) stay
+    logger.info("saved model to %s", directory)
+    return Path(directory)
+
+
+def read_model_config(directory: str | Path) -> Config:
+    """The resolved config stored in a model directory (the data section says what it was trained on)."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+    except ConfigError as error:
+        raise ModelLoadError(f"{path} does not describe a liteclip model this version can build: {error}") from None
+
+
+def load_model_dir(cls: type, directory: str | Path):
+    """Rebuilds a model of class `cls` from a directory written by save_model_dir, offline and without pickle."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise ModelLoadError(
+            f"no liteclip model in {directory.resolve()} (it needs {CONFIG_NAME} and {WEIGHTS_NAME}). Train one with "
+            f"`python train.py --config configs/demo.yaml`, which writes ./model, or put a directory written by "
+            f"CLIP.save_pretrained there.")
+    config = read_model_config(directory).model
+    # the weights come from the directory, so the towers are built empty and never touch the network
+    config = dataclasses.replace(
+        config,
+        image=dataclasses.replace(config.image, pretrained=False, weights_file=None),
+        text=dataclasses.replace(config.text, pretrained=False, name=str(directory / TEXT_CONFIG_DIR)),
+    )
+    text_hf_config = AutoConfig.from_pretrained(directory / TEXT_CONFIG_DIR)
+    image_hf_config = None
+    if config.image.source == "hf":
+        image_hf_config = AutoConfig.from_pretrained(directory / VISION_CONFIG_DIR)
+    tokenizer = None
+    if (directory / TOKENIZER_DIR).is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR))
+    model = cls(config, tokenizer=tokenizer, text_hf_config=text_hf_config, image_hf_config=image_hf_config)
+    if (directory / PREPROCESSOR_NAME).is_file():
+        saved = json.loads((directory / PREPROCESSOR_NAME).read_text())
+        model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    load_weights(model, load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME))
+    return model

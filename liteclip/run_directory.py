@@ -1,0 +1,223 @@
+"""A training run's folder (`train.output_dir`): what is written there, how a run resumes from it, and the checks
+made before any training starts.
+
+    config.yaml          the resolved config
+    metrics.csv          one row every train.log_every optimiser steps: loss, lr, samples/s
+    epochs.csv           one row per epoch: train loss, and validation loss and recall on evaluation epochs
+    tensorboard/         the same rows, when the tensorboard package is installed
+    last.pt, best.pt     training checkpoints (weights, optimiser, RNG, progress, config), written atomically
+    final_metrics.csv    the best model on the test split
+
+The logs keep every column whatever the first row held (a row with a new key widens the header), and a resumed
+run trims them back to its checkpoint's step, so no step is missing or logged twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from liteclip.checkpoint import atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
+from liteclip.config import Config
+from liteclip.errors import OutputDirectoryError
+
+logger = logging.getLogger(__name__)
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class TrainState:
+    """A run's progress, saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps completed
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+
+
+# --------------------------------------------------------------------------------------------------------- logs
+
+
+class CsvLog:
+    """Appends rows to a CSV, flushing each.
+
+    A row with a key the header lacks widens the header (the file is rewritten atomically, once per new column);
+    rows without a value leave the cell empty. On resume, rows past the resumed step are dropped so none repeat; a
+    fresh run starts a fresh log.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        self.fields: list[str] = []
+        rows: list[dict[str, str]] = []
+        if path.is_file() and resume_step is not None:
+            rows, self.fields = self._read()
+            rows = [row for row in rows if int(row["step"]) <= resume_step]
+        self._rewrite(rows)
+
+    def _read(self) -> tuple[list[dict[str, str]], list[str]]:
+        with open(self.path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            return list(reader), list(reader.fieldnames or [])
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        text = io.StringIO()
+        if self.fields:
+            writer = csv.DictWriter(text, fieldnames=self.fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        atomic_write_bytes(self.path, text.getvalue().encode())
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        new_fields = [key for key in row if key not in self.fields]
+        if new_fields:
+            rows = self._read()[0] if self.fields else []
+            self.fields += new_fields
+            self._rewrite(rows)
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.fields, restval="").writerow(row)
+            handle.flush()
+
+
+class TensorBoardLog:
+    """Mirrors logged rows to TensorBoard when the tensorboard package is installed; a no-op otherwise."""
+
+    def __init__(self, directory: Path, prefix: str):
+        self.prefix = prefix
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(directory))
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{self.prefix}/{key}", value, row["step"])
+        self.writer.flush()
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+# ------------------------------------------------------------------------------------------------ the directory
+
+
+class RunDirectory:
+    """The files of one run; only the main process of a run writes them."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.step_log: CsvLog | None = None
+        self.epoch_log: CsvLog | None = None
+        self.boards: dict[str, TensorBoardLog] = {}
+
+    def prepare(self, config: Config) -> None:
+        """Checks that the run and model directories can take checkpoints, then writes config.yaml."""
+        model_dir = Path(config.train.model_dir)
+        for directory in (self.path, model_dir.parent):
+            check_writable(directory)
+            remove_stale_temporaries(directory)
+        atomic_write_bytes(self.path / "config.yaml", config.to_yaml().encode())
+
+    def resume_path(self, resume: str | None) -> Path | None:
+        """None, "auto" (this run's last checkpoint, if any) or a checkpoint file or run directory -> a checkpoint."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            path = self.path / LAST
+            return path if path.is_file() else None
+        path = Path(resume)
+        if path.is_dir():
+            path = path / LAST
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path}")
+        return path
+
+    def open_logs(self, resume_step: int | None) -> None:
+        self.step_log = CsvLog(self.path / "metrics.csv", resume_step)
+        self.epoch_log = CsvLog(self.path / "epochs.csv", resume_step)
+        self.boards = {name: TensorBoardLog(self.path / "tensorboard", name) for name in ("train", "val")}
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        self.step_log(row)
+        self.boards["train"](row)
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        self.epoch_log(row)
+        self.boards["val"](row)
+        logger.info("epoch %d: %s", row["epoch"], format_metrics(row))
+
+    def save(self, name: str, state: dict[str, Any]) -> None:
+        save_checkpoint(self.path / name, state)
+
+    def write_final_metrics(self, metrics: dict[str, float]) -> None:
+        text = "metric,value\n" + "".join(f"{k},{v}\n" for k, v in metrics.items())
+        atomic_write_bytes(self.path / "final_metrics.csv", text.encode())
+        logger.info("test: %s", format_metrics(metrics))
+
+
+def check_writable(directory: Path) -> None:
+    """Fails before training, not after an hour, if a directory cannot take a checkpoint."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x" * 1024)
+        probe.unlink()
+    except OSError as error:
+        raise OutputDirectoryError(f"cannot write to {directory} ({error.strerror}); choose another "
+                                   f"train.output_dir / train.model_dir or free some space") from None
+    free = shutil.disk_usage(directory).free
+    if free < 64 * 2**20:
+        raise OSError(f"only {free // 2**20} MiB free in {directory}; checkpoints need more")
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files left by a run killed in the middle of a checkpoint write (never a finished checkpoint)."""
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------------- resume
+
+
+def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None, state: TrainState, config: Config) -> dict[str, Any]:
+    """Everything a run needs to continue exactly: weights, optimiser, scaler, progress, RNG and the config."""
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "epoch": state.epoch, "step": state.step, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+        "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "config": config.to_dict(),
+    }
+
+
+def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None, state: TrainState) -> None:
+    """Loads a checkpoint written by checkpoint_state into the model, optimiser, scaler and state."""
+    checkpoint = load_checkpoint(path)
+    load_weights(model, checkpoint["model"], str(path))
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    state.epoch, state.step = checkpoint["epoch"], checkpoint["step"]
+    state.best_metric, state.best_epoch = checkpoint["best_metric"], checkpoint["best_epoch"]
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    logger.info("resumed from %s at epoch %d, step %d", path, state.epoch, state.step)
