@@ -175,15 +175,15 @@ def seed_everything(seed: int) -> None:
 # ------------------------------------------------------------------------------------------------- one epoch
 
 
-def train_one_epoch(setup: TrainingSetup, state: TrainState, train: TrainConfig, optim: OptimConfig,
+def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: TrainConfig, optim_config: OptimConfig,
                     log_step: Callable[[dict], None], show_progress: bool = True) -> float:
     """Trains one epoch; returns its mean loss. Raises NonFiniteLossError naming the first bad step."""
     setup.train_model.train()
     device, optimizer = setup.device, setup.optimizer
-    num_steps = len(setup.train_loader) // train.accum_steps
-    if train.max_steps is not None:
-        num_steps = max(0, min(num_steps, train.max_steps - state.step))
-    progress = tqdm(total=num_steps, desc=f"epoch {state.epoch + 1}/{train.epochs}", leave=False,
+    num_steps = len(setup.train_loader) // train_config.accum_steps
+    if train_config.max_steps is not None:
+        num_steps = max(0, min(num_steps, train_config.max_steps - state.step))
+    progress = tqdm(total=num_steps, desc=f"epoch {state.epoch + 1}/{train_config.epochs}", leave=False,
                     disable=not show_progress, dynamic_ncols=True)
     # running sums stay on the device: reading a loss back is a host-device sync, done only every log_every steps
     loss_sum = torch.zeros((), device=device)
@@ -191,22 +191,22 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train: TrainConfig,
     window_start, window_samples, window_steps, done = time.perf_counter(), 0, 0, 0
     iterator = iter(setup.train_loader)
     for _ in range(num_steps):
-        micro_batches = [to_device(next(iterator), device) for _ in range(train.accum_steps)]
-        set_lr(optimizer, lr_multiplier(state.step, setup.total_steps, optim))
+        micro_batches = [to_device(next(iterator), device) for _ in range(train_config.accum_steps)]
+        set_lr(optimizer, lr_multiplier(state.step, setup.total_steps, optim_config))
         loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler)
-        optimizer_step(setup.train_model, optimizer, setup.scaler, optim.grad_clip)
+        optimizer_step(setup.train_model, optimizer, setup.scaler, optim_config.grad_clip)
         state.step += 1
         done += 1
         loss_sum += loss
         window_sum += loss
         window_steps += 1
         window_samples += sum(len(b["input_ids"]) for b in micro_batches) * distributed.world_size()
-        if window_steps == train.log_every or done == num_steps:
+        if window_steps == train_config.log_every or done == num_steps:
             window_loss = (window_sum / window_steps).item()  # the sync point
             if not math.isfinite(window_loss):
                 raise NonFiniteLossError(
                     f"non-finite loss ({window_loss}) by optimiser step {state.step} (epoch {state.epoch + 1}); "
-                    f"training stopped, the last good checkpoint is kept. Lower optim.lr, set optim.grad_clip, or "
+                    f"training stopped, the last good checkpoint is kept. Lower optim.lr, set optim_config.grad_clip, or "
                     f"use train.precision=fp32.")
             elapsed = time.perf_counter() - window_start
             row = {"epoch": state.epoch + 1, "step": state.step, "loss": window_loss,

@@ -52,6 +52,18 @@ def tiny_config(tiny_text_dir: Path) -> Config:
     return config_from_dict(tiny_config_dict(tiny_text_dir))
 
 
+@pytest.fixture
+def model_dir(tiny_config: Config, tmp_path: Path) -> Path:
+    """A tiny random-init model saved with save_pretrained, as train.py would export it."""
+    import torch
+
+    from liteclip import build_model
+
+    torch.manual_seed(0)
+    build_model(tiny_config.model).save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
 def draw_image(path: Path, color: tuple[int, int, int], size: int = 40) -> Path:
     """A real image file: a coloured square on grey with a little noise."""
     rng = np.random.default_rng(sum(color))

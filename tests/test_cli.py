@@ -2,20 +2,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from liteclip import build_model
 from liteclip.cli import main
 from tests.conftest import draw_image
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-
-@pytest.fixture
-def model_dir(tiny_config, tmp_path):
-    torch.manual_seed(0)
-    build_model(tiny_config.model).save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
 
 
 def test_predict_table_and_json(model_dir, tmp_path, capsys):

@@ -5,19 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from liteclip import build_model
 from liteclip.data.captions import CaptionedImage, LabelledImage, ZeroShotTask
 from liteclip.data.image_folder import read_image_folder
 from liteclip.evaluation import evaluate_retrieval, evaluate_zero_shot
 from liteclip.pipeline import ZeroShotPipeline
 from tests.conftest import draw_image
-
-
-@pytest.fixture
-def model_dir(tiny_config, tmp_path):
-    torch.manual_seed(0)
-    build_model(tiny_config.model).save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
 
 
 @pytest.fixture

@@ -14,13 +14,6 @@ LABELS = ['a photo of a dog', 'a photo of a cat', 'the photo of a human baby']
 
 
 @pytest.fixture
-def model_dir(tiny_config, tmp_path):
-    torch.manual_seed(0)
-    build_model(tiny_config.model).save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
-
-
-@pytest.fixture
 def images(tmp_path):
     return [draw_image(tmp_path / "examples" / f"{name}.jpg", color)
             for name, color in (("cat", (200, 30, 30)), ("dog", (30, 200, 30)), ("baby", (30, 30, 200)))]

@@ -1,8 +1,8 @@
 """The training engine on tiny models: a few steps each, all on the CPU."""
 
 import csv
+import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +306,26 @@ def test_compile_keeps_parameter_names_and_falls_back_when_unavailable(tmp_path,
             show_progress=False)
     assert "torch.compile is unavailable here (no C++ compiler)" in caplog.text
     assert (tmp_path / "run2" / "model" / "model.safetensors").is_file()
+
+
+def test_validation_columns_reach_the_epoch_log_when_the_first_epoch_is_not_evaluated(tmp_path):
+    fit(tiny_config(tmp_path, "train.epochs=3", "train.eval_every=2"), show_progress=False)
+    epochs = read_rows(tmp_path / "run" / "epochs.csv")
+    assert [int(r["epoch"]) for r in epochs] == [1, 2, 3]
+    assert {"val_loss", "mean_recall", "image_to_text_R@1"} <= set(epochs[0])
+    assert [r["val_loss"] != "" for r in epochs] == [False, True, True]  # epoch 2, and the last epoch
+    assert all(float(r["train_loss"]) > 0 for r in epochs)
+
+
+def test_the_trainers_test_recall_equals_eval_retrieval_on_the_saved_model(tmp_path, capsys):
+    config = tiny_config(tmp_path, "train.precision=fp32", "data.eval_batch_size=8", "train.epochs=1")
+    final = fit(config, show_progress=False)
+    assert main(["eval-retrieval", "--model-dir", str(tmp_path / "model"), "--split", "test", "--batch-size", "8",
+                 "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    recall_keys = [k for k in cli if "R@" in k] + ["mean_recall"]
+    assert len(recall_keys) == 7
+    assert {k: final[f"test_{k}"] for k in recall_keys} == {k: cli[k] for k in recall_keys}
+    assert final["test_loss"] == pytest.approx(cli["loss"], rel=1e-5)
+    written = {r["metric"]: float(r["value"]) for r in read_rows(tmp_path / "run" / "final_metrics.csv")}
+    assert written["test_mean_recall"] == cli["mean_recall"]

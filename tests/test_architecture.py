@@ -1,0 +1,135 @@
+"""The package's shape, checked from its source: imports flow one way (no cycle, function-local imports included),
+the library never reaches the trainer, functions stay short, and the command line parses without torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "liteclip"
+MAX_FUNCTION_LINES = 60
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its source: top level, in functions, in methods.
+
+    `from pkg.sub import name` is an edge to pkg.sub.name when that is a module, else to pkg.sub (its __init__).
+    Parent packages that Python runs on the way are not edges of their own: a package's __init__ importing its
+    submodules lazily is not a cycle with them.
+    """
+    modules = {module_name(path, root): path for path in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                for alias in node.names:
+                    edges.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        graph[name] = {edge for edge in edges if edge in modules and edge != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path [a, b, ..., a], or None."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        path.pop()
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def test_the_package_has_no_import_cycle():
+    cycle = find_cycle(import_graph(PACKAGE))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_sees_function_local_and_relative_imports(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.sub import b\n")
+    (package / "sub" / "b.py").write_text("def load():\n    from ..a import thing\n")
+    (package / "c.py").write_text("import pkg.a\n")
+    graph = import_graph(package)
+    assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.a"} and graph["pkg.c"] == {"pkg.a"}
+    assert find_cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.a"]
+    (package / "sub" / "helper.py").write_text("")
+    (package / "sub" / "b.py").write_text("def load():\n    from . import helper\n")
+    graph = import_graph(package)
+    assert graph["pkg.sub.b"] == {"pkg.sub.helper"} and find_cycle(graph) is None
+
+
+@pytest.mark.parametrize("library", ["liteclip.model", "liteclip.pipeline", "liteclip.evaluation",
+                                     "liteclip.embedding", "liteclip.loss", "liteclip.data"])
+def test_the_library_never_imports_the_trainer(library):
+    graph = import_graph(PACKAGE)
+    assert not {"liteclip.training", "liteclip.optim", "liteclip.run_directory"} & reachable(graph, library)
+
+
+def test_config_and_errors_import_nothing_heavier_than_each_other():
+    graph = import_graph(PACKAGE)
+    assert graph["liteclip.errors"] == set()
+    assert graph["liteclip.config"] == {"liteclip.errors"}
+
+
+def test_no_function_in_the_package_is_longer_than_a_screen():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "split these up: " + "; ".join(long)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["data", "check", "--help"], ["train", "--help"]])
+def test_command_line_help_does_not_import_torch(argv):
+    probe = ("import sys\nfrom liteclip.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+             "heavy = sorted(m for m in ('torch', 'timm', 'transformers', 'albumentations') if m in sys.modules)\n"
+             "print('HEAVY', heavy)\n" % argv)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            cwd=PACKAGE.parent)
+    assert result.returncode == 0, result.stderr
+    assert "usage: liteclip" in result.stdout
+    assert "HEAVY []" in result.stdout
