@@ -67,7 +67,7 @@ def main() -> None:
         else:
             source = args.root
         full = sorted(p for p in source.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:args.num_images]
-        before, after = prepare_images(source, Path(tmp) / "prepared", args.prepared_size, show_progress=False)
+        before, after, _ = prepare_images(source, Path(tmp) / "prepared", args.prepared_size, show_progress=False)
         prepared = [Path(tmp) / "prepared" / p.relative_to(source) for p in full]
         with Image.open(full[0]) as image:
             full_size = image.size

@@ -117,6 +117,22 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     model.load_state_dict(state)
 
 
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file; a truncated or overwritten file is a ModelLoadError naming it.
+
+    Args:
+        what: what the file is and how to get a good one, for the message ("the model's weights: re-export ...").
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}, dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelLoadError(f"{path} is damaged or not a safetensors file ({str(error).splitlines()[0][:200]}); "
+                             f"it holds {what}") from None
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Writes a training checkpoint (tensors, numbers, strings, dicts and lists only) atomically."""
     buffer = io.BytesIO()

@@ -17,6 +17,17 @@ from liteclip.errors import LiteclipError
 DEFAULT_CONFIG = "configs/demo.yaml"
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts: a clear usage error instead of a traceback later."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -52,11 +63,15 @@ def _emit(args: argparse.Namespace, data, table_rows: list[tuple], header: tuple
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args, args.template)
-    results = pipeline.predict(list(args.images), args.labels, top_k=args.top_k)
+    if len(args.images) == 1:  # one image that does not decode is an error, not an empty table
+        results = [pipeline.predict(args.images[0], args.labels, top_k=args.top_k)]
+    else:  # among several, it is skipped (and logged) and the others are classified
+        results = pipeline.predict(list(args.images), args.labels, top_k=args.top_k)
     data = [{"image": image, "predictions": [{"label": l, "probability": p} for l, p in result]}
             for image, result in zip(args.images, results)]
     rows = [(image, label, f"{prob * 100:.2f}%") for image, result in zip(args.images, results)
             for label, prob in result]
+    rows += [(image, "(skipped: does not decode)", "") for image, result in zip(args.images, results) if not result]
     _emit(args, data, rows, ("image", "label", "probability"))
     return 0
 
@@ -66,8 +81,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     search = ImageSearch(_pipeline(args))
     encoded = search.index(args.folder, args.index, batch_size=args.batch_size)
-    data = {"index": str(args.index), "images": len(search.paths), "encoded": encoded}
-    _emit(args, data, [(str(args.index), len(search.paths), encoded)], ("index", "images", "newly encoded"))
+    data = {"index": str(args.index), "images": len(search.paths), "encoded": encoded,
+            "skipped": [{"path": str(row.file), "reason": row.reason} for row in search.skipped]}
+    _emit(args, data, [(str(args.index), len(search.paths), encoded, len(search.skipped))],
+          ("index", "images", "newly encoded", "skipped (does not decode)"))
     return 0
 
 
@@ -127,7 +144,8 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from liteclip.data.download import check_dataset
 
-    bad = check_dataset(args.root, args.captions_file, args.image_column, args.caption_column, args.split_column)
+    bad = check_dataset(args.root, args.captions_file, args.image_column, args.caption_column, args.split_column,
+                        encoding=args.encoding)
     for row in bad:
         print(row)
     print(f"{len(bad)} bad row(s) in {args.root}" if bad else f"{args.root}: no problems found")
@@ -137,10 +155,12 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from liteclip.data.download import prepare_images
 
-    before, after = prepare_images(args.source, args.destination, args.size)
+    before, after, skipped = prepare_images(args.source, args.destination, args.size)
     saved = 100.0 * (1 - after / before) if before else 0.0
+    for row in skipped:
+        print(f"skipped {row}")
     print(f"images: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({saved:.0f}% smaller); "
-          f"set data.root={args.destination} to train on the prepared copy")
+          f"{len(skipped)} undecodable image(s) left out; set data.root={args.destination} to train on the copy")
     return 0
 
 
@@ -185,7 +205,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--labels", nargs="+", required=True, help="candidate labels (at least 2)")
     predict.add_argument("--template", action="append", help="prompt template with {}, repeatable")
-    predict.add_argument("--top-k", type=int, default=None, help="show only the k most likely labels")
+    predict.add_argument("--top-k", type=_positive_int, default=None, help="show only the k most likely labels")
 
 
 def _add_index(commands: argparse._SubParsersAction) -> None:
@@ -193,7 +213,7 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
                                    "Example: liteclip index photos/ --index photos.index")
     index.add_argument("folder")
     index.add_argument("--index", default="liteclip.index", help="index file (re-indexing reuses unchanged files)")
-    index.add_argument("--batch-size", type=int, default=64)
+    index.add_argument("--batch-size", type=_positive_int, default=64)
 
 
 def _add_search(commands: argparse._SubParsersAction) -> None:
@@ -203,7 +223,7 @@ def _add_search(commands: argparse._SubParsersAction) -> None:
     search.add_argument("query", nargs="?", help="text query")
     search.add_argument("--image", help="find images similar to this image instead")
     search.add_argument("--index", default="liteclip.index")
-    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--top-k", type=_positive_int, default=5)
 
 
 def _add_eval_zeroshot(commands: argparse._SubParsersAction) -> None:
@@ -212,7 +232,7 @@ def _add_eval_zeroshot(commands: argparse._SubParsersAction) -> None:
         "Example: liteclip eval-zeroshot pets/ --template 'a photo of a {}.'")
     zeroshot.add_argument("folder", help="root/<class name>/*.jpg")
     zeroshot.add_argument("--template", action="append", help="prompt template with {}, repeatable")
-    zeroshot.add_argument("--batch-size", type=int, default=64)
+    zeroshot.add_argument("--batch-size", type=_positive_int, default=64)
 
 
 def _add_eval_retrieval(commands: argparse._SubParsersAction) -> None:
@@ -222,7 +242,7 @@ def _add_eval_retrieval(commands: argparse._SubParsersAction) -> None:
     retrieval.add_argument("--config", default=None, help="take the data section from this YAML instead")
     retrieval.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     retrieval.add_argument("--split", default="test", choices=["train", "val", "test"])
-    retrieval.add_argument("--batch-size", type=int, default=64)
+    retrieval.add_argument("--batch-size", type=_positive_int, default=64)
 
 
 def _add_data(commands: argparse._SubParsersAction) -> None:
@@ -246,13 +266,14 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
     check.add_argument("--image-column", default="image")
     check.add_argument("--caption-column", default="caption")
     check.add_argument("--split-column", default=None)
+    check.add_argument("--encoding", default="utf-8", help="text encoding of the captions file (data.encoding)")
     check.set_defaults(handler=_cmd_data_check)
     prepare = data_commands.add_parser("prepare", help="write a resized copy of a dataset folder",
                                        description="Example: python -m liteclip.data prepare data/flickr8k "
                                                    "data/flickr8k_256 --size 256")
     prepare.add_argument("source")
     prepare.add_argument("destination")
-    prepare.add_argument("--size", type=int, default=256, help="shorter side in pixels (default 256)")
+    prepare.add_argument("--size", type=_positive_int, default=256, help="shorter side in pixels (default 256)")
     prepare.set_defaults(handler=_cmd_data_prepare)
 
 

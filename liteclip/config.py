@@ -83,6 +83,7 @@ class DataConfig:
     image_column: str = "image"  # csv: column holding the image path
     caption_column: str = "caption"  # csv: column holding the caption
     split_column: str | None = None  # csv: optional column with train/val/test
+    encoding: str = "utf-8"  # text encoding of the captions file (e.g. latin-1, cp1252; a UTF-8 BOM is accepted)
     val_fraction: float = 0.1  # used only when the dataset ships no split files; split is by image
     test_fraction: float = 0.1
     split_seed: int = 0
@@ -299,6 +300,22 @@ def validate(config: Config, source: str = "<config>") -> None:
         (config.train.epochs > 0, "train.epochs", config.train.epochs, "must be > 0"),
         (config.train.accum_steps >= 1, "train.accum_steps", config.train.accum_steps, "must be >= 1"),
         (config.train.log_every >= 1, "train.log_every", config.train.log_every, "must be >= 1"),
+        (config.train.eval_every >= 1, "train.eval_every", config.train.eval_every, "must be >= 1 (epochs)"),
+        (config.train.max_steps is None or config.train.max_steps > 0, "train.max_steps", config.train.max_steps,
+         "must be > 0, or null for no limit"),
+        (config.optim.grad_clip is None or config.optim.grad_clip > 0, "optim.grad_clip", config.optim.grad_clip,
+         "must be > 0, or null for no clipping"),
+        (config.data.eval_batch_size is None or config.data.eval_batch_size > 0, "data.eval_batch_size",
+         config.data.eval_batch_size, "must be > 0, or null for data.batch_size"),
+        (config.data.max_train_samples is None or config.data.max_train_samples > 0, "data.max_train_samples",
+         config.data.max_train_samples, "must be > 0, or null for all"),
+        (0 < config.data.crop_scale[0] <= config.data.crop_scale[1] <= 1, "data.crop_scale", config.data.crop_scale,
+         "must be [min, max] with 0 < min <= max <= 1 (fractions of the image area)"),
+        (config.model.image.image_size is None or config.model.image.image_size > 0, "model.image.image_size",
+         config.model.image.image_size, "must be > 0 pixels, or null for the tower's own size"),
+        (config.data.demo_num_images >= 20, "data.demo_num_images", config.data.demo_num_images,
+         "must be >= 20 (a tenth each goes to validation and test)"),
+        (config.data.demo_image_size >= 16, "data.demo_image_size", config.data.demo_image_size, "must be >= 16"),
         (0 <= config.model.projection.dropout < 1, "model.projection.dropout", config.model.projection.dropout,
          "must be in [0, 1)"),
         (config.model.projection.dim > 0, "model.projection.dim", config.model.projection.dim, "must be > 0"),

@@ -7,6 +7,8 @@ feature cache all call it, so a metric cannot drift between the trainer and `lit
 from __future__ import annotations
 
 import contextlib
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,11 +16,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from liteclip.data.captions import CaptionedImage, ImageCaptionDataset
+from liteclip.data.captions import BadRow
+from liteclip.data.images import ADVICE, UndecodableImageError, load_image
 from liteclip.data.transforms import eval_transform, image_size
 from liteclip.errors import InputError
 from liteclip.model import CLIP
 from liteclip.runtime import keep_freed_memory_for
+
+logger = logging.getLogger(__name__)
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -53,26 +58,74 @@ def encode_labels(model: CLIP, labels: Sequence[str], templates: Sequence[str] |
     return torch.nn.functional.normalize(embeds, dim=-1)
 
 
-def stack_pixels(samples: list[dict[str, Any]]) -> torch.Tensor:
-    """Collate for image-only loaders (module level, so spawned DataLoader workers can pickle it)."""
-    return torch.stack([sample["pixel_values"] for sample in samples])
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Image files as eval-transformed pixels; a file that does not decode yields its reason instead of pixels, so
+    the main process decides whether to skip it or to stop (an error raised in a worker loses its type)."""
+
+    def __init__(self, paths: Sequence[Path], data_config: dict[str, Any]):
+        self.paths = [Path(p) for p in paths]
+        self.transform = eval_transform(data_config)
+        self.decode_size = image_size(data_config)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return {"index": index, "pixel_values": self.transform(load_image(self.paths[index], self.decode_size))}
+        except UndecodableImageError as error:
+            return {"index": index, "error": error.reason}
+
+
+def stack_decoded(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Collate for ImageFileDataset (module level, so spawned DataLoader workers can pickle it)."""
+    decoded = [s for s in samples if "pixel_values" in s]
+    return {"pixel_values": torch.stack([s["pixel_values"] for s in decoded]) if decoded else None,
+            "indices": [s["index"] for s in decoded],
+            "errors": [(s["index"], s["error"]) for s in samples if "error" in s]}
+
+
+@dataclass
+class EncodedImages:
+    embeds: torch.Tensor  # (N_kept, D) normalised embeddings, or (N_kept, F) tower features
+    kept: list[int]  # positions in the input list of the files that decoded, in order
+    skipped: list[BadRow]  # the files that did not, with the reason
 
 
 @torch.no_grad()
+def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64,
+                                 device: torch.device | str = "cpu", autocast: Autocast = contextlib.nullcontext,
+                                 show_progress: bool = False, num_workers: int = 0,
+                                 tower_features: bool = False) -> EncodedImages:
+    """Normalised image embeddings of the image files that decode, decoded in a DataLoader so workers can overlap;
+    files that do not are skipped, logged and listed. With tower_features, the image tower's pooled features
+    before the head instead."""
+    loader = DataLoader(ImageFileDataset(paths, model.data_config), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=stack_decoded)
+    encode = model.image_features if tower_features else model.encode_image
+    chunks, kept, skipped = [], [], []
+    # batches of activations above glibc's mmap threshold: keep freed memory rather than fault it in every batch
+    with keep_freed_memory_for(torch.device(device)):
+        for batch in tqdm(loader, desc="encoding images", disable=not show_progress, unit="batch"):
+            for index, reason in batch["errors"]:
+                logger.warning("skipped %s: %s", paths[index], reason)
+                skipped.append(BadRow(Path(paths[index]), 0, reason))
+            if batch["pixel_values"] is not None:
+                with autocast():
+                    chunks.append(encode(batch["pixel_values"].to(device)).float())
+                kept.extend(batch["indices"])
+    width = model.image_encoder.num_features if tower_features else model.config.projection.dim
+    return EncodedImages(torch.cat(chunks) if chunks else torch.empty(0, width), kept, skipped)
+
+
 def encode_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64, device: torch.device | str = "cpu",
                        autocast: Autocast = contextlib.nullcontext, show_progress: bool = False,
                        num_workers: int = 0, tower_features: bool = False) -> torch.Tensor:
-    """(N, D) normalised image embeddings of image files, decoded in a DataLoader so workers can overlap; with
-    tower_features, the image tower's pooled features (N, F) before the head instead."""
-    dataset = ImageCaptionDataset([CaptionedImage(Path(p), [""]) for p in paths], eval_transform(model.data_config),
-                                  "first", image_size(model.data_config))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=stack_pixels)
-    encode = model.image_features if tower_features else model.encode_image
-    chunks = []
-    # batches of activations above glibc's mmap threshold: keep freed memory rather than fault it in every batch
-    with keep_freed_memory_for(torch.device(device)):
-        for pixels in tqdm(loader, desc="encoding images", disable=not show_progress, unit="batch"):
-            with autocast():
-                chunks.append(encode(pixels.to(device)).float())
-    width = model.image_encoder.num_features if tower_features else model.config.projection.dim
-    return torch.cat(chunks) if chunks else torch.empty(0, width)
+    """(N, D) normalised image embeddings of image files (or (N, F) tower features), one row per file; a file that
+    does not decode is an UndecodableImageError naming it (encode_decodable_image_files skips such files)."""
+    encoded = encode_decodable_image_files(model, paths, batch_size, device, autocast, show_progress, num_workers,
+                                           tower_features)
+    if encoded.skipped:
+        bad = encoded.skipped[0]
+        raise UndecodableImageError(f"{bad.file}: {bad.reason}; {ADVICE}", bad.file, bad.reason)
+    return encoded.embeds

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from liteclip.data.captions import CaptionedImage, ZeroShotTask
-from liteclip.embedding import Autocast, encode_image_files, encode_labels, encode_texts
+from liteclip.embedding import Autocast, encode_decodable_image_files, encode_labels, encode_texts
 from liteclip.errors import DataError
 from liteclip.loss import clip_loss
 from liteclip.metrics import retrieval_recall, zero_shot_accuracy
@@ -33,6 +33,8 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
         image_features: (N, F) the image tower's cached features for `images` (a locked tower), used instead of
             decoding and encoding the files.
 
+    Images that do not decode are left out (with a warning naming each), with their captions.
+
     Returns:
         retrieval_recall's keys (percent), and `loss`: clip_loss over consecutive batches of (image, first caption)
         pairs, averaged, as a validation loss comparable with the training loss.
@@ -41,8 +43,12 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
         raise DataError("the split has no images")
     model.eval()
     if image_features is None:
-        image_embeds = encode_image_files(model, [image.image_path for image in images], batch_size, device, autocast,
-                                          show_progress=show_progress, num_workers=num_workers)
+        encoded = encode_decodable_image_files(model, [image.image_path for image in images], batch_size, device,
+                                               autocast, show_progress=show_progress, num_workers=num_workers)
+        if not encoded.kept:
+            raise DataError(f"none of the split's {len(images)} images decodes (first: {encoded.skipped[0]})")
+        images = [images[i] for i in encoded.kept]  # an image that does not decode is left out, with a warning
+        image_embeds = encoded.embeds
     else:
         image_embeds = embed_image_features(model, image_features, batch_size, device, autocast)
     captions = [caption for image in images for caption in image.captions]
@@ -88,10 +94,13 @@ def evaluate_zero_shot(model: CLIP, task: ZeroShotTask, batch_size: int = 64, de
         raise DataError("the zero-shot task has no images")
     model.eval()
     class_embeds = encode_labels(model, task.labels, task.templates, device, autocast)  # (C, D)
-    image_embeds = encode_image_files(model, [item.image_path for item in task.items], batch_size, device, autocast,
-                                      show_progress=show_progress, num_workers=num_workers)  # (N, D)
-    class_embeds, image_embeds = class_embeds.cpu(), image_embeds.cpu()
-    targets = torch.tensor([item.label for item in task.items])
+    encoded = encode_decodable_image_files(model, [item.image_path for item in task.items], batch_size, device,
+                                           autocast, show_progress=show_progress, num_workers=num_workers)
+    items = [task.items[i] for i in encoded.kept]  # an image that does not decode is left out, with a warning
+    if not items:
+        raise DataError(f"none of the task's {len(task.items)} images decodes (first: {encoded.skipped[0]})")
+    class_embeds, image_embeds = class_embeds.cpu(), encoded.embeds.cpu()  # (C, D), (N, D)
+    targets = torch.tensor([item.label for item in items])
     ks = (1, min(5, len(task.labels)))
     result: dict[str, Any] = zero_shot_accuracy(image_embeds, class_embeds, targets, ks)
     result["chance"] = 100.0 / len(task.labels)
@@ -99,7 +108,7 @@ def evaluate_zero_shot(model: CLIP, task: ZeroShotTask, batch_size: int = 64, de
     result["per_class"] = {task.labels[c]: {"count": int((targets == c).sum()),
                                             "top1": 100.0 * float((predictions[targets == c] == c).float().mean())}
                            for c in range(len(task.labels)) if (targets == c).any()}
-    groups = [item.group for item in task.items]
+    groups = [item.group for item in items]
     result["per_group"] = {}
     for group in dict.fromkeys(g for g in groups if g is not None):
         mask = torch.tensor([g == group for g in groups])

@@ -119,6 +119,11 @@ class TextEncoder(nn.Module):
                              f"download it once with network access and point model.text.name at the folder.") from None
         if config.pooling not in ("mean", "cls", "eos"):
             raise ConfigError(f"model.text.pooling={config.pooling!r} must be one of mean, cls, eos")
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and config.max_length > positions:
+            # caught here, at build time: otherwise the first caption that long fails deep inside the tower
+            raise ConfigError(f"model.text.max_length={config.max_length} exceeds the {positions} positions of the "
+                              f"text tower {config.name}; set model.text.max_length <= {positions}")
         if getattr(self.model, "pooler", None) is not None:
             # BERT-style poolers are never used by these poolings; left in, their parameters would get no
             # gradient, and DDP would wait for them forever instead of averaging the other gradients

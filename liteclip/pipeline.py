@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from liteclip.checkpoint import atomic_write_bytes, sha256_of
-from liteclip.data.captions import load_image
+from liteclip.checkpoint import atomic_write_bytes, read_safetensors, sha256_of
+from liteclip.data.captions import BadRow
+from liteclip.data.images import UndecodableImageError, load_image, to_rgb
 from liteclip.data.image_folder import IMAGE_SUFFIXES, list_images
 from liteclip.data.transforms import eval_transform
-from liteclip.embedding import encode_image_files, encode_labels, encode_texts
-from liteclip.errors import InputError
+from liteclip.embedding import encode_decodable_image_files, encode_labels, encode_texts
+from liteclip.errors import DataError, InputError, ModelLoadError
 from liteclip.model import CLIP
 from liteclip.pretrained import WEIGHTS_NAME
 
@@ -54,6 +55,10 @@ class ZeroShotPipeline:
     def __init__(self, model_dir: str | Path = "model", device: str | torch.device | None = None,
                  templates: Sequence[str] | None = None, model: CLIP | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device {device!r} asked for, but no CUDA device is visible here; use device='cpu'")
+        if self.device.type == "mps" and not torch.backends.mps.is_available():
+            raise InputError(f"device {device!r} asked for, but MPS is not available here; use device='cpu'")
         self.model_dir = Path(model_dir)
         self.model = (model if model is not None else CLIP.from_pretrained(model_dir)).to(self.device).eval()
         self.templates = list(templates) if templates else None
@@ -71,8 +76,11 @@ class ZeroShotPipeline:
     @torch.no_grad()
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """(N, D) normalised embeddings of paths, PIL images or uint8 arrays."""
-        pixels = torch.stack([self.transform(to_array(image)) for image in images]).to(self.device)
-        return self.model.encode_image(pixels)
+        return self._embed_arrays([to_array(image) for image in images])
+
+    def _embed_arrays(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        pixels = torch.stack([self.transform(array) for array in arrays]).to(self.device)  # (N, 3, H, W)
+        return self.model.encode_image(pixels)  # (N, D)
 
     @torch.no_grad()
     def predict(self, image: ImageInput | Sequence[ImageInput], labels: Sequence[str], top_k: int | None = None,
@@ -81,7 +89,9 @@ class ZeroShotPipeline:
 
         Returns:
             [(label, probability), ...] sorted by probability (softmax over all labels of the scaled cosine
-            similarities), at most top_k of them; for a list of images, a list of such lists.
+            similarities), at most top_k of them; for a list of images, a list of such lists, with an empty list
+            for a file that cannot be decoded (logged as skipped). A single image that cannot be decoded raises
+            UndecodableImageError naming it.
         """
         labels = list(labels)
         if len(labels) < 2:
@@ -93,13 +103,22 @@ class ZeroShotPipeline:
         if not images:
             raise InputError("no images given")
         label_embeds = self.encode_labels(labels, templates)  # (C, D)
-        image_embeds = self.encode_images(images)  # (N, D)
-        probs = (self.model.scale() * image_embeds @ label_embeds.t()).softmax(dim=-1).cpu()  # (N, C)
-        k = len(labels) if top_k is None else max(1, min(top_k, len(labels)))
-        results = []
-        for row in probs:
-            values, indices = row.topk(k)
-            results.append([(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())])
+        arrays, kept = [], []
+        for position, each in enumerate(images):
+            try:
+                arrays.append(to_array(each))
+                kept.append(position)
+            except UndecodableImageError as error:
+                if single:
+                    raise
+                logger.warning("skipped %s", error)
+        results: list[list[tuple[str, float]]] = [[] for _ in images]
+        if arrays:
+            probs = (self.model.scale() * self._embed_arrays(arrays) @ label_embeds.t()).softmax(dim=-1).cpu()
+            k = len(labels) if top_k is None else max(1, min(top_k, len(labels)))
+            for position, row in zip(kept, probs):  # (C,) probabilities of one image
+                values, indices = row.topk(k)
+                results[position] = [(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
         return results[0] if single else results
 
 
@@ -111,7 +130,7 @@ def to_array(image: ImageInput) -> np.ndarray:
             raise FileNotFoundError(f"image {path} does not exist")
         return load_image(path)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
@@ -138,6 +157,7 @@ class ImageSearch:
         self.pipeline = pipeline
         self.paths: list[Path] = []
         self.embeddings = torch.empty(0)
+        self.skipped: list[BadRow] = []  # files the last index() call could not decode
 
     @property
     def fingerprint(self) -> str:
@@ -146,7 +166,7 @@ class ImageSearch:
     def index(self, source: str | Path | Sequence[str | Path], index_path: str | Path | None = None,
               batch_size: int = 64, show_progress: bool = True) -> int:
         """Indexes every image under a folder, or a list of image files; returns how many were (re-)encoded."""
-        from safetensors.torch import load_file, save
+        from safetensors.torch import save
 
         files = list_images(source) if isinstance(source, (str, Path)) else [Path(p) for p in source]
         if not files:
@@ -154,36 +174,42 @@ class ImageSearch:
         fingerprint = self.fingerprint
         previous: dict[str, tuple[list, torch.Tensor]] = {}
         if index_path is not None and Path(index_path).is_file():
-            meta, embeds = _read_index(Path(index_path), load_file)
+            meta, embeds = _read_index(Path(index_path))
             if meta.get("model") == fingerprint:
                 previous = {e["path"]: (e["stamp"], embeds[i]) for i, e in enumerate(meta["files"])}
         keys = [str(p.resolve()) for p in files]
         stamps = {key: [stat.st_size, stat.st_mtime_ns] for key, stat in zip(keys, (p.stat() for p in files))}
         todo = [i for i, key in enumerate(keys) if previous.get(key, (None,))[0] != stamps[key]]
         embeddings = {key: embedding for key, (_, embedding) in previous.items()}
+        self.skipped = []
         if todo:
-            fresh = encode_image_files(self.pipeline.model, [files[i] for i in todo], batch_size,
-                                       self.pipeline.device, show_progress=show_progress)
-            embeddings.update({keys[i]: fresh[j] for j, i in enumerate(todo)})
+            fresh = encode_decodable_image_files(self.pipeline.model, [files[i] for i in todo], batch_size,
+                                                 self.pipeline.device, show_progress=show_progress)
+            embeddings.update({keys[todo[j]]: fresh.embeds[row] for row, j in enumerate(fresh.kept)})
+            self.skipped = fresh.skipped  # not indexed, so the next run tries them again
+        keys = [key for key in keys if key in embeddings]
+        if not keys:
+            raise DataError(f"none of the {len(files)} images in {source} decodes (first: {self.skipped[0]})")
         self.paths = [Path(key) for key in keys]
         self.embeddings = torch.stack([embeddings[key] for key in keys]).cpu()
         if index_path is not None:
             meta = {"model": fingerprint, "files": [{"path": key, "stamp": stamps[key]} for key in keys]}
             atomic_write_bytes(index_path, save({"embeddings": self.embeddings.contiguous()},
                                                 metadata={"liteclip_index": json.dumps(meta)}))
-        logger.info("indexed %d images (%d encoded, %d reused)", len(files), len(todo), len(files) - len(todo))
-        return len(todo)
+        logger.info("indexed %d images (%d encoded, %d reused, %d skipped)", len(keys), len(todo) - len(self.skipped),
+                    len(files) - len(todo), len(self.skipped))
+        return len(todo) - len(self.skipped)
 
     def load(self, index_path: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        meta, embeds = _read_index(Path(index_path), load_file)
+        meta, embeds = _read_index(Path(index_path))
         if meta.get("model") != self.fingerprint:
             raise InputError(f"index {index_path} was built with another model; re-run `liteclip index`")
         self.paths = [Path(e["path"]) for e in meta["files"]]
         self.embeddings = embeds
 
     def _rank(self, query_embed: torch.Tensor, top_k: int) -> list[tuple[Path, float]]:
+        if top_k < 1:
+            raise InputError(f"top_k={top_k}: ask for at least one image")
         if not self.paths:
             raise InputError("the index is empty: call index(folder) or load(index_path) first")
         scores = self.embeddings.to(query_embed.device) @ query_embed  # (N,)
@@ -199,9 +225,8 @@ class ImageSearch:
         return self._rank(self.pipeline.encode_images([image])[0].cpu(), top_k)
 
 
-def _read_index(path: Path, load_file) -> tuple[dict, torch.Tensor]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads((handle.metadata() or {}).get("liteclip_index", "{}"))
-    return meta, load_file(str(path))["embeddings"]
+def _read_index(path: Path) -> tuple[dict, torch.Tensor]:
+    tensors, metadata = read_safetensors(path, "a search index: delete it and run `liteclip index` again")
+    if "embeddings" not in tensors:
+        raise ModelLoadError(f"{path} is not a liteclip search index; delete it and run `liteclip index` again")
+    return json.loads(metadata.get("liteclip_index", "{}")), tensors["embeddings"]

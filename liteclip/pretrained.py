@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from liteclip.checkpoint import load_weights, replace_directory
+from liteclip.checkpoint import load_weights, read_safetensors, replace_directory
 from liteclip.config import Config, ConfigError, ModelConfig, config_from_dict
 from liteclip.convert import ConvertedCLIP, is_hf_clip, read_hf_clip
 from liteclip.errors import ModelLoadError
@@ -119,7 +119,6 @@ def read_model_config(directory: str | Path) -> Config:
 
 def load_model_dir(cls: type, directory: str | Path):
     """Rebuilds a model of class `cls` from a directory written by save_model_dir, offline and without pickle."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
     directory = Path(directory)
@@ -146,5 +145,7 @@ def load_model_dir(cls: type, directory: str | Path):
     if (directory / PREPROCESSOR_NAME).is_file():
         saved = json.loads((directory / PREPROCESSOR_NAME).read_text())
         model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    load_weights(model, load_file(str(directory / WEIGHTS_NAME)), str(directory / WEIGHTS_NAME))
+    weights, _ = read_safetensors(directory / WEIGHTS_NAME, "the model's weights: copy the model directory again, "
+                                                           "or export it again from a training checkpoint")
+    load_weights(model, weights, str(directory / WEIGHTS_NAME))
     return model

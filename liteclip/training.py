@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,8 +32,8 @@ from liteclip import distributed
 from liteclip.checkpoint import load_checkpoint, load_weights
 from liteclip.config import Config, DataConfig, OptimConfig, TrainConfig
 from liteclip.data import build_dataloaders, build_datasets, load_splits, zero_shot_task
-from liteclip.data.captions import CaptionedImage, epoch_seed
-from liteclip.errors import NonFiniteLossError
+from liteclip.data.captions import CaptionedImage, SkippedImages, epoch_seed
+from liteclip.errors import ConfigError, NonFiniteLossError
 from liteclip.evaluation import evaluate_retrieval, evaluate_zero_shot
 from liteclip.feature_cache import CachedFeatureDataset, use_feature_cache
 from liteclip.loss import clip_loss
@@ -127,6 +127,7 @@ class TrainingSetup:
     precision: Precision
     device: torch.device
     total_steps: int
+    skipped_images: SkippedImages = field(default_factory=SkippedImages)  # training images that did not decode
 
 
 def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
@@ -146,7 +147,12 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     if config.train.compile:
         compile_towers(model)
     scaler = torch.amp.GradScaler(ctx.device.type) if precision.needs_grad_scaler else None
-    total_steps = config.train.epochs * (len(loaders["train"]) // config.train.accum_steps)
+    steps_per_epoch = len(loaders["train"]) // config.train.accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(loaders['train'])} training batch(es) of data.batch_size={config.data.batch_size} "
+                          f"make no optimiser step of train.accum_steps={config.train.accum_steps}; lower either, "
+                          f"or use more data")
+    total_steps = config.train.epochs * steps_per_epoch
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     return TrainingSetup(model, model, datasets, loaders["train"], optimizer, scaler, precision, ctx.device,
@@ -191,7 +197,9 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
     window_start, window_samples, window_steps, done = time.perf_counter(), 0, 0, 0
     iterator = iter(setup.train_loader)
     for _ in range(num_steps):
-        micro_batches = [to_device(next(iterator), device) for _ in range(train_config.accum_steps)]
+        batches = [next(iterator) for _ in range(train_config.accum_steps)]
+        setup.skipped_images.add(entry for batch in batches for entry in batch.get("skipped", ()))
+        micro_batches = [to_device(batch, device) for batch in batches]
         set_lr(optimizer, lr_multiplier(state.step, setup.total_steps, optim_config))
         loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler)
         optimizer_step(setup.train_model, optimizer, setup.scaler, optim_config.grad_clip)
@@ -206,8 +214,8 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
             if not math.isfinite(window_loss):
                 raise NonFiniteLossError(
                     f"non-finite loss ({window_loss}) by optimiser step {state.step} (epoch {state.epoch + 1}); "
-                    f"training stopped, the last good checkpoint is kept. Lower optim.lr, set optim_config.grad_clip, or "
-                    f"use train.precision=fp32.")
+                    f"training stopped, the last good checkpoint is kept. Lower optim.lr, set optim.grad_clip, or use "
+                    f"train.precision=fp32.")
             elapsed = time.perf_counter() - window_start
             row = {"epoch": state.epoch + 1, "step": state.step, "loss": window_loss,
                    "lr": optimizer.param_groups[-1]["lr"], "samples_per_s": window_samples / max(elapsed, 1e-9)}
@@ -255,6 +263,8 @@ def end_epoch(setup: TrainingSetup, state: TrainState, train_loss: float, config
     """Evaluates (every train.eval_every epochs, and after the last), keeps the best checkpoint by validation
     recall, writes the last one and logs the epoch."""
     metrics: dict[str, Any] = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss}
+    if setup.skipped_images:
+        metrics["skipped_images"] = len(setup.skipped_images)  # so far in this process, each file counted once
     if state.epoch % config.train.eval_every == 0 or state.epoch == config.train.epochs:
         validation = evaluate_split(setup, "val", config.data)
         if validation:

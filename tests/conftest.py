@@ -20,10 +20,11 @@ SENTENCES = [
 
 
 def write_tiny_text_model(directory: Path) -> Path:
-    """A 2-layer, 64-wide random BERT and a WordPiece tokenizer trained on a few sentences, saved like a hub model."""
+    """A 2-layer, 64-wide random BERT and a WordPiece tokenizer trained on a few sentences, saved like a hub model;
+    512 positions, as bert-mini has, so it stands in for it under every shipped config."""
     from transformers import AutoConfig, BertModel
 
-    write_text_tower(directory, SENTENCES, hidden_size=64, num_layers=2, vocab_size=200)
+    write_text_tower(directory, SENTENCES, hidden_size=64, num_layers=2, vocab_size=200, max_positions=512)
     BertModel(AutoConfig.from_pretrained(directory)).save_pretrained(directory)
     return directory
 

@@ -59,3 +59,26 @@ def test_help_for_every_command(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: liteclip " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "a cat", "--top-k", "0"], "0 must be at least 1"),
+    (["predict", "x.png", "--labels", "a", "b", "--top-k", "-2"], "-2 must be at least 1"),
+])
+def test_bad_counts_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_missing_cuda_device_is_one_line(model_dir, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error cannot happen here")
+    image = draw_image(tmp_path / "x.png", (0, 0, 200))
+    assert main(["predict", str(image), "--labels", "a", "b", "--model-dir", str(model_dir), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "Traceback" not in err

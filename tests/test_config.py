@@ -72,3 +72,15 @@ def test_yaml_round_trip():
 
     from liteclip.config import config_from_dict
     assert config_from_dict(yaml.safe_load(path_text)) == config
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.eval_every=0", "train.eval_every"), ("data.max_train_samples=0", "data.max_train_samples"),
+    ("data.crop_scale=[0.9, 0.5]", "data.crop_scale"), ("data.crop_scale=[0.0, 1.0]", "data.crop_scale"),
+    ("data.crop_scale=[0.5, 1.5]", "data.crop_scale"), ("model.image.image_size=0", "model.image.image_size"),
+    ("optim.grad_clip=0", "optim.grad_clip"), ("data.demo_num_images=5", "data.demo_num_images"),
+    ("data.eval_batch_size=0", "data.eval_batch_size"), ("train.max_steps=0", "train.max_steps"),
+])
+def test_values_that_would_crash_later_fail_when_the_config_loads(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*must be"):
+        load_config(None, [override])

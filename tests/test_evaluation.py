@@ -87,3 +87,18 @@ def test_an_image_folder_needs_two_classes(tmp_path):
     draw_image(tmp_path / "only" / "one" / "0.png", (1, 2, 3))
     with pytest.raises(ValueError, match="at least two class folders"):
         read_image_folder(tmp_path / "only")
+
+
+def test_an_image_that_does_not_decode_is_left_out_of_the_evaluation_with_a_warning(model_dir, images, tmp_path,
+                                                                                    caplog):
+    pipeline = ZeroShotPipeline(model_dir)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    split = [CaptionedImage(p, [f"a {p.stem}"]) for p in images]
+    with caplog.at_level("WARNING"):
+        with_broken = evaluate_retrieval(pipeline.model, split + [CaptionedImage(broken, ["a broken file"])],
+                                         show_progress=False)
+    assert "broken.jpg" in caplog.text
+    assert with_broken == evaluate_retrieval(pipeline.model, split, show_progress=False)
+    task = ZeroShotTask(["a cat", "a dog"], [LabelledImage(images[0], 0), LabelledImage(broken, 1)])
+    assert evaluate_zero_shot(pipeline.model, task, show_progress=False)["per_class"].keys() == {"a cat"}

@@ -200,3 +200,13 @@ def test_remote_code_is_never_trusted_implicitly(tiny_config, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer_spy)
     build_model(tiny_config.model)
     assert seen and all(flag is False for flag in seen)
+
+
+def test_a_max_length_beyond_the_text_towers_positions_fails_at_build_time(tiny_config, tiny_text_dir):
+    import json
+
+    positions = json.loads((tiny_text_dir / "config.json").read_text())["max_position_embeddings"]
+    too_long = dataclasses.replace(tiny_config.model,
+                                   text=dataclasses.replace(tiny_config.model.text, max_length=positions + 1))
+    with pytest.raises(ValueError, match=f"model.text.max_length={positions + 1} exceeds the {positions} positions"):
+        build_model(too_long)

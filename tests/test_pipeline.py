@@ -181,3 +181,48 @@ def test_search_ranks_a_planted_match_first_after_a_few_training_steps(tiny_conf
     hits = search.search("a red square", top_k=4)
     assert hits[0][0] == planted.resolve()
     assert hits[0][1] > hits[1][1]
+
+
+def test_an_undecodable_file_is_skipped_by_index_and_batched_predict_and_named_when_alone(model_dir, tmp_path, caplog):
+    folder = tmp_path / "photos"
+    for i in range(3):
+        draw_image(folder / f"{i}.png", (70 * i, 90, 120))
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    with caplog.at_level("WARNING"):
+        assert search.index(folder, tmp_path / "photos.index", show_progress=False) == 3
+    assert [row.file.name for row in search.skipped] == ["broken.jpg"] and "broken.jpg" in caplog.text
+    assert len(search.paths) == 3 and all(path.name != "broken.jpg" for path in search.paths)
+    assert len(search.search("a red circle", top_k=5)) == 3
+
+    pipeline = ZeroShotPipeline(model_dir)
+    batched = pipeline.predict([folder / "0.png", folder / "broken.jpg", folder / "1.png"], LABELS)
+    assert batched[1] == [] and len(batched[0]) == len(batched[2]) == 3
+    single = pipeline.predict(folder / "0.png", LABELS)
+    assert [label for label, _ in batched[0]] == [label for label, _ in single]
+    assert [p for _, p in batched[0]] == pytest.approx([p for _, p in single], abs=1e-5)
+    with pytest.raises(ValueError, match="broken.jpg: cannot decode image"):
+        pipeline.predict(folder / "broken.jpg", LABELS)
+
+
+def test_a_damaged_index_or_weights_file_is_named_not_a_raw_safetensors_error(model_dir, tmp_path, images):
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    search.index(images, tmp_path / "photos.index", show_progress=False)
+    index_bytes = (tmp_path / "photos.index").read_bytes()
+    (tmp_path / "photos.index").write_bytes(index_bytes[: len(index_bytes) // 2])
+    with pytest.raises(ModelLoadError, match=r"photos\.index is damaged.*liteclip index"):
+        ImageSearch(ZeroShotPipeline(model_dir)).load(tmp_path / "photos.index")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"\xff" * 64 + weights.read_bytes()[64:])  # the header overwritten
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors is damaged"):
+        ZeroShotPipeline(model_dir)
+
+
+def test_top_k_below_one_and_a_missing_cuda_device_are_clear_errors(model_dir, images):
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    search.index(images, show_progress=False)
+    with pytest.raises(ValueError, match="top_k=0"):
+        search.search("a cat", top_k=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            ZeroShotPipeline(model_dir, device="cuda")

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -329,3 +330,71 @@ def test_the_trainers_test_recall_equals_eval_retrieval_on_the_saved_model(tmp_p
     assert final["test_loss"] == pytest.approx(cli["loss"], rel=1e-5)
     written = {r["metric"]: float(r["value"]) for r in read_rows(tmp_path / "run" / "final_metrics.csv")}
     assert written["test_mean_recall"] == cli["mean_recall"]
+
+
+def write_captions_with_planted_bad_images(root):
+    """24 good training images, 6 for val and test, and four planted in training: undecodable, truncated,
+    16-bit (which decodes) and one whose header claims 14000 x 14000 pixels."""
+    from PIL import Image
+
+    from tests.conftest import draw_image
+    from tests.data.test_images import png_claiming
+
+    rows = []
+    for i in range(30):
+        draw_image(root / f"{i}.png", ((37 * i) % 256, (91 * i) % 256, 120), size=32)
+        rows.append((f"{i}.png", f"picture number {i % 7}", "train" if i < 24 else ("val" if i < 27 else "test")))
+    (root / "broken.jpg").write_bytes(b"this is not a jpeg")
+    draw_image(root / "whole.jpg", (10, 200, 10), size=64)
+    (root / "truncated.jpg").write_bytes((root / "whole.jpg").read_bytes()[:200])
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)).save(root / "deep.png")
+    (root / "huge.png").write_bytes(png_claiming(14000, 14000))
+    rows += [(name, "a planted file", "train") for name in ("broken.jpg", "truncated.jpg", "deep.png", "huge.png")]
+    (root / "captions.csv").write_text("image,caption,split\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    return ["broken.jpg", "truncated.jpg", "huge.png"]
+
+
+def csv_config(tmp_path, data_root, text_dir, *extra):
+    return load_config("configs/demo.yaml", [
+        "data.dataset=csv", f"data.root={data_root}", "data.captions_file=captions.csv", "data.split_column=split",
+        "data.batch_size=4", "data.num_workers=0", "model.image.name=test_convnext3", "model.image.pretrained=false",
+        "model.image.image_size=32", "model.image.crop_pct=1.0", f"model.text.name={text_dir}",
+        "model.text.pretrained=true", "model.text.max_length=16", "model.projection.dim=32",
+        "model.projection.dropout=0.0", "optim.warmup_steps=2", "train.epochs=2", "train.log_every=1",
+        "train.precision=fp32", f"train.output_dir={tmp_path / 'run'}", f"train.model_dir={tmp_path / 'model'}",
+        *extra])
+
+
+def test_a_run_over_planted_bad_images_completes_names_each_once_and_resumes_exactly(tmp_path, tiny_text_dir,
+                                                                                       caplog, monkeypatch):
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    bad = write_captions_with_planted_bad_images(data_root)
+    with caplog.at_level("WARNING", logger="liteclip"):
+        fit(csv_config(tmp_path / "straight", data_root, tiny_text_dir), show_progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "skipped training image" in r.getMessage()]
+    for name in bad:
+        assert sum(str(data_root / name) in w for w in warnings) == 1, name
+    assert not any("deep.png" in w for w in warnings)  # a 16-bit image decodes
+    epochs = read_rows(tmp_path / "straight" / "run" / "epochs.csv")
+    assert epochs[-1]["skipped_images"] == "3"
+    assert (tmp_path / "straight" / "model" / "model.safetensors").is_file()
+
+    real_epoch = training.train_one_epoch
+    calls = {"n": 0}
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(csv_config(tmp_path / "resumed", data_root, tiny_text_dir), show_progress=False)
+    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
+    fit(csv_config(tmp_path / "resumed", data_root, tiny_text_dir), resume="auto", show_progress=False)
+    straight = load_checkpoint(tmp_path / "straight" / "run" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "run" / "last.pt")
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

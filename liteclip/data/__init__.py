@@ -48,11 +48,11 @@ def load_splits(config: DataConfig, policy: BadRowPolicy | None = None) -> dict[
             raise DataError("data.captions_file must name the CSV/TSV file when data.dataset is csv")
         splits = read_caption_csv(root / config.captions_file, root, config.image_column, config.caption_column,
                                   config.split_column, config.val_fraction, config.test_fraction, config.split_seed,
-                                  policy)
+                                  policy, config.encoding)
         policy.summarise()
     else:
         splits = read_flickr8k(root, config.captions_file, config.val_fraction, config.test_fraction,
-                               config.split_seed, policy)
+                               config.split_seed, policy, config.encoding)
     if not splits["train"]:
         raise DataError(f"{root}: the training split is empty")
     if config.max_train_samples is not None:
@@ -74,7 +74,10 @@ def build_datasets(config: DataConfig, data_config: dict[str, Any],
     train_tf, eval_tf = build_transforms(data_config, config.augment, config.crop_scale, config.horizontal_flip)
     decode_size = image_size(data_config)
     return {
-        "train": ImageCaptionDataset(splits["train"], train_tf, config.train_captions, decode_size),
+        # a training image that does not decode is replaced and reported, never fatal: found hours into a run, it
+        # would otherwise cost the epoch (`python -m liteclip.data check` finds them all beforehand)
+        "train": ImageCaptionDataset(splits["train"], train_tf, config.train_captions, decode_size,
+                                     skip_undecodable=True),
         "val": ImageCaptionDataset(splits["val"], eval_tf, "first", decode_size),
         "test": ImageCaptionDataset(splits["test"], eval_tf, "first", decode_size),
     }

@@ -14,6 +14,7 @@ The generic CSV/TSV reader for users' own data lives here too, and so does the c
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import random
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from liteclip.data.images import UndecodableImageError, load_image
 from liteclip.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,22 @@ class BadRowPolicy:
             logger.warning("skipped %d bad rows; first: %s", len(self.rows), self.rows[0])
 
 
+def read_captions_text(path: Path, encoding: str = "utf-8") -> io.StringIO:
+    """A captions file's text, ready for csv; bytes that are not `encoding` are a DataError naming file and line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        column = error.start - data.rfind(b"\n", 0, error.start)
+        raise DataError(f"{path}:{line}: not valid {encoding} text (byte {data[error.start]:#04x} at column "
+                        f"{column}); set data.encoding to the file's encoding (e.g. latin-1, cp1252, utf-16) or "
+                        f"save the file as UTF-8") from None
+    except LookupError:
+        raise DataError(f"data.encoding={encoding!r} is not a text encoding Python knows") from None
+    return io.StringIO(text.removeprefix("\ufeff"), newline="")  # a UTF-8 byte-order mark is not a column name
+
+
 def resolve_image_path(image_root: Path, name: str) -> Path | None:
     """The image's path under image_root, or None when the name escapes it (`../`, absolute paths elsewhere)."""
     root = image_root.resolve()
@@ -131,12 +148,12 @@ def split_by_image(names: list[str], val_fraction: float, test_fraction: float, 
 
 def read_caption_csv(csv_path: Path, image_root: Path, image_column: str, caption_column: str,
                      split_column: str | None, val_fraction: float, test_fraction: float, seed: int,
-                     policy: BadRowPolicy) -> dict[str, list[CaptionedImage]]:
+                     policy: BadRowPolicy, encoding: str = "utf-8") -> dict[str, list[CaptionedImage]]:
     """Reads a CSV (or TSV, by extension) of image paths and captions into image-level splits."""
     if not csv_path.is_file():
         raise DataError(f"captions file {csv_path} does not exist (data.captions_file is relative to data.root)")
     delimiter = "\t" if csv_path.suffix.lower() in (".tsv", ".tab") else ","
-    with open(csv_path, newline="", encoding="utf-8") as handle:
+    with read_captions_text(csv_path, encoding) as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         header = reader.fieldnames or []
         needed = [c for c in (image_column, caption_column, split_column) if c]
@@ -163,22 +180,6 @@ def read_caption_csv(csv_path: Path, image_root: Path, image_column: str, captio
 
 
 # ---------------------------------------------------------------------------------------------------- samples
-
-
-def load_image(path: Path, min_size: int | None = None) -> np.ndarray:
-    """Decodes an image to an RGB uint8 array (H, W, 3).
-
-    For JPEGs, `min_size` lets the decoder scale down by powers of two in the DCT (PIL's draft mode), which is much
-    cheaper than decoding full resolution and resizing afterwards.
-    """
-    try:
-        with Image.open(path) as image:
-            if min_size is not None and image.format == "JPEG":
-                image.draft("RGB", (min_size, min_size))
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: cannot decode image ({error}); run `python -m liteclip.data check` on the "
-                        f"dataset, or remove the file") from None
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -208,14 +209,19 @@ class ImageCaptionDataset(Dataset):
             so no false negatives in the contrastive loss); "all": every (image, caption) pair (liteCLIP);
             "first": each image once with its first caption (evaluation, deterministic).
         decode_size: the smallest side the transform needs, for JPEG draft decoding.
+        skip_undecodable: a sample whose image does not decode is replaced by the next one (deterministically, so
+            resume stays exact, and the batch keeps its size) and reported in the sample's "skipped" list; off, it
+            raises UndecodableImageError naming the file.
     """
 
     def __init__(self, images: list[CaptionedImage], transform: Callable[[np.ndarray], torch.Tensor],
-                 captions: Literal["one", "all", "first"] = "one", decode_size: int | None = None):
+                 captions: Literal["one", "all", "first"] = "one", decode_size: int | None = None,
+                 skip_undecodable: bool = False):
         self.images = images
         self.transform = transform
         self.captions = captions
         self.decode_size = decode_size
+        self.skip_undecodable = skip_undecodable
         self.pairs = [(i, j) for i, image in enumerate(images) for j in range(len(image.captions))]
 
     def __len__(self) -> int:
@@ -230,12 +236,24 @@ class ImageCaptionDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, generator = unpack_sample_key(key)
-        image_index, caption_index = self.locate(index, generator)
-        image = self.images[image_index]
-        pixels = load_image(image.image_path, self.decode_size)
+        skipped: list[tuple[str, str]] = []
+        while True:
+            image_index, caption_index = self.locate(index, generator)
+            image = self.images[image_index]
+            try:
+                pixels = load_image(image.image_path, self.decode_size)
+                break
+            except UndecodableImageError as error:
+                if not self.skip_undecodable or len(skipped) + 1 >= len(self):
+                    raise
+                skipped.append((str(image.image_path), error.reason))
+                index = (index + 1) % len(self)
         transform_seed = int(torch.randint(2**31 - 1, (), generator=generator)) if generator is not None else None
         pixels = self.transform(pixels, transform_seed) if transform_seed is not None else self.transform(pixels)
-        return {"pixel_values": pixels, "caption": image.captions[caption_index], "image_index": image_index}
+        sample = {"pixel_values": pixels, "caption": image.captions[caption_index], "image_index": image_index}
+        if skipped:
+            sample["skipped"] = skipped
+        return sample
 
 
 class SeededSampler(Sampler):
@@ -282,4 +300,24 @@ class CaptionCollator:
         for key in ("pixel_values", "image_features"):
             if key in samples[0]:
                 batch[key] = torch.stack([s[key] for s in samples])
+        skipped = [entry for s in samples for entry in s.get("skipped", ())]
+        if skipped:
+            batch["skipped"] = skipped  # (path, reason) of images replaced in this batch
         return batch
+
+
+class SkippedImages:
+    """Training images that did not decode: each logged once, with its reason, and counted."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+
+    def add(self, entries: Iterable[tuple[str, str]]) -> None:
+        for path, reason in entries:
+            if path not in self.reasons:
+                self.reasons[path] = reason
+                logger.warning("skipped training image %s (%s); the next image takes its place. "
+                               "`python -m liteclip.data check` lists every such file", path, reason)
+
+    def __len__(self) -> int:
+        return len(self.reasons)

@@ -224,7 +224,7 @@ def _captions(rng: np.random.Generator, objects: list[DrawnObject], image_size: 
 
 
 def write_text_tower(directory: str | Path, sentences: list[str], hidden_size: int = 128, num_layers: int = 2,
-                     num_heads: int = 2, vocab_size: int = 300) -> Path:
+                     num_heads: int = 2, vocab_size: int = 300, max_positions: int = 64) -> Path:
     """Writes a small BERT config and a WordPiece tokenizer for `sentences`, in the Hugging Face layout.
 
     The vocabulary is built directly (special tokens, single characters and their ## forms, then the most frequent
@@ -253,9 +253,10 @@ def write_text_tower(directory: str | Path, sentences: list[str], hidden_size: i
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_max_length=max_positions)
     fast.save_pretrained(str(directory))
     BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers,
                num_attention_heads=num_heads, intermediate_size=hidden_size * 4,
-               max_position_embeddings=64).save_pretrained(directory)
+               max_position_embeddings=max_positions).save_pretrained(directory)
     return directory

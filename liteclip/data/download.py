@@ -16,6 +16,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from liteclip.checkpoint import sha256_of
 from liteclip.data.captions import BadRow, BadRowPolicy, DataError, read_caption_csv
 from liteclip.data.flickr8k import read_flickr8k
+from liteclip.data.images import UndecodableImageError, open_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -150,38 +152,41 @@ def download_dataset(name: str, root: str | Path, base_url: str | None = None, s
 
 def check_dataset(root: str | Path, captions_file: str | None = None, image_column: str = "image",
                   caption_column: str = "caption", split_column: str | None = None,
-                  show_progress: bool = True) -> list[BadRow]:
+                  show_progress: bool = True, encoding: str = "utf-8") -> list[BadRow]:
     """Every bad row of a dataset: missing or undecodable images, empty captions, missing columns, paths escaping
     the root, split entries naming unknown images. Flickr8K layouts are detected; otherwise a CSV/TSV is read."""
     root = Path(root)
     policy = BadRowPolicy("collect")
     is_flickr = captions_file is None or Path(captions_file).name in ("captions.txt", "Flickr8k.token.txt")
     if is_flickr:
-        splits = read_flickr8k(root, captions_file, policy=policy)
+        splits = read_flickr8k(root, captions_file, policy=policy, encoding=encoding)
     else:
         splits = read_caption_csv(root / captions_file, root, image_column, caption_column, split_column, 0.1, 0.1, 0,
-                                  policy)
+                                  policy, encoding)
     images = {image.image_path: image for split in splits.values() for image in split}
     for path in tqdm(sorted(images), desc="decoding images", disable=not show_progress, unit="img"):
         try:
-            with Image.open(path) as image:
-                image.load()
-        except (OSError, ValueError) as error:
-            policy.rows.append(BadRow(path, 0, f"image does not decode ({error})"))
+            open_rgb(path)
+        except UndecodableImageError as error:
+            policy.rows.append(BadRow(path, 0, f"image does not decode: {error.reason}"))
     return policy.rows
 
 
 # ---------------------------------------------------------------------------------------------------- prepare
 
 
+class PreparedCopy(NamedTuple):
+    bytes_before: int  # over the image files copied
+    bytes_after: int
+    skipped: list[BadRow]  # image files that could not be decoded, left out of the copy
+
+
 def prepare_images(source: str | Path, destination: str | Path, size: int = 256, quality: int = 95,
-                   show_progress: bool = True) -> tuple[int, int]:
+                   show_progress: bool = True) -> PreparedCopy:
     """Copies a dataset folder, resizing every image so its shorter side is at most `size` pixels.
 
-    Non-image files (captions, split files) are copied as they are, so the copy is a drop-in data.root.
-
-    Returns:
-        (bytes before, bytes after) over the image files.
+    Non-image files (captions, split files) are copied as they are, so the copy is a drop-in data.root. An image
+    that cannot be decoded is left out and listed; the rest is still copied.
     """
     source, destination = Path(source), Path(destination)
     if not source.is_dir():
@@ -190,22 +195,25 @@ def prepare_images(source: str | Path, destination: str | Path, size: int = 256,
         raise DataError(f"destination {destination} must not lie inside the source {source}")
     files = sorted(p for p in source.rglob("*") if p.is_file() and ".downloads" not in p.parts)
     before = after = 0
+    skipped = []
     for path in tqdm(files, desc="preparing", disable=not show_progress, unit="file"):
         target = destination / path.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
             shutil.copy2(path, target)
             continue
+        try:
+            image = open_rgb(path, min_size=size)  # JPEG: decoded at reduced scale where possible
+        except UndecodableImageError as error:
+            skipped.append(BadRow(path, 0, error.reason))
+            continue
         before += path.stat().st_size
-        with Image.open(path) as image:
-            image.draft("RGB", (size, size))  # JPEG: decode at reduced scale where possible
-            image = image.convert("RGB")
-            scale = size / min(image.size)
-            if scale < 1:
-                image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-            tmp = target.with_name(f".{target.name}.tmp")
-            fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
-            image.save(tmp, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
-            os.replace(tmp, target)
+        scale = size / min(image.size)
+        if scale < 1:
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+        tmp = target.with_name(f".{target.name}.tmp")
+        fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
+        image.save(tmp, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+        os.replace(tmp, target)
         after += target.stat().st_size
-    return before, after
+    return PreparedCopy(before, after, skipped)

@@ -14,7 +14,8 @@ import csv
 import json
 from pathlib import Path
 
-from liteclip.data.captions import BadRowPolicy, CaptionedImage, DataError, group_captions, split_by_image
+from liteclip.data.captions import (BadRowPolicy, CaptionedImage, DataError, group_captions, read_captions_text,
+                                    split_by_image)
 
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
@@ -51,9 +52,9 @@ def detect_layout(root: Path, captions_file: str | None = None) -> tuple[Path, P
                     f"Flickr8k.token.txt + Flicker8k_Dataset/ (original)")
 
 
-def _caption_rows(captions_path: Path, policy: BadRowPolicy):
+def _caption_rows(captions_path: Path, policy: BadRowPolicy, encoding: str = "utf-8"):
     """Yields (line number, image name, caption) from either captions format."""
-    with open(captions_path, newline="", encoding="utf-8") as handle:
+    with read_captions_text(captions_path, encoding) as handle:
         if captions_path.name.endswith(".token.txt"):
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -111,13 +112,13 @@ def _known_only(splits: dict[str, list[str]], known: set[str], source, policy: B
 
 
 def read_flickr8k(root: str | Path, captions_file: str | None = None, val_fraction: float = 0.1,
-                  test_fraction: float = 0.1, seed: int = 0,
-                  policy: BadRowPolicy | None = None) -> dict[str, list[CaptionedImage]]:
+                  test_fraction: float = 0.1, seed: int = 0, policy: BadRowPolicy | None = None,
+                  encoding: str = "utf-8") -> dict[str, list[CaptionedImage]]:
     """Reads Flickr8K (either layout) into image-level train/val/test splits."""
     root = Path(root)
     policy = policy or BadRowPolicy()
     captions_path, image_dir = detect_layout(root, captions_file)
-    images = group_captions(_caption_rows(captions_path, policy), image_dir, captions_path, policy)
+    images = group_captions(_caption_rows(captions_path, policy, encoding), image_dir, captions_path, policy)
     names = _split_names(root, list(images), val_fraction, test_fraction, seed, policy)
     policy.summarise()
     return {split: [images[n] for n in names.get(split, [])] for split in ("train", "val", "test")}

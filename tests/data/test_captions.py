@@ -156,3 +156,36 @@ def test_seeded_sampler_gives_every_sample_its_own_seed_per_epoch():
     ranks[0].set_epoch(1)
     epoch1 = dict(iter(ranks[0]))
     assert epoch0 == seeds[0] and epoch1 != epoch0
+
+
+def test_captions_that_are_not_utf8_name_file_and_line_and_an_encoding_reads_them(tmp_path):
+    draw_image(tmp_path / "a.jpg", (1, 2, 3))
+    draw_image(tmp_path / "b.jpg", (4, 5, 6))
+    (tmp_path / "c.csv").write_bytes("image,caption\na.jpg,a red square\nb.jpg,un caf\u00e9 noir\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"c\.csv:3: not valid utf-8 text .*data\.encoding"):
+        read_caption_csv(tmp_path / "c.csv", tmp_path, "image", "caption", None, 0.0, 0.0, 0, BadRowPolicy())
+    splits = read_caption_csv(tmp_path / "c.csv", tmp_path, "image", "caption", None, 0.0, 0.0, 0, BadRowPolicy(),
+                              encoding="latin-1")
+    assert sorted(c for image in splits["train"] for c in image.captions) == ["a red square", "un caf\u00e9 noir"]
+
+
+def test_flickr8k_captions_in_another_encoding(kaggle_root):
+    captions = kaggle_root / "captions.txt"
+    captions.write_bytes(captions.read_text().replace("caption 0 of", "caption 0 \u00f6f", 1).encode("cp1252"))
+    with pytest.raises(DataError, match=r"captions\.txt:\d+: not valid utf-8"):
+        read_flickr8k(kaggle_root)
+    splits = read_flickr8k(kaggle_root, encoding="cp1252")
+    assert any("\u00f6f" in c for split in splits.values() for image in split for c in image.captions)
+
+
+def test_a_training_sample_that_does_not_decode_is_replaced_by_the_next_and_reported(tmp_path):
+    images = [CaptionedImage(draw_image(tmp_path / f"{i}.png", (40 * i, 50, 60)), [f"caption {i}"]) for i in range(3)]
+    (tmp_path / "1.png").write_bytes(b"broken")
+    transform = lambda array: torch.from_numpy(array.astype(np.float32))  # noqa: E731
+    dataset = ImageCaptionDataset(images, transform, "first", skip_undecodable=True)
+    sample = dataset[1]
+    assert sample["image_index"] == 2 and sample["caption"] == "caption 2"
+    assert sample["skipped"] == [(str(tmp_path / "1.png"), sample["skipped"][0][1])]
+    assert "cannot decode" in sample["skipped"][0][1] and "skipped" not in dataset[0]
+    with pytest.raises(DataError, match="1.png: cannot decode"):
+        ImageCaptionDataset(images, transform, "first")[1]

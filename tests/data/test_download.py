@@ -6,6 +6,7 @@ import io
 import threading
 import zipfile
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -163,10 +164,24 @@ def test_prepare_resizes_and_copies_the_rest(tmp_path):
     for i in range(3):
         draw_image(source / "Images" / f"{i}.jpg", (10, 20, 30), size=600)
     (source / "captions.txt").write_text("image,caption\n0.jpg,x\n")
-    before, after = prepare_images(source, tmp_path / "dst", size=128, show_progress=False)
+    before, after, skipped = prepare_images(source, tmp_path / "dst", size=128, show_progress=False)
     with Image.open(tmp_path / "dst" / "Images" / "0.jpg") as image:
         assert min(image.size) == 128
     assert (tmp_path / "dst" / "captions.txt").read_text() == (source / "captions.txt").read_text()
     assert 0 < after < before
     with pytest.raises(DataError, match="must not lie inside"):
         prepare_images(source, source / "inner", show_progress=False)
+
+
+def test_prepare_finishes_the_rest_and_lists_what_it_skipped(tmp_path):
+    source = tmp_path / "src"
+    for i in range(2):
+        draw_image(source / "Images" / f"{i}.png", (10, 200, 30), size=300)
+    (source / "Images" / "broken.jpg").write_bytes(b"not a jpeg")
+    deep = (np.arange(300 * 300, dtype=np.uint32).reshape(300, 300) % 65536).astype(np.uint16)
+    Image.fromarray(deep).save(source / "Images" / "deep.png")
+    _, _, skipped = prepare_images(source, tmp_path / "dst", size=100, show_progress=False)
+    assert [row.file.name for row in skipped] == ["broken.jpg"] and "cannot decode" in skipped[0].reason
+    assert sorted(p.name for p in (tmp_path / "dst" / "Images").iterdir()) == ["0.png", "1.png", "deep.png"]
+    with Image.open(tmp_path / "dst" / "Images" / "deep.png") as copy:
+        assert np.asarray(copy.convert("L")).mean() < 200  # tones kept; PIL's own conversion gives all white

@@ -1,0 +1,87 @@
+"""Decoding image files into 8-bit RGB, whatever mode PIL opens them in, with errors that name the file.
+
+PIL's `convert("RGB")` clips 16-bit and 32-bit values at 255 (a 16-bit grayscale PNG becomes pure white) and drops
+transparency to whatever colour hides under it. Here every mode is mapped on purpose:
+
+    I;16 / I;16B / I;16L   16-bit grayscale, scaled by 255/65535
+    I                      32-bit integers: scaled like 16-bit data when any value exceeds 255, else taken as is
+    F                      32-bit floats: values in [0, 1] scaled by 255, anything else clipped to [0, 255]
+    RGBA, LA, PA, P with transparency, RGBa, La
+                           composited onto white (a transparent logo is a logo on white, not on black)
+    everything else        PIL's own conversion (L, 1, P, CMYK, YCbCr, LAB, HSV, RGB)
+
+Images larger than PIL's decompression-bomb limit (MAX_PIXELS) are refused with a message naming the file, before
+any memory is spent on them; `python -m liteclip.data prepare` writes a smaller copy of a dataset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from liteclip.errors import DataError
+
+# PIL refuses images above twice its MAX_IMAGE_PIXELS (89.5 million by default): 179 million pixels, a 13,000 px
+# square. Raise PIL.Image.MAX_IMAGE_PIXELS yourself for files you trust.
+MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+ADVICE = "run `python -m liteclip.data check` on the dataset, or remove the file"
+
+
+class UndecodableImageError(DataError):
+    """An image file that cannot be decoded; `path` and `reason` are kept for reports of skipped files."""
+
+    def __init__(self, message: str, path: Path | None = None, reason: str = ""):
+        super().__init__(message)  # one positional argument: DataLoader workers re-raise errors as type(message)
+        self.path, self.reason = path, reason
+
+    @classmethod
+    def of(cls, path: Path, reason: str, advice: str) -> UndecodableImageError:
+        return cls(f"{path}: {reason}; {advice}", Path(path), reason)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a PIL image in any mode (see the module docstring for how each mode maps)."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        if image.mode == "F":
+            values = values * 255.0 if values.size and values.max() <= 1.0 else values
+        elif image.mode in SIXTEEN_BIT_MODES or (values.size and values.max() > 255):
+            values = np.clip(values, 0, 65535) * (255.0 / 65535.0)
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA")).astype(np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        return Image.fromarray(np.rint(rgb).astype(np.uint8), mode="RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: Path, min_size: int | None = None) -> np.ndarray:
+    """Decodes an image file to an RGB uint8 array (H, W, 3); a file that cannot be decoded is a DataError.
+
+    For JPEGs, `min_size` lets the decoder scale down by powers of two in the DCT (PIL's draft mode), which is much
+    cheaper than decoding full resolution and resizing afterwards.
+    """
+    return np.asarray(open_rgb(path, min_size))
+
+
+def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
+    """The decoded 8-bit RGB PIL image of a file (see load_image)."""
+    try:
+        with Image.open(path) as image:
+            if min_size is not None and image.format == "JPEG":
+                image.draft("RGB", (min_size, min_size))
+            image.load()
+            return to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise UndecodableImageError.of(
+            path, f"too large to decode safely ({error}; the limit is {MAX_PIXELS:,} pixels)",
+            "shrink the dataset with `python -m liteclip.data prepare SRC DST --size 512`, or raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+    except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken or truncated files
+        raise UndecodableImageError.of(path, f"cannot decode image ({error})", ADVICE) from None
