@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,10 +38,22 @@ def _setup_logging(verbose: bool = False) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from liteclip.config import load_config
+    from liteclip.preemption import TrainingStopped
     from liteclip.training import fit
 
     config = load_config(args.config, args.set)
-    fit(config, resume=args.resume, show_progress=not args.no_progress)
+    resume_command = shlex.join(["python", "train.py", "--config", args.config, *(["--set", *args.set] if args.set
+                                                                                  else []), "--resume", "auto"])
+    try:
+        fit(config, resume=args.resume, show_progress=not args.no_progress)
+    except TrainingStopped as stopped:
+        print(f"liteclip train: {stopped}\nresume: {resume_command}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        last = Path(config.train.output_dir) / "last.pt"
+        where = f"the last checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        print(f"liteclip train: interrupted; {where}\nresume: {resume_command}", file=sys.stderr)
+        return 130
     return 0
 
 

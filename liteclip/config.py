@@ -133,6 +133,9 @@ class TrainConfig:
     accum_steps: int = 1  # >1: gradient caching over accum_steps sub-batches (negatives span all of them)
     log_every: int = 10  # steps between loss read-backs (each one is a host-device sync)
     eval_every: int = 1  # epochs between evaluations
+    # minutes between checkpoints written inside an epoch (a crash then costs minutes, not the epoch); null: only
+    # at the end of each epoch. SIGTERM and SIGINT always write one and stop (liteclip.preemption)
+    checkpoint_every_minutes: float | None = 15.0
     max_steps: int | None = None  # stop early (tests, smoke runs)
     compile: bool = False  # torch.compile both towers; whatever dynamo cannot compile runs eagerly instead
     cache_image_features: bool = False  # locked image tower: compute its features once and keep them on disk
@@ -301,6 +304,8 @@ def validate(config: Config, source: str = "<config>") -> None:
         (config.train.accum_steps >= 1, "train.accum_steps", config.train.accum_steps, "must be >= 1"),
         (config.train.log_every >= 1, "train.log_every", config.train.log_every, "must be >= 1"),
         (config.train.eval_every >= 1, "train.eval_every", config.train.eval_every, "must be >= 1 (epochs)"),
+        (config.train.checkpoint_every_minutes is None or config.train.checkpoint_every_minutes > 0,
+         "train.checkpoint_every_minutes", config.train.checkpoint_every_minutes, "must be > 0, or null for none"),
         (config.train.max_steps is None or config.train.max_steps > 0, "train.max_steps", config.train.max_steps,
          "must be > 0, or null for no limit"),
         (config.optim.grad_clip is None or config.optim.grad_clip > 0, "optim.grad_clip", config.optim.grad_clip,

@@ -101,6 +101,25 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any rank: every rank then takes the same decision at the same step."""
+    if not is_distributed():
+        return tuple(flags)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    votes = torch.tensor([float(flag) for flag in flags], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return tuple(bool(vote) for vote in votes.tolist())
+
+
+def all_gather_object(value: object) -> list[object]:
+    """[value of rank 0, value of rank 1, ...] on every rank; [value] in a single process."""
+    if not is_distributed():
+        return [value]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -15,6 +15,7 @@ run trims them back to its checkpoint's step, so no step is missing or logged tw
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -44,6 +45,17 @@ class TrainState:
     step: int = 0  # optimiser steps completed
     best_metric: float = -math.inf
     best_epoch: int = -1
+    # a checkpoint written inside an epoch also holds where the epoch and its current log window stood, so a run
+    # resumed from it logs and averages exactly as an uninterrupted one (liteclip.preemption)
+    epoch_step: int = 0  # optimiser steps done in the unfinished epoch
+    epoch_loss_sum: float = 0.0
+    window_loss_sum: float = 0.0
+    window_steps: int = 0
+    window_samples: int = 0
+
+    def start_epoch(self) -> None:
+        self.epoch_step, self.epoch_loss_sum = 0, 0.0
+        self.window_loss_sum, self.window_steps, self.window_samples = 0.0, 0, 0
 
 
 # --------------------------------------------------------------------------------------------------------- logs
@@ -197,27 +209,38 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 
 def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler | None, state: TrainState, config: Config) -> dict[str, Any]:
-    """Everything a run needs to continue exactly: weights, optimiser, scaler, progress, RNG and the config."""
+                     scaler: torch.amp.GradScaler | None, state: TrainState, config: Config,
+                     rng_per_rank: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Everything a run needs to continue exactly: weights, optimiser, scaler, progress, RNG and the config.
+
+    rng_per_rank: every rank's torch RNG state, for a checkpoint inside an epoch (at an epoch's start each rank
+    reseeds from (seed, epoch, rank) anyway).
+    """
     return {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
-        "epoch": state.epoch, "step": state.step, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+        **dataclasses.asdict(state),
         "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "torch_per_rank": rng_per_rank or []},
         "config": config.to_dict(),
     }
 
 
 def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler | None, state: TrainState) -> None:
+            scaler: torch.amp.GradScaler | None, state: TrainState, rank: int = 0) -> None:
     """Loads a checkpoint written by checkpoint_state into the model, optimiser, scaler and state."""
     checkpoint = load_checkpoint(path)
     load_weights(model, checkpoint["model"], str(path))
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
-    state.epoch, state.step = checkpoint["epoch"], checkpoint["step"]
-    state.best_metric, state.best_epoch = checkpoint["best_metric"], checkpoint["best_epoch"]
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    logger.info("resumed from %s at epoch %d, step %d", path, state.epoch, state.step)
+    for progress in dataclasses.fields(state):
+        if progress.name in checkpoint:  # checkpoints from before mid-epoch saving lack the epoch_* fields
+            setattr(state, progress.name, checkpoint[progress.name])
+    per_rank = checkpoint["rng"].get("torch_per_rank") or []
+    torch.set_rng_state(per_rank[rank] if rank < len(per_rank) else checkpoint["rng"]["torch"])
+    if checkpoint["rng"].get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    logger.info("resumed from %s at epoch %d, step %d%s", path, state.epoch, state.step,
+                f" ({state.epoch_step} steps into epoch {state.epoch + 1})" if state.epoch_step else "")

@@ -40,6 +40,7 @@ from liteclip.loss import clip_loss
 from liteclip.model import CLIP, build_model
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.precision import Precision, resolve_precision
+from liteclip.preemption import StepCheckpoints
 from liteclip.run_directory import BEST, LAST, RunDirectory, TrainState, checkpoint_state, restore
 from liteclip.runtime import keep_freed_memory_for
 
@@ -182,21 +183,26 @@ def seed_everything(seed: int) -> None:
 
 
 def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: TrainConfig, optim_config: OptimConfig,
-                    log_step: Callable[[dict], None], show_progress: bool = True) -> float:
-    """Trains one epoch; returns its mean loss. Raises NonFiniteLossError naming the first bad step."""
+                    log_step: Callable[[dict], None], checkpoints: StepCheckpoints,
+                    write_checkpoint: Callable[[], str], show_progress: bool = True) -> float:
+    """Trains one epoch, or the rest of one after a mid-epoch checkpoint; returns its mean loss.
+
+    Raises NonFiniteLossError naming the first bad step, and TrainingStopped after writing a checkpoint when a stop
+    signal arrived.
+    """
     setup.train_model.train()
     device, optimizer = setup.device, setup.optimizer
-    num_steps = len(setup.train_loader) // train_config.accum_steps
+    last_step = len(setup.train_loader) // train_config.accum_steps  # the epoch's last step, counted from 1
     if train_config.max_steps is not None:
-        num_steps = max(0, min(num_steps, train_config.max_steps - state.step))
-    progress = tqdm(total=num_steps, desc=f"epoch {state.epoch + 1}/{train_config.epochs}", leave=False,
-                    disable=not show_progress, dynamic_ncols=True)
+        last_step = max(state.epoch_step, min(last_step, state.epoch_step + train_config.max_steps - state.step))
+    progress = tqdm(total=last_step, initial=state.epoch_step, desc=f"epoch {state.epoch + 1}/{train_config.epochs}",
+                    leave=False, disable=not show_progress, dynamic_ncols=True)
     # running sums stay on the device: reading a loss back is a host-device sync, done only every log_every steps
-    loss_sum = torch.zeros((), device=device)
-    window_sum = torch.zeros((), device=device)
-    window_start, window_samples, window_steps, done = time.perf_counter(), 0, 0, 0
+    loss_sum = torch.tensor(state.epoch_loss_sum, device=device)
+    window_sum = torch.tensor(state.window_loss_sum, device=device)
+    window_start = time.perf_counter()
     iterator = iter(setup.train_loader)
-    for _ in range(num_steps):
+    while state.epoch_step < last_step:
         batches = [next(iterator) for _ in range(train_config.accum_steps)]
         setup.skipped_images.add(entry for batch in batches for entry in batch.get("skipped", ()))
         micro_batches = [to_device(batch, device) for batch in batches]
@@ -204,29 +210,40 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
         loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler)
         optimizer_step(setup.train_model, optimizer, setup.scaler, optim_config.grad_clip)
         state.step += 1
-        done += 1
+        state.epoch_step += 1
         loss_sum += loss
         window_sum += loss
-        window_steps += 1
-        window_samples += sum(len(b["input_ids"]) for b in micro_batches) * distributed.world_size()
-        if window_steps == train_config.log_every or done == num_steps:
-            window_loss = (window_sum / window_steps).item()  # the sync point
-            if not math.isfinite(window_loss):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({window_loss}) by optimiser step {state.step} (epoch {state.epoch + 1}); "
-                    f"training stopped, the last good checkpoint is kept. Lower optim.lr, set optim.grad_clip, or use "
-                    f"train.precision=fp32.")
-            elapsed = time.perf_counter() - window_start
-            row = {"epoch": state.epoch + 1, "step": state.step, "loss": window_loss,
-                   "lr": optimizer.param_groups[-1]["lr"], "samples_per_s": window_samples / max(elapsed, 1e-9)}
-            log_step(row)
-            progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{row['lr']:.2e}",
-                                 samples_s=f"{row['samples_per_s']:.1f}")
+        state.window_steps += 1
+        state.window_samples += sum(len(b["input_ids"]) for b in micro_batches) * distributed.world_size()
+        if state.window_steps == train_config.log_every or state.epoch_step == last_step:
+            log_step(window_row(state, window_sum, time.perf_counter() - window_start, optimizer, progress))
             window_sum.zero_()
-            window_start, window_samples, window_steps = time.perf_counter(), 0, 0
+            window_start, state.window_samples, state.window_steps = time.perf_counter(), 0, 0
         progress.update(1)
+        write, stop = checkpoints.check()
+        if write:
+            state.epoch_loss_sum, state.window_loss_sum = loss_sum.item(), window_sum.item()  # a sync, but rare
+            path = write_checkpoint()
+            checkpoints.written()
+            if stop:
+                raise checkpoints.stop_error(path, state.step)
     progress.close()
-    return (loss_sum / max(done, 1)).item()
+    return (loss_sum / max(state.epoch_step, 1)).item()
+
+
+def window_row(state: TrainState, window_sum: torch.Tensor, elapsed: float, optimizer: torch.optim.Optimizer,
+               progress: tqdm) -> dict[str, Any]:
+    """The log row of the steps since the last one: their mean loss (the sync point), lr and throughput."""
+    window_loss = (window_sum / state.window_steps).item()
+    if not math.isfinite(window_loss):
+        raise NonFiniteLossError(
+            f"non-finite loss ({window_loss}) by optimiser step {state.step} (epoch {state.epoch + 1}); training "
+            f"stopped, the last good checkpoint is kept. Lower optim.lr, set optim.grad_clip, or use "
+            f"train.precision=fp32.")
+    row = {"epoch": state.epoch + 1, "step": state.step, "loss": window_loss, "lr": optimizer.param_groups[-1]["lr"],
+           "samples_per_s": state.window_samples / max(elapsed, 1e-9)}
+    progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{row['lr']:.2e}", samples_s=f"{row['samples_per_s']:.1f}")
+    return row
 
 
 # ------------------------------------------------------------------------------------------- end of an epoch
@@ -297,6 +314,37 @@ def export_best(setup: TrainingSetup, config: Config, run: RunDirectory) -> dict
 # ------------------------------------------------------------------------------------------------------ fit
 
 
+def train_epochs(setup: TrainingSetup, state: TrainState, config: Config, run: RunDirectory,
+                 ctx: distributed.DistributedContext, show_progress: bool) -> None:
+    """The epochs left to train, each followed by end_epoch; inside an epoch, checkpoints on a timer or a signal."""
+    checkpoints = StepCheckpoints(config.train.checkpoint_every_minutes)
+
+    def write_checkpoint() -> str:  # called on every rank at the same step
+        rng_per_rank = distributed.all_gather_object(torch.get_rng_state())  # each rank resumes with its own
+        if ctx.is_main:
+            run.save(LAST, checkpoint_state(setup.model, setup.optimizer, setup.scaler, state, config, rng_per_rank))
+        distributed.barrier()
+        return str(run.path / LAST)
+
+    with checkpoints.catching_stop_signals():
+        while state.epoch < config.train.epochs and (config.train.max_steps is None or
+                                                     state.step < config.train.max_steps):
+            if state.epoch_step == 0:  # a run resumed mid-epoch keeps the RNG state its checkpoint restored
+                seed_everything(epoch_seed(config.train.seed, state.epoch) + ctx.rank)
+            skip = state.epoch_step * config.train.accum_steps * config.data.batch_size
+            setup.train_loader.sampler.set_epoch(state.epoch, skip)  # data order and every sample's augmentation
+            train_loss = train_one_epoch(setup, state, config.train, config.optim,
+                                         run.log_step if ctx.is_main else lambda row: None, checkpoints,
+                                         write_checkpoint, show_progress and ctx.is_main)
+            state.epoch += 1
+            state.start_epoch()
+            if ctx.is_main:
+                end_epoch(setup, state, train_loss, config, run)
+            checkpoints.written()  # end_epoch wrote last.pt
+            distributed.barrier()
+
+
+
 def fit(config: Config, resume: str | None = None, show_progress: bool = True) -> dict[str, float]:
     """Trains a CLIP model as the config says; returns the final metrics (test split of the best model).
 
@@ -319,7 +367,7 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
         state = TrainState()
         resume_path = run.resume_path(resume)
         if resume_path is not None:
-            restore(resume_path, setup.model, setup.optimizer, setup.scaler, state)
+            restore(resume_path, setup.model, setup.optimizer, setup.scaler, state, ctx.rank)
         if ctx.world_size > 1:
             setup.train_model = torch.nn.parallel.DistributedDataParallel(
                 setup.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -328,18 +376,7 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
         logger.info("training %d epochs, %d steps in all, on %s (%s), %d process(es)", config.train.epochs,
                     setup.total_steps, ctx.device, setup.precision.dtype or "fp32", ctx.world_size)
 
-        while state.epoch < config.train.epochs and (config.train.max_steps is None or
-                                                     state.step < config.train.max_steps):
-            seed_everything(epoch_seed(config.train.seed, state.epoch) + ctx.rank)
-            setup.train_loader.sampler.set_epoch(state.epoch)  # data order and every sample's augmentation
-            train_loss = train_one_epoch(setup, state, config.train, config.optim,
-                                         run.log_step if ctx.is_main else lambda row: None,
-                                         show_progress and ctx.is_main)
-            state.epoch += 1
-            if ctx.is_main:
-                end_epoch(setup, state, train_loss, config, run)
-            distributed.barrier()
-
+        train_epochs(setup, state, config, run, ctx, show_progress)
         final = export_best(setup, config, run) if ctx.is_main else {}
         distributed.barrier()
         distributed.cleanup()

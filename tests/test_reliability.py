@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch.nn.functional import pad
 
@@ -31,35 +32,74 @@ def run_to_end(command):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run of 3 epochs: (its directory, its last checkpoint)."""
+    tmp_path = tmp_path_factory.mktemp("straight")
     run_to_end(train_command(tmp_path, "straight"))
-    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
-    steps_per_epoch = straight["step"] // 3
+    return tmp_path / "straight", load_checkpoint(tmp_path / "straight" / "last.pt")
 
-    process = subprocess.Popen(train_command(tmp_path, "killed"), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.csv"
-    killed_at = None
+
+def signal_mid_epoch(command, metrics, steps_per_epoch, sig, after=2):
+    """Starts the run, sends `sig` once the log shows step steps_per_epoch + after; returns (step seen, process)."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = None
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         rows = read_rows(metrics) if metrics.is_file() else []
-        if rows and int(rows[-1]["step"]) >= steps_per_epoch + 2:  # inside the second epoch
-            process.send_signal(signal.SIGKILL)
-            killed_at = int(rows[-1]["step"])
+        if rows and int(rows[-1]["step"]) >= steps_per_epoch + after:  # inside the second epoch
+            process.send_signal(sig)
+            seen = int(rows[-1]["step"])
             break
         time.sleep(0.02)
-    process.wait()
-    assert killed_at is not None and killed_at < 2 * steps_per_epoch, "the run was not killed mid-epoch"
-    assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"] == 1
+    process.wait(timeout=300)
+    assert seen is not None and seen < 2 * steps_per_epoch, "the run was not signalled mid-epoch"
+    return seen, process
 
-    run_to_end(train_command(tmp_path, "killed", resume=True))
-    resumed = load_checkpoint(tmp_path / "killed" / "last.pt")
-    assert resumed["step"] == straight["step"]
-    for name, tensor in straight["model"].items():
+
+def assert_resumes_like_the_uninterrupted_run(tmp_path, run_name, straight, *extra):
+    straight_dir, straight_last = straight
+    run_to_end(train_command(tmp_path, run_name, resume=True) + list(extra))
+    resumed = load_checkpoint(tmp_path / run_name / "last.pt")
+    assert resumed["step"] == straight_last["step"]
+    for name, tensor in straight_last["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
-    steps = [int(r["step"]) for r in read_rows(metrics)]
-    assert steps == list(range(1, straight["step"] + 1))  # none missing, none twice
-    assert [r["loss"] for r in read_rows(metrics)] == [r["loss"] for r in read_rows(tmp_path / "straight" / "metrics.csv")]
+    metrics = read_rows(tmp_path / run_name / "metrics.csv")
+    assert [int(r["step"]) for r in metrics] == list(range(1, straight_last["step"] + 1))  # none missing or twice
+    assert [r["loss"] for r in metrics] == [r["loss"] for r in read_rows(straight_dir / "metrics.csv")]
+    epochs = read_rows(tmp_path / run_name / "epochs.csv")
+    assert [r["train_loss"] for r in epochs] == [r["train_loss"] for r in read_rows(straight_dir / "epochs.csv")]
+
+
+def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_path, straight):
+    steps_per_epoch = straight[1]["step"] // 3
+    signal_mid_epoch(train_command(tmp_path, "killed"), tmp_path / "killed" / "metrics.csv", steps_per_epoch,
+                     signal.SIGKILL)
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"] == 1
+    assert_resumes_like_the_uninterrupted_run(tmp_path, "killed", straight)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_finishes_the_step_writes_a_checkpoint_and_resume_is_exact(tmp_path, straight, sig):
+    steps_per_epoch = straight[1]["step"] // 3
+    seen, process = signal_mid_epoch(train_command(tmp_path, "stopped"), tmp_path / "stopped" / "metrics.csv",
+                                     steps_per_epoch, sig)
+    assert process.returncode == 128 + sig, process.stderr.read()[-2000:]
+    message = process.stderr.read()
+    assert f"checkpoint written to {tmp_path / 'stopped' / 'last.pt'}" in message and "--resume auto" in message
+    stopped = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert stopped["epoch"] == 1 and stopped["epoch_step"] > 0 and stopped["step"] >= seen  # inside epoch 2
+    assert_resumes_like_the_uninterrupted_run(tmp_path, "stopped", straight)
+
+
+def test_sigkill_between_two_mid_epoch_checkpoints_then_resume_is_exact(tmp_path, straight):
+    steps_per_epoch = straight[1]["step"] // 3
+    every_step = "train.checkpoint_every_minutes=0.0001"  # 6 ms: a checkpoint after nearly every step
+    signal_mid_epoch(train_command(tmp_path, "killed") + [every_step], tmp_path / "killed" / "metrics.csv",
+                     steps_per_epoch, signal.SIGKILL, after=4)
+    last = load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert last["epoch"] == 1 and last["epoch_step"] > 0  # the kill came after a mid-epoch checkpoint
+    assert_resumes_like_the_uninterrupted_run(tmp_path, "killed", straight, every_step)
 
 
 WRITER = """

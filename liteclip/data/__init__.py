@@ -10,6 +10,7 @@ in captions.py and never asks which dataset it has.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,13 @@ def build_datasets(config: DataConfig, data_config: dict[str, Any],
     }
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: workers leave SIGINT and SIGTERM to the main process (liteclip.preemption), which finishes
+    its step and stops them itself; a signal sent to the whole process group must not kill a worker first."""
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
 def build_dataloaders(config: DataConfig, tokenizer: Any, max_length: int, data_config: dict[str, Any],
                       datasets: dict[str, ImageCaptionDataset] | None = None, seed: int = 0, rank: int = 0,
                       world_size: int = 1, pin_memory: bool = False) -> dict[str, DataLoader]:
@@ -93,7 +101,7 @@ def build_dataloaders(config: DataConfig, tokenizer: Any, max_length: int, data_
     # each loader has its own generator for its workers' base seed: drawing it from the global RNG would shift
     # dropout masks depending on how many workers there are and whether they persist
     common = {"collate_fn": collate, "num_workers": workers, "pin_memory": pin_memory,
-              "persistent_workers": workers > 0}
+              "persistent_workers": workers > 0, "worker_init_fn": ignore_stop_signals}
     if world_size > 1:
         order = DistributedSampler(datasets["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                    drop_last=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import random
 from dataclasses import dataclass, field
@@ -267,9 +268,13 @@ class SeededSampler(Sampler):
         self.inner = inner
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Reorders for `epoch`; the first `skip` samples of its order are left out (a run resumed mid-epoch
+        continues where the checkpoint was written, with the same order and the same per-sample seeds)."""
         self.epoch = epoch
+        self.skip = skip
         if hasattr(self.inner, "set_epoch"):
             self.inner.set_epoch(epoch)
         generator = getattr(self.inner, "generator", None)
@@ -281,7 +286,7 @@ class SeededSampler(Sampler):
 
     def __iter__(self):
         base = epoch_seed(self.seed, self.epoch) * 10_000_019
-        for index in self.inner:
+        for index in itertools.islice(self.inner, self.skip, None):
             yield index, (base + index) % (2**63 - 1)
 
 
