@@ -32,6 +32,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
+    except OSError as error:
+        Path(tmp_name).unlink(missing_ok=True)
+        # the OS names no file for a full disk; the previous `path` is untouched either way
+        raise OSError(error.errno, f"cannot write {path} ({len(data) / 2**20:.1f} MiB): "
+                                   f"{error.strerror or error}; the previous file is kept") from error
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

@@ -137,7 +137,7 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
     pipeline = _pipeline(args)
     data_config = (load_config(args.config, args.set) if args.config else read_model_config(args.model_dir)).data
-    split = load_splits(data_config)[args.split]
+    split = load_splits(data_config, generate=False)[args.split]
     metrics = evaluate_retrieval(pipeline.model, split, args.batch_size, pipeline.device)
     rows = [(k, f"{v:.2f} %") for k, v in metrics.items() if k != "loss"]
     rows.append(("contrastive loss", f"{metrics['loss']:.4f}"))

@@ -33,5 +33,13 @@ class OutputDirectoryError(LiteclipError, PermissionError):
     """A run or model directory that cannot take checkpoints, found before any training starts."""
 
 
+class RunInUseError(LiteclipError, RuntimeError):
+    """Another training process holds the run directory."""
+
+
+class DiskSpaceError(LiteclipError, OSError):
+    """Not enough free space where checkpoints or models go; the message names the path and the sizes."""
+
+
 class NonFiniteLossError(LiteclipError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -48,7 +48,8 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
 
 
 def feature_cache_key(model: CLIP, paths: list[Path], precision: Precision) -> str:
-    """Identifies cached features: tower name, tower weights, eval transform, precision and the exact file list."""
+    """Identifies cached features: tower name, tower weights, eval transform, precision and the exact files
+    (path, size, modification time)."""
     digest = hashlib.sha256()
     digest.update(model.config.image.name.encode())
     digest.update(str(precision.dtype).encode())  # bf16 features (an AMX CPU, a GPU) are not fp32 ones
@@ -56,8 +57,9 @@ def feature_cache_key(model: CLIP, paths: list[Path], precision: Precision) -> s
     for name, tensor in sorted(model.image_encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for path in paths:
-        digest.update(str(path).encode())
+    for path in paths:  # a file rewritten under the same name (a regenerated demo) gets new features
+        stat = Path(path).stat()
+        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:20]
 
 

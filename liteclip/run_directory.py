@@ -5,6 +5,7 @@ made before any training starts.
     metrics.csv          one row every train.log_every optimiser steps: loss, lr, samples/s
     epochs.csv           one row per epoch: train loss, and validation loss and recall on evaluation epochs
     tensorboard/         the same rows, when the tensorboard package is installed
+    .liteclip.lock       held by the training process while it runs: a second run on the directory fails at once
     last.pt, best.pt     training checkpoints (weights, optimiser, RNG, progress, config), written atomically
     final_metrics.csv    the best model on the test split
 
@@ -14,6 +15,7 @@ run trims them back to its checkpoint's step, so no step is missing or logged tw
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -21,6 +23,9 @@ import logging
 import math
 import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +35,12 @@ import torch
 
 from liteclip.checkpoint import atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
 from liteclip.config import Config
-from liteclip.errors import OutputDirectoryError
+from liteclip.errors import DiskSpaceError, OutputDirectoryError, RunInUseError
 
 logger = logging.getLogger(__name__)
 
 LAST, BEST = "last.pt", "best.pt"
+LOCK_NAME = ".liteclip.lock"
 
 
 @dataclass
@@ -139,6 +145,37 @@ class RunDirectory:
         self.epoch_log: CsvLog | None = None
         self.boards: dict[str, TensorBoardLog] = {}
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds the run directory for this process while inside.
+
+        A second training on the same directory fails at once, naming the process that holds it. The lock is the
+        kernel's (flock), released when its process ends however it ends, so a killed run's lock is simply taken
+        over by the next run. Where flock is missing (Windows) or does not span machines (some network file
+        systems), runs are not locked.
+        """
+        check_writable(self.path)
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        with os.fdopen(os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644), "r+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = handle.read().strip() or "another process"
+                raise RunInUseError(f"{self.path} is in use by {holder}; wait for that run to end or stop it, or "
+                                    f"set another train.output_dir") from None
+            left_by = handle.read().strip()
+            if left_by:
+                logger.warning("%s was left locked by %s, which has ended; taking it over", self.path, left_by)
+            _rewrite(handle, f"process {os.getpid()} on {socket.gethostname()} (started {time.strftime('%c')})")
+            try:
+                yield
+            finally:
+                _rewrite(handle, "")  # a clean exit leaves no holder behind; closing releases the flock
+
     def prepare(self, config: Config) -> None:
         """Checks that the run and model directories can take checkpoints, then writes config.yaml."""
         model_dir = Path(config.train.model_dir)
@@ -146,6 +183,22 @@ class RunDirectory:
             check_writable(directory)
             remove_stale_temporaries(directory)
         atomic_write_bytes(self.path / "config.yaml", config.to_yaml().encode())
+
+    def check_free_space(self, model_dir: Path, checkpoint_size: int, model_size: int) -> None:
+        """Fails before training if the disks cannot take the run's checkpoints and the exported model."""
+        needs: dict[Path, int] = {self.path: 3 * checkpoint_size, model_dir.parent: 2 * model_size}
+        by_disk: dict[int, list[Path]] = {}
+        for directory in needs:
+            by_disk.setdefault(directory.stat().st_dev, []).append(directory)
+        for directories in by_disk.values():
+            need = sum(needs[d] for d in directories)
+            free = shutil.disk_usage(directories[0]).free
+            if free < need:
+                raise DiskSpaceError(
+                    f"{' and '.join(map(str, directories))}: {free / 2**20:.0f} MiB free, this run needs about "
+                    f"{need / 2**20:.0f} MiB (three {checkpoint_size / 2**20:.0f} MiB checkpoints in "
+                    f"{self.path}: last, best and one being written; the exported model twice while it is "
+                    f"replaced). Free some space or set another train.output_dir / train.model_dir.")
 
     def resume_path(self, resume: str | None) -> Path | None:
         """None, "auto" (this run's last checkpoint, if any) or a checkpoint file or run directory -> a checkpoint."""
@@ -194,9 +247,21 @@ def check_writable(directory: Path) -> None:
     except OSError as error:
         raise OutputDirectoryError(f"cannot write to {directory} ({error.strerror}); choose another "
                                    f"train.output_dir / train.model_dir or free some space") from None
-    free = shutil.disk_usage(directory).free
-    if free < 64 * 2**20:
-        raise OSError(f"only {free // 2**20} MiB free in {directory}; checkpoints need more")
+
+
+def _rewrite(handle: Any, text: str) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(text)
+    handle.flush()
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """(bytes of a training checkpoint, bytes of the model's weights): weights plus Adam's two moments per
+    trainable parameter, which exist from the first step on."""
+    model_size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    return model_size + 2 * trainable, model_size
 
 
 def remove_stale_temporaries(directory: Path) -> None:

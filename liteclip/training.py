@@ -41,7 +41,8 @@ from liteclip.model import CLIP, build_model
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.precision import Precision, resolve_precision
 from liteclip.preemption import StepCheckpoints
-from liteclip.run_directory import BEST, LAST, RunDirectory, TrainState, checkpoint_state, restore
+from liteclip.run_directory import (BEST, LAST, RunDirectory, TrainState, checkpoint_bytes, checkpoint_state,
+                                    restore)
 from liteclip.runtime import keep_freed_memory_for
 
 logger = logging.getLogger(__name__)
@@ -356,7 +357,8 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
     ctx = distributed.init_distributed(config.train.device)
     run = RunDirectory(config.train.output_dir)
     # without it a CPU step can spend two fifths of its time faulting freed activations back in (liteclip.runtime)
-    with keep_freed_memory_for(ctx.device, config.train.keep_cpu_memory):
+    with keep_freed_memory_for(ctx.device, config.train.keep_cpu_memory), \
+            run.locked() if ctx.is_main else contextlib.nullcontext():
         if ctx.is_main:
             run.prepare(config)  # before the data and the model: a bad output directory fails at once
             splits = load_splits(config.data)  # the demo data is generated here, once, by rank 0
@@ -364,6 +366,8 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
         if not ctx.is_main:
             splits = load_splits(config.data)
         setup = build_training(config, splits, ctx)
+        if ctx.is_main:
+            run.check_free_space(Path(config.train.model_dir), *checkpoint_bytes(setup.model, setup.optimizer))
         state = TrainState()
         resume_path = run.resume_path(resume)
         if resume_path is not None:

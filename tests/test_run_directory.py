@@ -1,11 +1,13 @@
 """The run directory's logs: every column kept whatever the first row held, and exact trimming on resume."""
 
 import csv
+import os
+import shutil
 
 import pytest
 
-from liteclip.errors import LiteclipError
-from liteclip.run_directory import CsvLog, RunDirectory, check_writable
+from liteclip.errors import DiskSpaceError, LiteclipError, RunInUseError
+from liteclip.run_directory import CsvLog, RunDirectory, check_writable, checkpoint_bytes
 
 
 def read(path):
@@ -52,3 +54,78 @@ def test_an_unwritable_directory_is_a_liteclip_error_naming_it(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(LiteclipError, match=f"cannot write to {blocker / 'run'}"):
         check_writable(blocker / "run")
+
+
+HOLDER = """
+import sys, time
+from liteclip.run_directory import RunDirectory
+with RunDirectory(sys.argv[1]).locked():
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_directory_in_use_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(tmp_path,
+                                                                                                     caplog):
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUseError, match=f"in use by process {holder.pid} on"):
+            with RunDirectory(tmp_path / "run").locked():
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with caplog.at_level("WARNING"):
+        with RunDirectory(tmp_path / "run").locked():
+            assert f"process {os.getpid()} on" in (tmp_path / "run" / ".liteclip.lock").read_text()
+    assert f"left locked by process {holder.pid}" in caplog.text
+    assert (tmp_path / "run" / ".liteclip.lock").read_text() == ""  # a clean exit leaves no holder
+
+
+def test_free_space_is_checked_against_the_runs_real_checkpoint_size(tmp_path, monkeypatch):
+    import torch
+
+    from liteclip.checkpoint import save_checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200))
+    model[1].requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model(torch.randn(4, 300)).sum().backward()
+    optimizer.step()  # the moments exist from here on
+    checkpoint_size, model_size = checkpoint_bytes(model, optimizer)
+    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    actual = (tmp_path / "c.pt").stat().st_size
+    assert actual * 0.9 < checkpoint_size < actual * 1.1
+    assert model_size == sum(t.numel() * 4 for t in model.state_dict().values())
+
+    run = RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    need = 3 * checkpoint_size + 2 * model_size  # run and model directory on one disk here
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, need - 1))
+    with pytest.raises(DiskSpaceError, match=f"{run.path}.* MiB free, this run needs about"):
+        run.check_free_space(tmp_path / "model", checkpoint_size, model_size)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, need))
+    run.check_free_space(tmp_path / "model", checkpoint_size, model_size)
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    from liteclip.checkpoint import atomic_write_bytes
+
+    target = tmp_path / "last.pt"
+    atomic_write_bytes(target, b"the previous checkpoint")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match=f"cannot write {target} .*No space left on device; the previous file is kept"):
+        atomic_write_bytes(target, b"x" * 1000)
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind

@@ -398,3 +398,13 @@ def test_a_run_over_planted_bad_images_completes_names_each_once_and_resumes_exa
     resumed = load_checkpoint(tmp_path / "resumed" / "run" / "last.pt")
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_a_second_training_on_a_run_directory_in_use_fails_at_once(tmp_path):
+    from liteclip.errors import RunInUseError
+    from liteclip.run_directory import RunDirectory
+
+    with RunDirectory(tmp_path / "run").locked():  # as a first training holds it
+        with pytest.raises(RunInUseError, match=f"in use by process {os.getpid()}"):
+            fit(tiny_config(tmp_path), show_progress=False)
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "run" / "config.yaml").exists()

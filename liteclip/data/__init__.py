@@ -28,10 +28,14 @@ __all__ = ["CaptionCollator", "CaptionedImage", "DataError", "ImageCaptionDatase
            "build_datasets", "load_splits", "prepare_dataset", "zero_shot_task"]
 
 
-def prepare_dataset(config: DataConfig) -> Path:
-    """Makes sure the dataset is on disk (generating the demo data on first use) and returns its root."""
+def prepare_dataset(config: DataConfig, generate: bool = True) -> Path:
+    """Makes sure the dataset is on disk and returns its root; the demo data is generated on first use unless
+    `generate` is off (evaluation never writes data: a missing demo set is then an error)."""
     root = Path(config.root)
     if config.dataset == "demo":
+        if not generate and not (root / demo.MARKER).is_file():
+            raise DataError(f"data.root={root} holds no demo data (looked in {root.resolve()}); evaluation does not "
+                            f"generate it. Run from the directory the model was trained in, or set data.root.")
         return demo.ensure_demo_data(root, config.demo_num_images, config.demo_image_size, config.demo_seed)
     if not root.is_dir():
         hint = (f"`python -m liteclip.data download flickr8k --root {root}` fetches it" if config.dataset == "flickr8k"
@@ -40,9 +44,10 @@ def prepare_dataset(config: DataConfig) -> Path:
     return root
 
 
-def load_splits(config: DataConfig, policy: BadRowPolicy | None = None) -> dict[str, list[CaptionedImage]]:
-    """Reads the configured dataset into image-level train/val/test splits."""
-    root = prepare_dataset(config)
+def load_splits(config: DataConfig, policy: BadRowPolicy | None = None,
+                generate: bool = True) -> dict[str, list[CaptionedImage]]:
+    """Reads the configured dataset into image-level train/val/test splits (generate: see prepare_dataset)."""
+    root = prepare_dataset(config, generate)
     policy = policy or BadRowPolicy(config.on_bad_row)
     if config.dataset == "csv":
         if not config.captions_file:

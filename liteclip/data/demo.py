@@ -100,28 +100,59 @@ def zero_shot_task(root: str | Path, split: str = "test") -> ZeroShotTask:
 def ensure_demo_data(root: str | Path, num_images: int = 3000, image_size: int = 96, seed: int = 0) -> Path:
     """Generates the demo dataset into `root` unless an identical one is already there.
 
-    Writes into a temporary sibling folder and renames it, so an interrupted generation leaves nothing half-made.
+    Writes into a temporary sibling folder and swaps it in, so an interrupted generation leaves nothing half-made.
+    Regenerating with other settings replaces only the files the generator wrote (listed in demo.json): anything
+    else under `root` (a feature cache, a user's notes) moves over to the new dataset.
     """
     root = Path(root)
     settings = {"num_images": num_images, "image_size": image_size, "seed": seed, "version": 1}
     marker = root / MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
+    recorded = json.loads(marker.read_text()) if marker.is_file() else None
+    if recorded is not None and {key: recorded.get(key) for key in settings} == settings:
         return root
-    if root.exists() and any(root.iterdir()) and not marker.is_file():
+    if root.exists() and any(root.iterdir()) and recorded is None:
         raise FileExistsError(f"{root} exists and is not a liteclip demo dataset; choose another data.root")
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    previous = root.with_name(f".{root.name}.previous")
     try:
         _generate(staging, num_images, image_size, seed)
-        (staging / MARKER).write_text(json.dumps(settings))
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        (staging / MARKER).write_text(json.dumps({**settings, "files": files}))
         if root.exists():
-            shutil.rmtree(root)
+            owned = set(recorded.get("files", ())) if "files" in recorded else None
+            _move_foreign_files(root, staging, owned)
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(root, previous)
         os.replace(staging, root)
+        shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("generated %d demo images in %s", num_images, root)
     return root
+
+
+def _move_foreign_files(root: Path, staging: Path, owned: set[str] | None) -> None:
+    """Moves every file under `root` that the generator did not write into `staging`, at the same place."""
+    for path in sorted(root.rglob("*")):
+        name = path.relative_to(root).as_posix()
+        generated = name in owned if owned is not None else _legacy_generated(name)
+        if not path.is_file() or generated or name == MARKER:
+            continue
+        target = staging / name
+        if target.exists():
+            logger.warning("%s has the name of a new demo file; it is replaced", path)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def _legacy_generated(name: str) -> bool:
+    """Demo data written before demo.json listed its files: what the generator names."""
+    top = name.split("/")[0]
+    return (name.startswith("Images/shape_") or top in ("text_encoder", "captions.txt", "annotations.json",
+                                                         "held_out.json") or name in SPLIT_FILES.values())
 
 
 def _generate(root: Path, num_images: int, image_size: int, seed: int) -> None:

@@ -44,3 +44,26 @@ def test_regeneration_is_skipped_when_settings_match(tmp_path):
     assert (root / "captions.txt").stat().st_mtime_ns == stamp
     ensure_demo_data(tmp_path / "d", num_images=30, image_size=32, seed=0)
     assert len(list((root / "Images").iterdir())) == 30
+
+
+def test_regeneration_replaces_only_the_generators_files(tmp_path):
+    root = ensure_demo_data(tmp_path / "d", num_images=20, image_size=32, seed=0)
+    (root / "NOTES.md").write_text("my notes")
+    (root / "Images" / "my_photo.png").write_bytes(b"mine")
+    (root / ".liteclip_cache").mkdir()
+    (root / ".liteclip_cache" / "features.safetensors").write_bytes(b"cached")
+    ensure_demo_data(tmp_path / "d", num_images=30, image_size=32, seed=0)
+    assert (root / "NOTES.md").read_text() == "my notes"
+    assert (root / "Images" / "my_photo.png").read_bytes() == b"mine"
+    assert (root / ".liteclip_cache" / "features.safetensors").read_bytes() == b"cached"
+    assert len(list((root / "Images").glob("shape_*.png"))) == 30
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or previous copy left
+
+
+def test_evaluation_never_generates_demo_data(tmp_path, monkeypatch, model_dir, capsys):
+    from liteclip.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the model's config says data.root=data/demo, relative to where it trained
+    assert main(["eval-retrieval", "--model-dir", str(model_dir)]) == 2
+    assert "holds no demo data" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
