@@ -145,6 +145,18 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from liteclip.export import export_onnx, export_timm
+    from liteclip.model import CLIP
+
+    model = CLIP.from_pretrained(args.model_dir)
+    out = args.out or f"{str(args.model_dir).rstrip('/')}_{args.format}"
+    written = export_onnx(model, out, args.opset) if args.format == "onnx" else export_timm(model, out)
+    print(f"{args.format} export of {args.model_dir} written to {written}: "
+          + ", ".join(sorted(p.name for p in Path(written).iterdir())))
+    return 0
+
+
 def _cmd_data_download(args: argparse.Namespace) -> int:
     from liteclip.data.download import download_dataset
 
@@ -182,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     for add_command in (_add_train, _add_predict, _add_index, _add_search, _add_eval_zeroshot, _add_eval_retrieval,
-                        _add_data):
+                        _add_export, _add_data):
         add_command(commands)
     return parser
 
@@ -256,6 +268,18 @@ def _add_eval_retrieval(commands: argparse._SubParsersAction) -> None:
     retrieval.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     retrieval.add_argument("--split", default="test", choices=["train", "val", "test"])
     retrieval.add_argument("--batch-size", type=_positive_int, default=64)
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="write a saved model as ONNX files or its image tower as a timm checkpoint",
+        description="Examples: liteclip export model --format onnx --out model_onnx (needs the export extra: pip "
+                    "install 'liteclip[export]'); liteclip export model --format timm --out model_timm")
+    export.add_argument("model_dir", help="model directory from save_pretrained")
+    export.add_argument("--format", required=True, choices=["onnx", "timm"])
+    export.add_argument("--out", default=None, help="output directory (default MODEL_DIR_FORMAT)")
+    export.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
+    export.set_defaults(handler=_cmd_export)
 
 
 def _add_data(commands: argparse._SubParsersAction) -> None:

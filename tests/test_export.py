@@ -1,0 +1,111 @@
+"""Exports run outside liteclip: the ONNX files in onnxruntime, the image tower in plain timm, the zero-shot head as
+an ordinary classifier; each compared with the PyTorch model it came from."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from liteclip import CLIP
+from liteclip.cli import main
+from liteclip.export import ONNX_OPSET, ZeroShotClassifier, export_onnx, export_timm, zero_shot_head
+from liteclip.pipeline import ZeroShotPipeline
+from tests.conftest import draw_image
+from tests.test_convert import write_tiny_hf_clip
+from tests.test_training import tiny_config
+
+CAPTIONS = ["a red circle", "two shapes: a blue square above a yellow triangle", "a star", "a small green square"]
+
+
+@pytest.fixture(scope="module")
+def demo_model_dir(tmp_path_factory):
+    """A model trained for a few steps on the demo data, exported as train.py exports it."""
+    import os
+
+    from liteclip.training import fit
+
+    tmp_path = tmp_path_factory.mktemp("demo_trained")
+    here = os.getcwd()
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        fit(tiny_config(tmp_path, "train.epochs=1", "train.max_steps=3", "train.zero_shot_eval=false"),
+            show_progress=False)
+    finally:
+        os.chdir(here)
+    return tmp_path / "model"
+
+
+def onnx_matches_pytorch(model, out_dir, image_side):
+    image_session = onnxruntime.InferenceSession(str(out_dir / "image_encoder.onnx"))
+    text_session = onnxruntime.InferenceSession(str(out_dir / "text_encoder.onnx"))
+    for batch in (1, 3):  # batch sizes other than the traced one: the batch axis is dynamic
+        pixels = torch.randn(batch, 3, image_side, image_side)
+        with torch.no_grad():
+            expected = model.encode_image(pixels).numpy()
+        got = image_session.run(None, {"pixel_values": pixels.numpy()})[0]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    for captions in (CAPTIONS, CAPTIONS[:1]):  # other lengths and paddings than the traced ones
+        tokens = model.tokenizer(captions, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            expected = model.encode_text(tokens["input_ids"], tokens["attention_mask"]).numpy()
+        got = text_session.run(None, {"input_ids": tokens["input_ids"].numpy(),
+                                      "attention_mask": tokens["attention_mask"].numpy()})[0]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_onnx_export_of_a_demo_trained_model_matches_pytorch(demo_model_dir, tmp_path):
+    out = export_onnx(CLIP.from_pretrained(demo_model_dir), tmp_path / "onnx")
+    model = CLIP.from_pretrained(demo_model_dir)
+    onnx_matches_pytorch(model, out, 32)
+    info = json.loads((out / "export.json").read_text())
+    opsets = {entry.domain: entry.version for entry in onnx.load(str(out / "image_encoder.onnx")).opset_import}
+    print(f"ONNX opset used: {opsets.get('', opsets)}")
+    assert info["opset"] == ONNX_OPSET == opsets.get("", opsets.get("ai.onnx"))
+    assert info["logit_scale"] == pytest.approx(float(model.scale()))
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((out / "preprocessor_config.json").read_text())["input_size"] == [3, 32, 32]
+
+
+def test_onnx_export_of_a_hugging_face_clip_matches_pytorch(tmp_path):
+    model = CLIP.from_pretrained(write_tiny_hf_clip(tmp_path / "hf_clip"))
+    onnx_matches_pytorch(model, export_onnx(model, tmp_path / "onnx"), 30)
+
+
+def test_the_image_tower_loads_in_plain_timm_and_the_zero_shot_head_classifies_as_the_pipeline(demo_model_dir,
+                                                                                               tmp_path):
+    model = CLIP.from_pretrained(demo_model_dir)
+    out = export_timm(model, tmp_path / "timm")
+    config = json.loads((out / "config.json").read_text())
+    tower = timm.create_model(config["architecture"], pretrained=True,
+                              pretrained_cfg_overlay={"file": str(out / "model.safetensors")}, num_classes=0).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixels), model.image_encoder(pixels))
+
+    labels = ["a red circle", "a blue square", "a green star", "a yellow triangle"]
+    classifier = ZeroShotClassifier(model, zero_shot_head(model, labels)).eval()
+    pipeline = ZeroShotPipeline(demo_model_dir)
+    images = [draw_image(tmp_path / f"{i}.png", color, size=32)
+              for i, color in enumerate([(220, 40, 40), (40, 80, 220), (40, 170, 60), (235, 215, 40)])]
+    with torch.no_grad():
+        pixels = torch.stack([pipeline.transform(np.asarray(Image.open(p).convert("RGB"))) for p in images])
+        logits = classifier(pixels)
+    for row, image in zip(logits, images):
+        probs = dict(pipeline.predict(image, labels))
+        assert labels[int(row.argmax())] == max(probs, key=probs.get)
+        np.testing.assert_allclose(row.softmax(-1).numpy(), [probs[l] for l in labels], atol=1e-5)
+
+
+def test_export_command(demo_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--help"])
+    assert exit_info.value.code == 0 and "usage: liteclip export" in capsys.readouterr().out
+    assert main(["export", str(demo_model_dir), "--format", "timm", "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "model.safetensors").is_file()
+    assert main(["export", str(demo_model_dir), "--format", "onnx", "--out", str(tmp_path / "o")]) == 0
+    assert "image_encoder.onnx, preprocessor_config.json, text_encoder.onnx" in capsys.readouterr().out
