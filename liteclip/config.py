@@ -173,11 +173,28 @@ RENAMED_KEYS: dict[str, str] = {
 # --------------------------------------------------------------------------------------------------------- loading
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/, installed with liteclip
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file as given, or else a config shipped with liteclip by its name ("demo", "demo.yaml", or
+    "configs/demo.yaml" from outside the repository)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if len(path.parts) <= 2 and shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+    raise ConfigError(f"config file {path} does not exist; the configs shipped with liteclip, usable by name "
+                      f"(--config demo): {', '.join(names) or 'none found'}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Reads a YAML config strictly and applies dotted overrides.
 
     Args:
-        path: YAML file; None gives the defaults.
+        path: YAML file, or the name of a shipped config ("demo", "liteclip", ...); None gives the defaults.
         overrides: `key.sub=value` strings; values are parsed as YAML (`1e-4`, `true`, `[1, 2]`).
 
     Returns:
@@ -186,9 +203,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; configs/ lists the shipped ones")
+        path = resolve_config_path(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:

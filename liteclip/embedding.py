@@ -103,6 +103,7 @@ def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size:
     loader = DataLoader(ImageFileDataset(paths, model.data_config), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=stack_decoded)
     encode = model.image_features if tower_features else model.encode_image
+    dtype = next(model.parameters()).dtype  # a bf16 or fp16 model takes its pixels in its own dtype
     chunks, kept, skipped = [], [], []
     # batches of activations above glibc's mmap threshold: keep freed memory rather than fault it in every batch
     with keep_freed_memory_for(torch.device(device)):
@@ -112,7 +113,7 @@ def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size:
                 skipped.append(BadRow(Path(paths[index]), 0, reason))
             if batch["pixel_values"] is not None:
                 with autocast():
-                    chunks.append(encode(batch["pixel_values"].to(device)).float())
+                    chunks.append(encode(batch["pixel_values"].to(device, dtype)).float())
                 kept.extend(batch["indices"])
     width = model.image_encoder.num_features if tower_features else model.config.projection.dim
     return EncodedImages(torch.cat(chunks) if chunks else torch.empty(0, width), kept, skipped)

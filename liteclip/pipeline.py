@@ -50,17 +50,24 @@ class ZeroShotPipeline:
         templates: prompt templates such as ["a photo of a {}."]; several are averaged as in the CLIP paper.
             None uses each label as written.
         model: an already loaded CLIP instead of model_dir.
+        dtype: torch.bfloat16 or torch.float16 to run the model in half precision (GPUs, AMX CPUs); default: as
+            loaded (float32). Similarities and probabilities are computed in float32 either way.
+
+    `pipeline(image, labels)` is `pipeline.predict(image, labels)`.
     """
 
     def __init__(self, model_dir: str | Path = "model", device: str | torch.device | None = None,
-                 templates: Sequence[str] | None = None, model: CLIP | None = None):
+                 templates: Sequence[str] | None = None, model: CLIP | None = None,
+                 dtype: torch.dtype | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {device!r} asked for, but no CUDA device is visible here; use device='cpu'")
         if self.device.type == "mps" and not torch.backends.mps.is_available():
             raise InputError(f"device {device!r} asked for, but MPS is not available here; use device='cpu'")
         self.model_dir = Path(model_dir)
-        self.model = (model if model is not None else CLIP.from_pretrained(model_dir)).to(self.device).eval()
+        self.model = (model if model is not None else CLIP.from_pretrained(model_dir))
+        self.model = self.model.to(device=self.device, dtype=dtype).eval()
+        self.dtype = next(self.model.parameters()).dtype
         self.templates = list(templates) if templates else None
         self.transform = eval_transform(self.model.data_config)
         self._label_cache: dict[tuple, torch.Tensor] = {}
@@ -78,9 +85,17 @@ class ZeroShotPipeline:
         """(N, D) normalised embeddings of paths, PIL images or uint8 arrays."""
         return self._embed_arrays([to_array(image) for image in images])
 
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """The model's input for one image (path, PIL image or uint8 array): a (3, H, W) float tensor."""
+        return self.transform(to_array(image))
+
     def _embed_arrays(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        pixels = torch.stack([self.transform(array) for array in arrays]).to(self.device)  # (N, 3, H, W)
-        return self.model.encode_image(pixels)  # (N, D)
+        pixels = torch.stack([self.transform(array) for array in arrays])  # (N, 3, H, W)
+        return self.model.encode_image(pixels.to(self.device, self.dtype)).float()  # (N, D)
+
+    def __call__(self, image: ImageInput | Sequence[ImageInput], labels: Sequence[str], top_k: int | None = None,
+                 templates: Sequence[str] | None = None):
+        return self.predict(image, labels, top_k, templates)
 
     @torch.no_grad()
     def predict(self, image: ImageInput | Sequence[ImageInput], labels: Sequence[str], top_k: int | None = None,
@@ -93,7 +108,12 @@ class ZeroShotPipeline:
             for a file that cannot be decoded (logged as skipped). A single image that cannot be decoded raises
             UndecodableImageError naming it.
         """
+        if isinstance(labels, str):
+            raise InputError(f"labels must be a list of label texts, got the single string {labels!r}; "
+                             f"pass [{labels!r}, ...] with at least 2 labels")
         labels = list(labels)
+        if top_k is not None and top_k < 1:
+            raise InputError(f"top_k={top_k}: ask for at least one label, or None for all")
         if len(labels) < 2:
             raise InputError(f"predict needs at least 2 labels to choose between, got {labels}")
         if len(set(labels)) != len(labels):
@@ -114,7 +134,8 @@ class ZeroShotPipeline:
                 logger.warning("skipped %s", error)
         results: list[list[tuple[str, float]]] = [[] for _ in images]
         if arrays:
-            probs = (self.model.scale() * self._embed_arrays(arrays) @ label_embeds.t()).softmax(dim=-1).cpu()
+            scale = self.model.scale().float()
+            probs = (scale * self._embed_arrays(arrays) @ label_embeds.float().t()).softmax(dim=-1).cpu()
             k = len(labels) if top_k is None else max(1, min(top_k, len(labels)))
             for position, row in zip(kept, probs):  # (C,) probabilities of one image
                 values, indices = row.topk(k)

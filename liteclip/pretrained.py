@@ -36,6 +36,8 @@ TEXT_CONFIG_DIR = "text_config"
 VISION_CONFIG_DIR = "vision_config"  # only for Hugging Face image towers; timm towers rebuild from their name
 TOKENIZER_DIR = "tokenizer"
 OWNED_NAMES = {CONFIG_NAME, WEIGHTS_NAME, PREPROCESSOR_NAME, TEXT_CONFIG_DIR, TOKENIZER_DIR, VISION_CONFIG_DIR}
+CARD_NAME = "README.md"
+CARD_MARKER = "<!-- written by liteclip's save_pretrained -->"
 
 
 class PretrainedMixin:
@@ -58,9 +60,11 @@ class PretrainedMixin:
         return model
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path, device: str | torch.device = "cpu"):
+    def from_pretrained(cls, name_or_dir: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None):
         """Loads a directory written by save_pretrained (offline, no pickle), or a Hugging Face CLIP checkpoint
-        (a directory in the transformers layout, or a hub name such as openai/clip-vit-base-patch32)."""
+        (a directory in the transformers layout, or a hub name such as openai/clip-vit-base-patch32), onto
+        `device`, in `dtype` if given (torch.bfloat16, torch.float16), in eval mode."""
         if not (Path(name_or_dir) / CONFIG_NAME).is_file() and is_hf_clip(name_or_dir):
             try:
                 converted = read_hf_clip(str(name_or_dir))
@@ -69,12 +73,14 @@ class PretrainedMixin:
                     f"no liteclip model directory at {name_or_dir}, and no Hugging Face CLIP checkpoint of that "
                     f"name could be loaded ({str(error).splitlines()[0]}). Train one with `python train.py "
                     f"--config configs/demo.yaml`, or check the name and the network.") from None
-            return from_converted(cls, converted).to(device).eval()
-        return load_model_dir(cls, name_or_dir).to(device).eval()
+            return from_converted(cls, converted).to(device=device, dtype=dtype).eval()
+        return load_model_dir(cls, name_or_dir).to(device=device, dtype=dtype).eval()
 
-    def save_pretrained(self, directory: str | Path, full_config: Config | None = None) -> Path:
-        """Writes config.yaml, model.safetensors, text_config/ and tokenizer/ into `directory` (atomically)."""
-        return save_model_dir(self, directory, full_config)
+    def save_pretrained(self, directory: str | Path, full_config: Config | None = None,
+                        metrics: dict[str, float] | None = None) -> Path:
+        """Writes config.yaml, model.safetensors, text_config/, tokenizer/ and a model card (README.md, with
+        `metrics` filled in) into `directory`, atomically; the directory is a valid Hugging Face Hub repository."""
+        return save_model_dir(self, directory, full_config, metrics)
 
 
 def from_converted(cls: type, converted: ConvertedCLIP):
@@ -86,11 +92,18 @@ def from_converted(cls: type, converted: ConvertedCLIP):
     return model
 
 
-def save_model_dir(model: Any, directory: str | Path, full_config: Config | None = None) -> Path:
-    """Writes a self-contained model directory; replaces an existing one only once the new one is complete."""
+def save_model_dir(model: Any, directory: str | Path, full_config: Config | None = None,
+                   metrics: dict[str, float] | None = None) -> Path:
+    """Writes a self-contained model directory; replaces an existing one only once the new one is complete. A
+    README.md that liteclip did not write is kept instead of the model card."""
     from safetensors.torch import save_file
 
+    existing_card = Path(directory) / CARD_NAME
+    write_card = not existing_card.is_file() or CARD_MARKER in existing_card.read_text(errors="replace")
+
     def write_contents(staging: Path) -> None:
+        if write_card:
+            (staging / CARD_NAME).write_text(model_card(model.config, full_config, metrics))
         config_dict = full_config.to_dict() if full_config is not None else Config(model=model.config).to_dict()
         config_dict["model"] = Config(model=model.config).to_dict()["model"]
         (staging / CONFIG_NAME).write_text(yaml.safe_dump(config_dict, sort_keys=False))
@@ -103,9 +116,48 @@ def save_model_dir(model: Any, directory: str | Path, full_config: Config | None
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
 
-    replace_directory(directory, write_contents, OWNED_NAMES)  # files liteclip does not write (a README) stay
+    replace_directory(directory, write_contents, OWNED_NAMES | ({CARD_NAME} if write_card else set()))
     logger.info("saved model to %s", directory)
     return Path(directory)
+
+
+def model_card(model_config: ModelConfig, full_config: Config | None = None,
+               metrics: dict[str, float] | None = None) -> str:
+    """A Hugging Face model card: front matter the Hub reads (library, tags, pipeline, license, datasets, metrics),
+    then the recipe and the results."""
+    data = full_config.data if full_config is not None else None
+    front = {"library_name": "liteclip", "pipeline_tag": "zero-shot-image-classification",
+             "tags": ["clip", "liteclip", "zero-shot-image-classification", "image-text-retrieval"],
+             "license": "other",  # the weights inherit the terms of the data and of any pretrained tower
+             "base_model": [name for name, pretrained in ((model_config.image.name, model_config.image.pretrained),
+                                                          (model_config.text.name, model_config.text.pretrained))
+                            if pretrained and "/" in name] or None,
+             "datasets": [data.dataset] if data is not None and data.dataset != "demo" else None,
+             "metrics": sorted(metrics) if metrics else None}
+    front = {key: value for key, value in front.items() if value is not None}
+    recipe = [("image tower", f"{model_config.image.name} ({model_config.image.source}"
+                              f"{', pretrained' if model_config.image.pretrained else ''}"
+                              f"{', locked' if model_config.image.locked else ''})"),
+              ("text tower", f"{model_config.text.name} ({model_config.text.pooling} pooling)"),
+              ("projection", f"{model_config.projection.kind}, {model_config.projection.dim} dimensions"),
+              ("loss", "symmetric contrastive loss (CLIP, Radford et al. 2021), learned temperature")]
+    if full_config is not None:
+        recipe += [("data", f"{data.dataset} ({data.root})"),
+                   ("training", f"{full_config.train.epochs} epochs, batch {data.batch_size}, {full_config.optim.name} "
+                                f"lr {full_config.optim.lr:g}, precision {full_config.train.precision}")]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", CARD_MARKER, "",
+             f"# liteclip CLIP: {model_config.image.name} + {model_config.text.name}", "",
+             "A CLIP model (image and text towers trained so matching image-caption pairs have high cosine "
+             "similarity) trained with [liteclip](https://pypi.org/project/liteclip/).", "",
+             "| | |", "| --- | --- |", *[f"| {key} | {value} |" for key, value in recipe], ""]
+    if metrics:
+        lines += ["## Results", "", "| metric | value |", "| --- | --- |",
+                  *[f"| {key} | {value:.4g} |" for key, value in metrics.items()], ""]
+    lines += ["## Use", "", "```python", "from liteclip import ZeroShotPipeline", "",
+              'pipeline = ZeroShotPipeline("path/to/this/folder")',
+              'pipeline.predict("photo.jpg", ["a photo of a dog", "a photo of a cat"])', "```", "",
+              "License: set the `license` field to what the training data and any pretrained tower allow.", ""]
+    return "\n".join(lines)
 
 
 def read_model_config(directory: str | Path) -> Config:

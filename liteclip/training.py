@@ -306,7 +306,7 @@ def export_best(setup: TrainingSetup, config: Config, run: RunDirectory) -> dict
     metrics = {f"test_{k}": v for k, v in evaluate_split(setup, "test", config.data).items()}
     if config.train.zero_shot_eval:
         metrics.update(zero_shot_metrics(setup, config.data))
-    setup.model.save_pretrained(config.train.model_dir, full_config=config)
+    setup.model.save_pretrained(config.train.model_dir, full_config=config, metrics=metrics)
     run.write_final_metrics(metrics)
     logger.info("best model saved to %s", config.train.model_dir)
     return metrics

@@ -33,6 +33,11 @@ def test_training_then_inference_notebook(tmp_path, monkeypatch):
     monkeypatch.setenv("LITECLIP_NOTEBOOK_DIR", str(tmp_path))
     training = execute("training")
     assert figures(training) == 3  # sample images, loss/recall curves, similarity heatmap
+    logged = "".join(output.get("text", "") for cell in training.cells if cell.cell_type == "code"
+                     for output in cell.get("outputs", []))
+    assert "epoch 1:" in logged and "mean_recall=" in logged  # per-epoch recall is printed
+    # no progress bars stored (a saved copy grew to 489 KB with them): the text is the config and the epoch lines
+    assert len(logged) < 20_000 and "it/s]" not in logged
     assert (tmp_path / "model" / "model.safetensors").is_file()
     inference = execute("inference")
     assert figures(inference) == 3  # probability bars, search grid, neighbours

@@ -226,3 +226,30 @@ def test_top_k_below_one_and_a_missing_cuda_device_are_clear_errors(model_dir, i
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             ZeroShotPipeline(model_dir, device="cuda")
+
+
+def test_conveniences_callable_preprocess_and_label_mistakes(model_dir, images):
+    pipeline = ZeroShotPipeline(model_dir)
+    assert pipeline(images[0], LABELS) == pipeline.predict(images[0], LABELS)
+    pil = Image.open(images[0])
+    pixels = pipeline.preprocess(pil)
+    assert pixels.shape == (3, 32, 32) and torch.equal(pixels, pipeline.preprocess(images[0]))
+    with pytest.raises(ValueError, match="single string 'a photo of a cat'"):
+        pipeline.predict(images[0], "a photo of a cat")
+    for top_k in (0, -1):
+        with pytest.raises(ValueError, match=f"top_k={top_k}"):
+            pipeline.predict(images[0], LABELS, top_k=top_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_predicts_and_indexes_like_the_float_one(model_dir, images, tmp_path, dtype):
+    from liteclip import CLIP
+
+    assert next(CLIP.from_pretrained(model_dir, dtype=dtype).parameters()).dtype == dtype
+    full = ZeroShotPipeline(model_dir).predict(images, LABELS)
+    half = ZeroShotPipeline(model_dir, dtype=dtype).predict(images, LABELS)
+    for full_row, half_row in zip(full, half):
+        assert dict(half_row) == pytest.approx(dict(full_row), abs=0.05)
+    search = ImageSearch(ZeroShotPipeline(model_dir, dtype=dtype))
+    search.index(images, show_progress=False)
+    assert search.embeddings.dtype == torch.float32 and len(search.search("a photo of a cat", top_k=2)) == 2

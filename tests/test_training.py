@@ -113,6 +113,8 @@ def test_train_command_writes_logs_checkpoints_and_model(tmp_path):
     assert torch.equal(model.state_dict()["logit_scale"], best["logit_scale"])
     final = read_rows(run / "final_metrics.csv")
     assert {"test_mean_recall", "zero_shot_seen_top1"} <= {r["metric"] for r in final}
+    card = (tmp_path / "model" / "README.md").read_text()  # the model card carries the final metrics
+    assert "library_name: liteclip" in card and "| test_mean_recall |" in card
 
 
 def test_same_seed_same_losses_whatever_the_number_of_workers(tmp_path):
