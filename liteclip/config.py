@@ -66,10 +66,23 @@ class ModelConfig:
     logit_scale_init: float = math.log(1 / 0.07)  # the paper's initial temperature 0.07
     logit_scale_max: float = math.log(100.0)  # the paper clips the scale at 100
     learn_logit_scale: bool = True  # false: fixed temperature (the Simple-CLIP recipe uses 1.0)
+    # a learned bias added to every logit (SigLIP: -10, with logit_scale_init: 2.302585 = log 10); null: none (CLIP,
+    # whose softmax would ignore it)
+    logit_bias_init: float | None = None
     # start from a Hugging Face CLIP checkpoint (hub name or directory, e.g. openai/clip-vit-base-patch32): its towers,
     # linear heads, temperature, tokenizer and preprocessing replace image/text/projection above, except the
     # `locked` flags and learn_logit_scale, which still apply
     init_from: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------ loss
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # clip: symmetric cross-entropy (Radford et al. 2021); siglip: pairwise sigmoid (Zhai et al. 2023), which needs
+    # model.logit_bias_init (the paper: -10, with model.logit_scale_init: 2.302585)
+    name: Literal["clip", "siglip"] = "clip"
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -148,6 +161,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -345,6 +359,9 @@ def validate(config: Config, source: str = "<config>") -> None:
          "data.val_fraction/test_fraction", (config.data.val_fraction, config.data.test_fraction),
          "must be fractions that leave some training images"),
     ]
+    checks.append((config.loss.name != "siglip" or config.model.logit_bias_init is not None, "model.logit_bias_init",
+                   config.model.logit_bias_init, "must be set for loss.name: siglip (the paper: -10, with "
+                   "model.logit_scale_init: 2.302585)"))
     for ok, key, value, rule in checks:
         if not ok:
             raise ConfigError(f"{source}: {key}={value!r} {rule}")

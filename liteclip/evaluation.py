@@ -8,14 +8,14 @@ imports the trainer.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from liteclip.data.captions import CaptionedImage, ZeroShotTask
 from liteclip.embedding import Autocast, encode_decodable_image_files, encode_labels, encode_texts
 from liteclip.errors import DataError
-from liteclip.loss import clip_loss
+from liteclip.loss import LOSSES, clip_loss
 from liteclip.metrics import retrieval_recall, zero_shot_accuracy
 from liteclip.model import CLIP
 
@@ -24,7 +24,7 @@ from liteclip.model import CLIP
 def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: int = 64,
                        device: torch.device | str = "cpu", autocast: Autocast = contextlib.nullcontext,
                        show_progress: bool = True, num_workers: int = 0,
-                       image_features: torch.Tensor | None = None) -> dict[str, float]:
+                       image_features: torch.Tensor | None = None, loss_name: str = "clip") -> dict[str, float]:
     """Retrieval recall R@1/5/10 both ways over a whole split (all captions of each image), and its contrastive loss.
 
     Args:
@@ -35,9 +35,11 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
 
     Images that do not decode are left out (with a warning naming each), with their captions.
 
+        loss_name: the loss `loss` is measured with ("clip" or "siglip", as loss.name).
+
     Returns:
-        retrieval_recall's keys (percent), and `loss`: clip_loss over consecutive batches of (image, first caption)
-        pairs, averaged, as a validation loss comparable with the training loss.
+        retrieval_recall's keys (percent), and `loss`: the contrastive loss over consecutive batches of (image,
+        first caption) pairs, averaged, as a validation loss comparable with the training loss.
     """
     if not images:
         raise DataError("the split has no images")
@@ -57,7 +59,7 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
     metrics = retrieval_recall(image_embeds.cpu(), text_embeds.cpu(), text_to_image)
     first_captions = torch.tensor([0] + [len(image.captions) for image in images[:-1]]).cumsum(0)  # (N,)
     metrics["loss"] = paired_loss(image_embeds, text_embeds[first_captions.to(text_embeds.device)],
-                                  model.scale().float(), batch_size)
+                                  model.scale().float(), batch_size, model.logit_bias, LOSSES[loss_name])
     return metrics
 
 
@@ -72,10 +74,13 @@ def embed_image_features(model: CLIP, image_features: torch.Tensor, batch_size: 
     return torch.cat(chunks)
 
 
-def paired_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor, batch_size: int) -> float:
-    """Mean clip_loss over consecutive batches of matching (image, text) rows; a batch of one has no negatives and
-    is left out (NaN when no batch has two rows)."""
-    losses = [clip_loss(scale * image_embeds[start:start + batch_size] @ text_embeds[start:start + batch_size].t())
+def paired_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor, batch_size: int,
+                bias: torch.Tensor | None = None, loss_fn: Callable[[torch.Tensor], torch.Tensor] = clip_loss) -> float:
+    """Mean loss over consecutive batches of matching (image, text) rows; a batch of one has no negatives and is
+    left out (NaN when no batch has two rows)."""
+    offset = 0.0 if bias is None else bias.float()
+    losses = [loss_fn(scale * image_embeds[start:start + batch_size] @ text_embeds[start:start + batch_size].t()
+                      + offset)
               for start in range(0, len(image_embeds), batch_size) if len(image_embeds[start:start + batch_size]) > 1]
     return torch.stack(losses).mean().item() if losses else float("nan")
 

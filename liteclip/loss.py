@@ -1,4 +1,6 @@
-"""The symmetric contrastive loss, written from the CLIP paper's pseudocode (Radford et al. 2021, Figure 3):
+"""The contrastive losses over an image-text similarity matrix.
+
+CLIP's symmetric cross-entropy, written from the paper's pseudocode (Radford et al. 2021, Figure 3):
 
     logits = np.dot(I_e, T_e.T) * np.exp(t)
     labels = np.arange(n)
@@ -6,7 +8,14 @@
     loss_t = cross_entropy_loss(logits, labels, axis=1)
     loss   = (loss_i + loss_t) / 2
 
-Across processes the embeddings are gathered first (liteclip.distributed.all_gather_with_grad) and this same
+SigLIP's pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", Algorithm 1),
+where every image-text pair is its own binary decision and the logits carry a learned bias:
+
+    logits = dot(zimg, ztxt.T) * t + b
+    labels = 2 * eye(n) - ones(n)      # +1 on the diagonal, -1 elsewhere
+    loss   = -sum(log_sigmoid(labels * logits)) / n
+
+Across processes the embeddings are gathered first (liteclip.distributed.all_gather_with_grad) and the same
 function runs on the global logits, so N processes of batch B optimise exactly the loss of one batch of N*B.
 """
 
@@ -30,3 +39,20 @@ def clip_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
     loss_image_to_text = F.cross_entropy(logits_per_image, labels)  # each image picks its caption among N
     loss_text_to_image = F.cross_entropy(logits_per_image.t(), labels)  # each caption picks its image among N
     return (loss_image_to_text + loss_text_to_image) / 2
+
+
+def siglip_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """Pairwise sigmoid loss over an image-text logit matrix (scaled similarities plus the learned bias).
+
+    Args:
+        logits_per_image: (N, N) logits; pair (i, i) matches, every other pair does not.
+
+    Returns:
+        Scalar: the summed negative log-likelihood of every pair's label, divided by N (the paper's normalisation).
+    """
+    num_pairs = logits_per_image.shape[0]
+    labels = 2 * torch.eye(num_pairs, device=logits_per_image.device, dtype=logits_per_image.dtype) - 1  # +1 / -1
+    return -F.logsigmoid(labels * logits_per_image).sum() / num_pairs
+
+
+LOSSES = {"clip": clip_loss, "siglip": siglip_loss}

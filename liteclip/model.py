@@ -178,8 +178,9 @@ class CLIPOutput:
     image_embeds: torch.Tensor  # (B, D), L2-normalised
     text_embeds: torch.Tensor  # (B, D), L2-normalised
     logit_scale: torch.Tensor  # scalar, exp of the clamped log-scale
-    logits_per_image: torch.Tensor  # (B, B) = scale * image_embeds @ text_embeds.T
+    logits_per_image: torch.Tensor  # (B, B) = scale * image_embeds @ text_embeds.T (+ logit_bias)
     logits_per_text: torch.Tensor  # (B, B), its transpose
+    logit_bias: torch.Tensor | None = None  # scalar, when the model has one (SigLIP)
 
 
 class CLIP(PretrainedMixin, nn.Module):
@@ -202,6 +203,9 @@ class CLIP(PretrainedMixin, nn.Module):
         # log of the inverse temperature, learned in log space as in the paper
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)),
                                         requires_grad=config.learn_logit_scale)
+        # SigLIP's bias: with few positives among N*N pairs, it starts the logits well below zero
+        self.logit_bias = (nn.Parameter(torch.tensor(float(config.logit_bias_init)))
+                           if config.logit_bias_init is not None else None)
         self.data_config = self.image_encoder.data_config
         if config.image.channels_last:
             self.image_encoder.to(memory_format=torch.channels_last)
@@ -246,11 +250,13 @@ class CLIP(PretrainedMixin, nn.Module):
         text_embeds = self.encode_text(input_ids, attention_mask)  # (B, D)
         scale = self.scale()
         logits_per_image = scale * image_embeds @ text_embeds.t()  # (B, B)
-        return CLIPOutput(image_embeds, text_embeds, scale, logits_per_image, logits_per_image.t())
+        if self.logit_bias is not None:
+            logits_per_image = logits_per_image + self.logit_bias
+        return CLIPOutput(image_embeds, text_embeds, scale, logits_per_image, logits_per_image.t(), self.logit_bias)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that take no weight decay besides biases and norms."""
-        return {"logit_scale"}
+        return {"logit_scale", "logit_bias"}
 
 
 def build_model(config: ModelConfig) -> CLIP:

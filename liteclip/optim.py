@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from liteclip.config import OptimConfig
+from liteclip.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device_type: str = "c
     """AdamW (or Adam, as liteCLIP used) over the parameter groups; fused kernels on CUDA."""
     groups = param_groups(model, config)
     if not groups:
-        raise ValueError("nothing to train: every parameter is locked (model.image.locked and model.text.locked)")
+        raise ConfigError("nothing to train: every parameter is locked (model.image.locked and model.text.locked)")
     kwargs = {"betas": config.betas, "eps": config.eps}
     if device_type == "cuda":
         kwargs["fused"] = True  # one kernel for the whole update instead of one per tensor

@@ -36,7 +36,7 @@ from liteclip.data.captions import CaptionedImage, SkippedImages, epoch_seed
 from liteclip.errors import ConfigError, NonFiniteLossError
 from liteclip.evaluation import evaluate_retrieval, evaluate_zero_shot
 from liteclip.feature_cache import CachedFeatureDataset, use_feature_cache
-from liteclip.loss import clip_loss
+from liteclip.loss import clip_loss, siglip_loss
 from liteclip.model import CLIP, build_model
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.precision import Precision, resolve_precision
@@ -52,19 +52,21 @@ logger = logging.getLogger(__name__)
 
 
 def contrastive_step(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], precision: Precision,
-                     scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+                     scaler: torch.amp.GradScaler | None, loss_name: str = "clip") -> torch.Tensor:
     """Forward and backward for one optimiser step; returns the (detached) loss over the whole global batch.
 
     With one micro-batch this is the plain CLIP step on embeddings gathered across ranks. With k micro-batches it
     is gradient caching: embed all k without gradients, then re-embed each one with gradients against the cached
     embeddings of the others, so every caption is contrasted with all k*B images, as in one batch of k*B.
+    loss_name: "clip" (clip_loss) or "siglip" (siglip_loss, on logits with the model's learned bias).
     """
+    loss_fn = clip_loss if loss_name == "clip" else siglip_loss
     if len(micro_batches) == 1:
         with precision.autocast():
             out = model(**micro_batches[0])
         image_embeds = distributed.all_gather_with_grad(out.image_embeds)  # (W*B, D)
         text_embeds = distributed.all_gather_with_grad(out.text_embeds)
-        loss = clip_loss((out.logit_scale * image_embeds.float() @ text_embeds.float().t()))
+        loss = loss_fn(pair_logits(image_embeds.float(), text_embeds.float(), out.logit_scale, out.logit_bias))
         _backward(loss, scaler)
         return loss.detach()
 
@@ -83,11 +85,20 @@ def contrastive_step(model: nn.Module, micro_batches: list[dict[str, torch.Tenso
             texts = list(cached_texts)
             images[index] = distributed.all_gather_with_grad(out.image_embeds.float())
             texts[index] = distributed.all_gather_with_grad(out.text_embeds.float())
-            # the temperature's gradient must be counted once, not k times; the synced (last) pass carries it
+            # the temperature's (and bias's) gradient must be counted once, not k times; the synced (last) pass
+            # carries it
             scale = out.logit_scale if index == last else out.logit_scale.detach()
-            loss = clip_loss(scale * torch.cat(images) @ torch.cat(texts).t())
+            bias = out.logit_bias if index == last or out.logit_bias is None else out.logit_bias.detach()
+            loss = loss_fn(pair_logits(torch.cat(images), torch.cat(texts), scale, bias))
             _backward(loss, scaler)
     return loss.detach()
+
+
+def pair_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """(N, N) logits of every image against every text: scale * cosine similarity (+ bias, SigLIP)."""
+    logits = scale * image_embeds @ text_embeds.t()
+    return logits if bias is None else logits + bias
 
 
 def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
@@ -129,6 +140,7 @@ class TrainingSetup:
     precision: Precision
     device: torch.device
     total_steps: int
+    loss_name: str = "clip"  # loss.name
     skipped_images: SkippedImages = field(default_factory=SkippedImages)  # training images that did not decode
 
 
@@ -158,7 +170,7 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     return TrainingSetup(model, model, datasets, loaders["train"], optimizer, scaler, precision, ctx.device,
-                         total_steps)
+                         total_steps, config.loss.name)
 
 
 def compile_towers(model: CLIP) -> None:
@@ -208,7 +220,7 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
         setup.skipped_images.add(entry for batch in batches for entry in batch.get("skipped", ()))
         micro_batches = [to_device(batch, device) for batch in batches]
         set_lr(optimizer, lr_multiplier(state.step, setup.total_steps, optim_config))
-        loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler)
+        loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler, setup.loss_name)
         optimizer_step(setup.train_model, optimizer, setup.scaler, optim_config.grad_clip)
         state.step += 1
         state.epoch_step += 1
@@ -259,7 +271,7 @@ def evaluate_split(setup: TrainingSetup, split: str, data: DataConfig) -> dict[s
     features = dataset.features if isinstance(dataset, CachedFeatureDataset) else None
     return evaluate_retrieval(setup.model, dataset.images, data.eval_batch_size or data.batch_size, setup.device,
                               setup.precision.autocast, show_progress=False, num_workers=data.num_workers,
-                              image_features=features)
+                              image_features=features, loss_name=setup.loss_name)
 
 
 def zero_shot_metrics(setup: TrainingSetup, data: DataConfig) -> dict[str, float]:

@@ -65,3 +65,71 @@ def test_independent_random_embeddings_give_about_log_n():
     text_embeds = F.normalize(torch.randn(n, 512), dim=-1)
     loss = clip_loss(image_embeds @ text_embeds.t())  # scale 1: logits near 0
     assert abs(loss.item() - math.log(n)) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------------ SigLIP
+
+
+def naive_siglip_loss(image_embeds, text_embeds, scale, bias):
+    """Independent reference written out pair by pair: -log sigmoid(z * (t * <x_i, y_j> + b)), z = +1 only when
+    i == j, summed over all pairs and divided by the batch size."""
+    n = image_embeds.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            logit = scale * torch.dot(image_embeds[i], text_embeds[j]) + bias
+            total = total - math.log(1.0 / (1.0 + math.exp(-z * float(logit))))
+    return total / n
+
+
+@pytest.mark.parametrize("n", [1, 4, 9])
+def test_siglip_matches_a_naive_pairwise_reference(n):
+    from liteclip.loss import siglip_loss
+
+    torch.manual_seed(n)
+    image_embeds = F.normalize(torch.randn(n, 16, dtype=torch.float64), dim=-1)
+    text_embeds = F.normalize(torch.randn(n, 16, dtype=torch.float64), dim=-1)
+    scale, bias = 10.0, -10.0  # the paper's initial temperature and bias
+    logits = scale * image_embeds @ text_embeds.t() + bias
+    assert siglip_loss(logits).item() == pytest.approx(naive_siglip_loss(image_embeds, text_embeds, scale, bias),
+                                                       abs=1e-6)
+
+
+def test_siglip_would_catch_an_ignored_bias_or_labels_off_the_diagonal():
+    from liteclip.loss import siglip_loss
+
+    torch.manual_seed(0)
+    image_embeds = F.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1)
+    text_embeds = F.normalize(torch.randn(5, 8, dtype=torch.float64), dim=-1)
+    expected = naive_siglip_loss(image_embeds, text_embeds, 10.0, -10.0)
+    without_bias = siglip_loss(10.0 * image_embeds @ text_embeds.t())
+    shifted_labels = siglip_loss((10.0 * image_embeds @ text_embeds.t() - 10.0).roll(1, dims=1))
+    assert abs(without_bias.item() - expected) > 1.0 and abs(shifted_labels.item() - expected) > 1e-3
+
+
+def test_the_siglip_bias_is_in_the_models_logits_and_gets_a_gradient(tiny_config):
+    import dataclasses
+
+    from liteclip import build_model
+    from liteclip.loss import siglip_loss
+
+    config = dataclasses.replace(tiny_config.model, logit_scale_init=math.log(10), logit_bias_init=-10.0)
+    model = build_model(config).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    tokens = model.tokenizer(["a cat", "a dog", "a photo of a human baby"], padding=True, return_tensors="pt")
+    out = model(pixels, tokens["input_ids"], tokens["attention_mask"])
+    expected = naive_siglip_loss(out.image_embeds.detach().double(), out.text_embeds.detach().double(), 10.0, -10.0)
+    loss = siglip_loss(out.logits_per_image)
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+    loss.backward()
+    assert model.logit_bias.grad is not None and model.logit_bias.grad.abs() > 0  # no idle parameter under DDP
+    assert model.logit_scale.grad.abs() > 0
+
+
+def test_siglip_needs_a_bias_in_the_config():
+    from liteclip.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.logit_bias_init.*loss.name: siglip"):
+        load_config(None, ["loss.name=siglip"])
+    assert load_config(None, ["loss.name=siglip", "model.logit_bias_init=-10"]).loss.name == "siglip"

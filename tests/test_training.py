@@ -209,8 +209,12 @@ def grads_of(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_caching_matches_one_big_batch(tmp_path):
-    config = tiny_config(tmp_path)
+SIGLIP = ("loss.name=siglip", "model.logit_scale_init=2.302585", "model.logit_bias_init=-10")
+
+
+@pytest.mark.parametrize("loss_overrides", [(), SIGLIP], ids=["clip", "siglip"])
+def test_gradient_caching_matches_one_big_batch(tmp_path, loss_overrides):
+    config = tiny_config(tmp_path, *loss_overrides)
     model, (half_a, half_b) = fixed_batches(config, 2, 4)
     model.eval()  # no dropout, so the no-grad and the grad passes see the same embeddings
     full = {k: torch.cat([half_a[k], half_b[k]]) if k == "pixel_values" else None for k in half_a}
@@ -220,10 +224,10 @@ def test_gradient_caching_matches_one_big_batch(tmp_path):
     full["input_ids"] = torch.cat([torch.nn.functional.pad(i, (0, length - i.shape[1])) for i in ids])
     full["attention_mask"] = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks])
 
-    big_loss = contrastive_step(model, [full], FP32, None)
+    big_loss = contrastive_step(model, [full], FP32, None, config.loss.name)
     big_grads = grads_of(model)
     model.zero_grad(set_to_none=True)
-    cached_loss = contrastive_step(model, [half_a, half_b], FP32, None)
+    cached_loss = contrastive_step(model, [half_a, half_b], FP32, None, config.loss.name)
     cached_grads = grads_of(model)
     torch.testing.assert_close(cached_loss, big_loss, atol=1e-5, rtol=1e-5)
     assert big_grads.keys() == cached_grads.keys() and "logit_scale" in big_grads
@@ -231,7 +235,7 @@ def test_gradient_caching_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(cached_grads[name], big_grads[name], atol=2e-5, rtol=1e-3, msg=name)
 
 
-def _ddp_worker(rank, world_size, port, config_path, batches_path, out_path):
+def _ddp_worker(rank, world_size, port, config_path, batches_path, out_path, loss_name="clip"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     from liteclip import distributed
@@ -242,14 +246,15 @@ def _ddp_worker(rank, world_size, port, config_path, batches_path, out_path):
     model = build_model(config.model).eval()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     batch = torch.load(batches_path)[rank]
-    loss = contrastive_step(ddp, [batch], FP32, None)
+    loss = contrastive_step(ddp, [batch], FP32, None, loss_name)
     if rank == 0:
         torch.save({"loss": loss, "grads": grads_of(model)}, out_path)
     distributed.cleanup()
 
 
-def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
-    config = tiny_config(tmp_path)
+@pytest.mark.parametrize("loss_overrides", [(), SIGLIP], ids=["clip", "siglip"])
+def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, loss_overrides):
+    config = tiny_config(tmp_path, *loss_overrides)
     model, (half_a, half_b) = fixed_batches(config, 2, 4)
     length = max(half_a["input_ids"].shape[1], half_b["input_ids"].shape[1])
     pad = lambda t: torch.nn.functional.pad(t, (0, length - t.shape[1]))
@@ -257,13 +262,15 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path):
     full = {k: torch.cat([halves[0][k], halves[1][k]]) for k in halves[0]}
     torch.manual_seed(0)
     reference = build_model(config.model).eval()
-    loss = contrastive_step(reference, [full], FP32, None)
+    loss = contrastive_step(reference, [full], FP32, None, config.loss.name)
     expected = grads_of(reference)
+    assert ("logit_bias" in expected) == bool(loss_overrides)  # SigLIP's bias is trained, and its gradient checked
 
     (tmp_path / "config.yaml").write_text(config.to_yaml())
     torch.save(halves, tmp_path / "batches.pt")
-    mp.spawn(_ddp_worker, args=(2, 29500 + os.getpid() % 1000, str(tmp_path / "config.yaml"),
-                                str(tmp_path / "batches.pt"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, 29500 + os.getpid() % 1000 + len(loss_overrides), str(tmp_path / "config.yaml"),
+                                str(tmp_path / "batches.pt"), str(tmp_path / "out.pt"), config.loss.name),
+             nprocs=2, join=True)
     result = torch.load(tmp_path / "out.pt")
     torch.testing.assert_close(result["loss"], loss, atol=1e-5, rtol=1e-5)
     assert result["grads"].keys() == expected.keys()
@@ -410,3 +417,11 @@ def test_a_second_training_on_a_run_directory_in_use_fails_at_once(tmp_path):
         with pytest.raises(RunInUseError, match=f"in use by process {os.getpid()}"):
             fit(tiny_config(tmp_path), show_progress=False)
     assert not (tmp_path / "demo").exists() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_siglip_run_trains_evaluates_and_exports_its_bias(tmp_path):
+    final = fit(tiny_config(tmp_path, *SIGLIP, "train.epochs=1", "train.max_steps=3"), show_progress=False)
+    assert np.isfinite(final["test_loss"]) and "test_mean_recall" in final
+    model = CLIP.from_pretrained(tmp_path / "model")
+    best = load_checkpoint(tmp_path / "run" / "best.pt")["model"]
+    assert torch.equal(model.logit_bias.detach(), best["logit_bias"]) and best["logit_bias"].item() != -10.0
