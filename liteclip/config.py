@@ -150,6 +150,10 @@ class TrainConfig:
     # at the end of each epoch. SIGTERM and SIGINT always write one and stop (liteclip.preemption)
     checkpoint_every_minutes: float | None = 15.0
     max_steps: int | None = None  # stop early (tests, smoke runs)
+    # exponential moving average of the weights, updated after every optimiser step and used for evaluation, the
+    # best checkpoint and the exported model (e.g. 0.999; null: off)
+    ema_decay: float | None = None
+    ema_evaluate_raw: bool = False  # with ema_decay: also evaluate the raw weights (raw_* columns in epochs.csv)
     compile: bool = False  # torch.compile both towers; whatever dynamo cannot compile runs eagerly instead
     cache_image_features: bool = False  # locked image tower: compute its features once and keep them on disk
     # CPU: keep memory freed by one step for the next instead of faulting it back in (glibc, liteclip.runtime):
@@ -333,6 +337,8 @@ def validate(config: Config, source: str = "<config>") -> None:
         (config.train.accum_steps >= 1, "train.accum_steps", config.train.accum_steps, "must be >= 1"),
         (config.train.log_every >= 1, "train.log_every", config.train.log_every, "must be >= 1"),
         (config.train.eval_every >= 1, "train.eval_every", config.train.eval_every, "must be >= 1 (epochs)"),
+        (config.train.ema_decay is None or 0 < config.train.ema_decay < 1, "train.ema_decay", config.train.ema_decay,
+         "must be in (0, 1), e.g. 0.999, or null for no average"),
         (config.train.checkpoint_every_minutes is None or config.train.checkpoint_every_minutes > 0,
          "train.checkpoint_every_minutes", config.train.checkpoint_every_minutes, "must be > 0, or null for none"),
         (config.train.max_steps is None or config.train.max_steps > 0, "train.max_steps", config.train.max_steps,

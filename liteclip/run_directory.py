@@ -35,7 +35,8 @@ import torch
 
 from liteclip.checkpoint import atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
 from liteclip.config import Config
-from liteclip.errors import DiskSpaceError, OutputDirectoryError, RunInUseError
+from liteclip.ema import WeightAverage
+from liteclip.errors import DiskSpaceError, ModelLoadError, OutputDirectoryError, RunInUseError
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +276,10 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler | None, state: TrainState, config: Config,
-                     rng_per_rank: list[torch.Tensor] | None = None) -> dict[str, Any]:
-    """Everything a run needs to continue exactly: weights, optimiser, scaler, progress, RNG and the config.
+                     rng_per_rank: list[torch.Tensor] | None = None, ema: WeightAverage | None = None
+                     ) -> dict[str, Any]:
+    """Everything a run needs to continue exactly: weights, optimiser, scaler, weight average, progress, RNG and
+    the config.
 
     rng_per_rank: every rank's torch RNG state, for a checkpoint inside an epoch (at an epoch's start each rank
     reseeds from (seed, epoch, rank) anyway).
@@ -284,6 +287,7 @@ def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
+        "ema": ema.averaged.state_dict() if ema is not None else {},
         **dataclasses.asdict(state),
         "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -293,13 +297,18 @@ def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler | None, state: TrainState, rank: int = 0) -> None:
+            scaler: torch.amp.GradScaler | None, state: TrainState, rank: int = 0,
+            ema: WeightAverage | None = None) -> None:
     """Loads a checkpoint written by checkpoint_state into the model, optimiser, scaler and state."""
     checkpoint = load_checkpoint(path)
     load_weights(model, checkpoint["model"], str(path))
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
+    if ema is not None:
+        if not checkpoint.get("ema"):
+            raise ModelLoadError(f"{path} holds no weight average; resume it without train.ema_decay, or start anew")
+        ema.averaged.load_state_dict(checkpoint["ema"])
     for progress in dataclasses.fields(state):
         if progress.name in checkpoint:  # checkpoints from before mid-epoch saving lack the epoch_* fields
             setattr(state, progress.name, checkpoint[progress.name])

@@ -34,6 +34,7 @@ from liteclip.config import Config, DataConfig, OptimConfig, TrainConfig
 from liteclip.data import build_dataloaders, build_datasets, load_splits, zero_shot_task
 from liteclip.data.captions import CaptionedImage, SkippedImages, epoch_seed
 from liteclip.errors import ConfigError, NonFiniteLossError
+from liteclip.ema import WeightAverage
 from liteclip.evaluation import evaluate_retrieval, evaluate_zero_shot
 from liteclip.feature_cache import CachedFeatureDataset, use_feature_cache
 from liteclip.loss import clip_loss, siglip_loss
@@ -141,7 +142,13 @@ class TrainingSetup:
     device: torch.device
     total_steps: int
     loss_name: str = "clip"  # loss.name
+    ema: WeightAverage | None = None  # train.ema_decay: the averaged weights, evaluated and exported when on
     skipped_images: SkippedImages = field(default_factory=SkippedImages)  # training images that did not decode
+
+    @property
+    def eval_model(self) -> CLIP:
+        """What evaluation, the best checkpoint's score and the export use: the average if there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
@@ -158,6 +165,7 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
                                 datasets, seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size,
                                 pin_memory=ctx.device.type == "cuda")
     optimizer = build_optimizer(model, config.optim, ctx.device.type)
+    ema = WeightAverage(model, config.train.ema_decay) if config.train.ema_decay else None
     if config.train.compile:
         compile_towers(model)
     scaler = torch.amp.GradScaler(ctx.device.type) if precision.needs_grad_scaler else None
@@ -170,7 +178,7 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     return TrainingSetup(model, model, datasets, loaders["train"], optimizer, scaler, precision, ctx.device,
-                         total_steps, config.loss.name)
+                         total_steps, config.loss.name, ema)
 
 
 def compile_towers(model: CLIP) -> None:
@@ -222,6 +230,8 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
         set_lr(optimizer, lr_multiplier(state.step, setup.total_steps, optim_config))
         loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler, setup.loss_name)
         optimizer_step(setup.train_model, optimizer, setup.scaler, optim_config.grad_clip)
+        if setup.ema is not None:
+            setup.ema.update(setup.model)
         state.step += 1
         state.epoch_step += 1
         loss_sum += loss
@@ -262,14 +272,14 @@ def window_row(state: TrainState, window_sum: torch.Tensor, elapsed: float, opti
 # ------------------------------------------------------------------------------------------- end of an epoch
 
 
-def evaluate_split(setup: TrainingSetup, split: str, data: DataConfig) -> dict[str, float]:
+def evaluate_split(setup: TrainingSetup, split: str, data: DataConfig, raw: bool = False) -> dict[str, float]:
     """Retrieval recall and contrastive loss on a split, by the evaluator `liteclip eval-retrieval` runs ({} for an
-    empty split)."""
+    empty split); of the averaged weights when there are some, unless `raw`."""
     dataset = setup.datasets[split]
     if len(dataset) == 0:
         return {}
     features = dataset.features if isinstance(dataset, CachedFeatureDataset) else None
-    return evaluate_retrieval(setup.model, dataset.images, data.eval_batch_size or data.batch_size, setup.device,
+    return evaluate_retrieval(setup.model if raw else setup.eval_model, dataset.images, data.eval_batch_size or data.batch_size, setup.device,
                               setup.precision.autocast, show_progress=False, num_workers=data.num_workers,
                               image_features=features, loss_name=setup.loss_name)
 
@@ -280,7 +290,7 @@ def zero_shot_metrics(setup: TrainingSetup, data: DataConfig) -> dict[str, float
     task = zero_shot_task(data, "test")
     if task is None:
         return {}
-    result = evaluate_zero_shot(setup.model, task, data.eval_batch_size or data.batch_size, setup.device,
+    result = evaluate_zero_shot(setup.eval_model, task, data.eval_batch_size or data.batch_size, setup.device,
                                 setup.precision.autocast, show_progress=False, num_workers=data.num_workers)
     metrics = {"zero_shot_top1": result["top1"]}
     metrics.update({f"zero_shot_{group}_top1": values["top1"] for group, values in result["per_group"].items()})
@@ -300,12 +310,15 @@ def end_epoch(setup: TrainingSetup, state: TrainState, train_loss: float, config
         if validation:
             metrics["val_loss"] = validation.pop("loss")
             metrics.update(validation)
+        if setup.ema is not None and config.train.ema_evaluate_raw:
+            raw = evaluate_split(setup, "val", config.data, raw=True)
+            metrics.update({f"raw_{'val_loss' if key == 'loss' else key}": value for key, value in raw.items()})
     # best by validation recall; a run without a validation split falls back to the training loss
     score = metrics.get("mean_recall", -train_loss if len(setup.datasets["val"]) == 0 else None)
     if score is not None and score > state.best_metric:
         state.best_metric, state.best_epoch = score, state.epoch
-        run.save(BEST, checkpoint_state(setup.model, setup.optimizer, setup.scaler, state, config))
-    run.save(LAST, checkpoint_state(setup.model, setup.optimizer, setup.scaler, state, config))
+        run.save(BEST, checkpoint_state(setup.model, setup.optimizer, setup.scaler, state, config, ema=setup.ema))
+    run.save(LAST, checkpoint_state(setup.model, setup.optimizer, setup.scaler, state, config, ema=setup.ema))
     run.log_epoch(metrics)
 
 
@@ -314,11 +327,14 @@ def export_best(setup: TrainingSetup, config: Config, run: RunDirectory) -> dict
     one) and writes it with save_pretrained."""
     best = run.path / BEST
     if best.is_file():
-        load_weights(setup.model, load_checkpoint(best)["model"], str(best))
+        checkpoint = load_checkpoint(best)
+        load_weights(setup.model, checkpoint["model"], str(best))
+        if setup.ema is not None:
+            setup.ema.averaged.load_state_dict(checkpoint["ema"])
     metrics = {f"test_{k}": v for k, v in evaluate_split(setup, "test", config.data).items()}
     if config.train.zero_shot_eval:
         metrics.update(zero_shot_metrics(setup, config.data))
-    setup.model.save_pretrained(config.train.model_dir, full_config=config, metrics=metrics)
+    setup.eval_model.save_pretrained(config.train.model_dir, full_config=config, metrics=metrics)
     run.write_final_metrics(metrics)
     logger.info("best model saved to %s", config.train.model_dir)
     return metrics
@@ -335,7 +351,8 @@ def train_epochs(setup: TrainingSetup, state: TrainState, config: Config, run: R
     def write_checkpoint() -> str:  # called on every rank at the same step
         rng_per_rank = distributed.all_gather_object(torch.get_rng_state())  # each rank resumes with its own
         if ctx.is_main:
-            run.save(LAST, checkpoint_state(setup.model, setup.optimizer, setup.scaler, state, config, rng_per_rank))
+            run.save(LAST, checkpoint_state(setup.model, setup.optimizer, setup.scaler, state, config, rng_per_rank,
+                                            setup.ema))
         distributed.barrier()
         return str(run.path / LAST)
 
@@ -383,7 +400,7 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
         state = TrainState()
         resume_path = run.resume_path(resume)
         if resume_path is not None:
-            restore(resume_path, setup.model, setup.optimizer, setup.scaler, state, ctx.rank)
+            restore(resume_path, setup.model, setup.optimizer, setup.scaler, state, ctx.rank, setup.ema)
         if ctx.world_size > 1:
             setup.train_model = torch.nn.parallel.DistributedDataParallel(
                 setup.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)

@@ -149,3 +149,18 @@ def test_memory_stays_flat_over_many_steps(tmp_path):
     growth = resident_mib() - baseline
     assert growth < 40, f"resident memory grew by {growth:.1f} MiB over 250 steps"
     assert not losses.requires_grad
+
+
+def test_sigkill_resume_with_a_weight_average_ends_bit_identical(tmp_path):
+    ema = "train.ema_decay=0.9"
+    run_to_end(train_command(tmp_path, "straight_ema") + [ema])
+    straight = (tmp_path / "straight_ema", load_checkpoint(tmp_path / "straight_ema" / "last.pt"))
+    every_step = "train.checkpoint_every_minutes=0.0001"
+    signal_mid_epoch(train_command(tmp_path, "killed") + [ema, every_step], tmp_path / "killed" / "metrics.csv",
+                     straight[1]["step"] // 3, signal.SIGKILL, after=3)
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["ema"]  # the average is in the checkpoint
+    assert_resumes_like_the_uninterrupted_run(tmp_path, "killed", straight, ema, every_step)
+    resumed = load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert straight[1]["ema"].keys() == resumed["ema"].keys()
+    for name, tensor in straight[1]["ema"].items():
+        assert torch.equal(tensor, resumed["ema"][name]), name

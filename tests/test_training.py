@@ -425,3 +425,15 @@ def test_a_siglip_run_trains_evaluates_and_exports_its_bias(tmp_path):
     model = CLIP.from_pretrained(tmp_path / "model")
     best = load_checkpoint(tmp_path / "run" / "best.pt")["model"]
     assert torch.equal(model.logit_bias.detach(), best["logit_bias"]) and best["logit_bias"].item() != -10.0
+
+
+def test_with_a_weight_average_the_average_is_evaluated_kept_and_exported(tmp_path):
+    fit(tiny_config(tmp_path, "train.ema_decay=0.9", "train.ema_evaluate_raw=true", "train.epochs=2"),
+        show_progress=False)
+    epochs = read_rows(tmp_path / "run" / "epochs.csv")
+    assert {"mean_recall", "raw_mean_recall", "raw_val_loss"} <= set(epochs[0])
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    exported = CLIP.from_pretrained(tmp_path / "model").state_dict()
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, best["ema"][f"module.{name}"]), name  # the export is the average, not the raw
+    assert any(not torch.equal(best["model"][name], tensor) for name, tensor in exported.items())
