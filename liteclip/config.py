@@ -85,6 +85,15 @@ class LossConfig:
     name: Literal["clip", "siglip"] = "clip"
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    # a frozen CLIP teacher: a liteclip model directory or a Hugging Face CLIP checkpoint; its embeddings of the
+    # training set are computed once and cached (liteclip.distill); null: no distillation
+    teacher: str | None = None
+    weight: float = 1.0  # the KL term's weight next to the contrastive loss
+    temperature: float = 1.0  # both similarity distributions are softened by it
+
+
 # ------------------------------------------------------------------------------------------------------------ data
 
 
@@ -166,6 +175,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -365,6 +375,8 @@ def validate(config: Config, source: str = "<config>") -> None:
          "data.val_fraction/test_fraction", (config.data.val_fraction, config.data.test_fraction),
          "must be fractions that leave some training images"),
     ]
+    checks.append((config.distill.weight >= 0, "distill.weight", config.distill.weight, "must be >= 0"))
+    checks.append((config.distill.temperature > 0, "distill.temperature", config.distill.temperature, "must be > 0"))
     checks.append((config.loss.name != "siglip" or config.model.logit_bias_init is not None, "model.logit_bias_init",
                    config.model.logit_bias_init, "must be set for loss.name: siglip (the paper: -10, with "
                    "model.logit_scale_init: 2.302585)"))

@@ -40,7 +40,8 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
         index, generator = unpack_sample_key(key)
         image_index, caption_index = self.dataset.locate(index, generator)
         return {"image_features": self.features[image_index],
-                "caption": self.dataset.images[image_index].captions[caption_index], "image_index": image_index}
+                "caption": self.dataset.images[image_index].captions[caption_index], "image_index": image_index,
+                "caption_index": caption_index}
 
     @property
     def images(self) -> list[CaptionedImage]:

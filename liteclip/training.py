@@ -34,6 +34,7 @@ from liteclip.config import Config, DataConfig, OptimConfig, TrainConfig
 from liteclip.data import build_dataloaders, build_datasets, load_splits, zero_shot_task
 from liteclip.data.captions import CaptionedImage, SkippedImages, epoch_seed
 from liteclip.errors import ConfigError, NonFiniteLossError
+from liteclip.distill import DistillTerm, WithTeacherEmbeddings, teacher_embeddings
 from liteclip.ema import WeightAverage
 from liteclip.evaluation import evaluate_retrieval, evaluate_zero_shot
 from liteclip.feature_cache import CachedFeatureDataset, use_feature_cache
@@ -53,21 +54,32 @@ logger = logging.getLogger(__name__)
 
 
 def contrastive_step(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], precision: Precision,
-                     scaler: torch.amp.GradScaler | None, loss_name: str = "clip") -> torch.Tensor:
+                     scaler: torch.amp.GradScaler | None, loss_name: str = "clip",
+                     distill: DistillTerm | None = None) -> torch.Tensor:
     """Forward and backward for one optimiser step; returns the (detached) loss over the whole global batch.
 
     With one micro-batch this is the plain CLIP step on embeddings gathered across ranks. With k micro-batches it
     is gradient caching: embed all k without gradients, then re-embed each one with gradients against the cached
     embeddings of the others, so every caption is contrasted with all k*B images, as in one batch of k*B.
     loss_name: "clip" (clip_loss) or "siglip" (siglip_loss, on logits with the model's learned bias).
+    distill: adds the distillation term on the same global logits, against the teacher embeddings the
+    micro-batches carry ("teacher_image_embeds", "teacher_text_embeds").
     """
-    loss_fn = clip_loss if loss_name == "clip" else siglip_loss
+    contrastive = clip_loss if loss_name == "clip" else siglip_loss
+    if distill is not None:  # the teacher's embeddings in the same global order as the student's logits
+        teacher = [torch.cat([distributed.all_gather_no_grad(batch[key].float()) for batch in micro_batches])
+                   for key in ("teacher_image_embeds", "teacher_text_embeds")]  # (k*W*B, D_teacher) each
+
+    def objective(logits: torch.Tensor) -> torch.Tensor:
+        return contrastive(logits) if distill is None else contrastive(logits) + distill(logits, *teacher)
+
+    micro_batches = [{k: v for k, v in batch.items() if not k.startswith("teacher_")} for batch in micro_batches]
     if len(micro_batches) == 1:
         with precision.autocast():
             out = model(**micro_batches[0])
         image_embeds = distributed.all_gather_with_grad(out.image_embeds)  # (W*B, D)
         text_embeds = distributed.all_gather_with_grad(out.text_embeds)
-        loss = loss_fn(pair_logits(image_embeds.float(), text_embeds.float(), out.logit_scale, out.logit_bias))
+        loss = objective(pair_logits(image_embeds.float(), text_embeds.float(), out.logit_scale, out.logit_bias))
         _backward(loss, scaler)
         return loss.detach()
 
@@ -90,7 +102,7 @@ def contrastive_step(model: nn.Module, micro_batches: list[dict[str, torch.Tenso
             # carries it
             scale = out.logit_scale if index == last else out.logit_scale.detach()
             bias = out.logit_bias if index == last or out.logit_bias is None else out.logit_bias.detach()
-            loss = loss_fn(pair_logits(torch.cat(images), torch.cat(texts), scale, bias))
+            loss = objective(pair_logits(torch.cat(images), torch.cat(texts), scale, bias))
             _backward(loss, scaler)
     return loss.detach()
 
@@ -121,7 +133,8 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    inputs = {k: v for k, v in batch.items() if k in ("pixel_values", "image_features", "input_ids", "attention_mask")}
+    inputs = {k: v for k, v in batch.items() if k in ("pixel_values", "image_features", "input_ids", "attention_mask",
+                                                       "teacher_image_embeds", "teacher_text_embeds")}
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
@@ -142,6 +155,7 @@ class TrainingSetup:
     device: torch.device
     total_steps: int
     loss_name: str = "clip"  # loss.name
+    distill: DistillTerm | None = None  # distill.teacher: the term added to the loss
     ema: WeightAverage | None = None  # train.ema_decay: the averaged weights, evaluated and exported when on
     skipped_images: SkippedImages = field(default_factory=SkippedImages)  # training images that did not decode
 
@@ -161,6 +175,13 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     if config.train.cache_image_features:
         datasets = use_feature_cache(model, datasets, Path(config.data.root) / ".liteclip_cache", ctx.device,
                                      precision, config.data.num_workers)
+    distill = None
+    if config.distill.teacher:
+        teacher = teacher_embeddings(config.distill.teacher, datasets["train"].images,
+                                     Path(config.data.root) / ".liteclip_cache", ctx.device, precision,
+                                     config.data.num_workers)
+        datasets["train"] = WithTeacherEmbeddings(datasets["train"], teacher)
+        distill = DistillTerm(config.distill.weight, config.distill.temperature, teacher.scale)
     loaders = build_dataloaders(config.data, model.tokenizer, config.model.text.max_length, model.data_config,
                                 datasets, seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size,
                                 pin_memory=ctx.device.type == "cuda")
@@ -178,7 +199,7 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     return TrainingSetup(model, model, datasets, loaders["train"], optimizer, scaler, precision, ctx.device,
-                         total_steps, config.loss.name, ema)
+                         total_steps, config.loss.name, distill, ema)
 
 
 def compile_towers(model: CLIP) -> None:
@@ -228,7 +249,8 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
         setup.skipped_images.add(entry for batch in batches for entry in batch.get("skipped", ()))
         micro_batches = [to_device(batch, device) for batch in batches]
         set_lr(optimizer, lr_multiplier(state.step, setup.total_steps, optim_config))
-        loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler, setup.loss_name)
+        loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler, setup.loss_name,
+                                setup.distill)
         optimizer_step(setup.train_model, optimizer, setup.scaler, optim_config.grad_clip)
         if setup.ema is not None:
             setup.ema.update(setup.model)

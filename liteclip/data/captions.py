@@ -251,7 +251,8 @@ class ImageCaptionDataset(Dataset):
                 index = (index + 1) % len(self)
         transform_seed = int(torch.randint(2**31 - 1, (), generator=generator)) if generator is not None else None
         pixels = self.transform(pixels, transform_seed) if transform_seed is not None else self.transform(pixels)
-        sample = {"pixel_values": pixels, "caption": image.captions[caption_index], "image_index": image_index}
+        sample = {"pixel_values": pixels, "caption": image.captions[caption_index], "image_index": image_index,
+                  "caption_index": caption_index}
         if skipped:
             sample["skipped"] = skipped
         return sample
@@ -302,7 +303,7 @@ class CaptionCollator:
                                 max_length=self.max_length, return_tensors="pt")
         batch = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
                  "image_index": torch.tensor([s["image_index"] for s in samples])}
-        for key in ("pixel_values", "image_features"):
+        for key in ("pixel_values", "image_features", "teacher_image_embeds", "teacher_text_embeds"):
             if key in samples[0]:
                 batch[key] = torch.stack([s[key] for s in samples])
         skipped = [entry for s in samples for entry in s.get("skipped", ())]
