@@ -35,7 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         text_dir = write_bert_mini_shape(Path(tmp) / "bert_mini_shape")
         config = config_from_dict({"model": {
-            "image": {"name": args.image_model, "pretrained": False, "locked": True},
+            "image": {"name": args.image_model, "pretrained": False, "tune": "locked"},
             "text": {"name": str(text_dir), "pretrained": False, "max_length": 64}}})
         model = build_model(config.model).train()
         texts = captions(args.pairs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -23,8 +24,22 @@ import yaml
 
 from liteclip.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 
 # ----------------------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021) on a tower, from the peft library: only they (and the heads) train."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0
+    # module names (or name suffixes) to adapt; empty: peft's own choice for a Hugging Face tower (query and value
+    # projections); a timm tower needs names, e.g. [mlp.fc1, mlp.fc2] for ConvNeXt
+    targets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -33,12 +48,17 @@ class ImageEncoderConfig:
     source: Literal["timm", "hf"] = "timm"  # hf: a Hugging Face vision model (its pooler output), e.g. CLIP's ViT
     pretrained: bool = True  # load timm's pretrained weights (needs the hub or its cache)
     weights_file: str | None = None  # local .safetensors/.pth for users who downloaded weights by hand
-    locked: bool = False  # freeze the tower (LiT-style): no gradients, no optimiser state, eval mode
+    tune: Literal["full", "locked", "lora"] = "full"  # locked: frozen (LiT), eval mode; lora: adapters only
+    lora: LoraConfig = field(default_factory=LoraConfig)
     image_size: int | None = None  # override the tower's own input size (timm data config)
     mean: tuple[float, float, float] | None = None  # override the tower's normalisation mean
     std: tuple[float, float, float] | None = None  # override the tower's normalisation std
     crop_pct: float | None = None  # override the evaluation center-crop fraction (1.0: keep the whole image)
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and GPU
+
+    @property
+    def locked(self) -> bool:
+        return self.tune == "locked"
 
 
 @dataclass(frozen=True)
@@ -47,8 +67,13 @@ class TextEncoderConfig:
     pretrained: bool = True  # false: same architecture from its config, random init
     pooling: Literal["mean", "cls", "eos"] = "mean"  # mean: attention-masked mean (liteCLIP); eos: last real token
     max_length: int = 128  # captions are truncated here; batches are padded only to their longest caption
-    locked: bool = False
+    tune: Literal["full", "locked", "lora"] = "full"  # locked: frozen, eval mode; lora: adapters only
+    lora: LoraConfig = field(default_factory=LoraConfig)
     trust_remote_code: bool = False  # never on by default: it runs code downloaded with the model
+
+    @property
+    def locked(self) -> bool:
+        return self.tune == "locked"
 
 
 @dataclass(frozen=True)
@@ -71,7 +96,7 @@ class ModelConfig:
     logit_bias_init: float | None = None
     # start from a Hugging Face CLIP checkpoint (hub name or directory, e.g. openai/clip-vit-base-patch32): its towers,
     # linear heads, temperature, tokenizer and preprocessing replace image/text/projection above, except the
-    # `locked` flags and learn_logit_scale, which still apply
+    # towers' `tune` settings and learn_logit_scale, which still apply
     init_from: str | None = None
 
 
@@ -196,6 +221,11 @@ RENAMED_KEYS: dict[str, str] = {
     "model.projection.projection_dim": "model.projection.dim",
     "model.temperature": "model.logit_scale_init",
 }
+# Keys still read, under their new name, with a warning: old dotted key -> (new key, old value -> new value).
+DEPRECATED_KEYS: dict[str, tuple[str, dict[Any, Any]]] = {
+    "model.image.locked": ("tune", {True: "locked", False: "full"}),
+    "model.text.locked": ("tune", {True: "locked", False: "full"}),
+}
 
 
 # --------------------------------------------------------------------------------------------------------- loading
@@ -279,6 +309,13 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
+        if dotted in DEPRECATED_KEYS:
+            key, (new_key, values) = DEPRECATED_KEYS[dotted][0], DEPRECATED_KEYS[dotted]
+            if value not in values:
+                raise ConfigError(f"{source}: {dotted} must be true or false, got {value!r}")
+            logger.warning("%s: %s is now %s%s; read as %s: %s", source, dotted, prefix, new_key, new_key,
+                           values[value])
+            dotted, value = f"{prefix}{key}", values[value]
         if key not in fields:
             raise ConfigError(_unknown_key_message(dotted, key, fields, source))
         hint = hints[key]
@@ -317,6 +354,10 @@ def _check_type(value: Any, hint: Any, dotted: str, source: str) -> Any:
             suggestion = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{source}: {dotted}={value!r} is not one of {list(args)}{suggestion}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: any length
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {dotted} must be a list, got {value!r}")
+        return tuple(_check_type(v, args[0], f"{dotted}[{i}]", source) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{source}: {dotted} must be a list of {len(args)} values, got {value!r}")

@@ -78,7 +78,7 @@ def read_hf_clip(name_or_dir: str, base: ModelConfig | None = None) -> Converted
 
     Args:
         name_or_dir: hub name (needs the network or its cache) or a directory written by CLIPModel.save_pretrained.
-        base: a model config whose `locked` flags and learn_logit_scale apply on top.
+        base: a model config whose `tune` settings and learn_logit_scale apply on top.
     """
     from transformers import AutoTokenizer, CLIPModel
 
@@ -87,8 +87,9 @@ def read_hf_clip(name_or_dir: str, base: ModelConfig | None = None) -> Converted
     base = base or ModelConfig()
     config = ModelConfig(
         image=ImageEncoderConfig(name=str(name_or_dir), source="hf", pretrained=False, channels_last=False,
-                                 locked=base.image.locked),
-        text=TextEncoderConfig(name=str(name_or_dir), pretrained=False, pooling="eos", locked=base.text.locked,
+                                 tune=base.image.tune, lora=base.image.lora),
+        text=TextEncoderConfig(name=str(name_or_dir), pretrained=False, pooling="eos", tune=base.text.tune,
+                               lora=base.text.lora,
                                max_length=hf_config.text_config.max_position_embeddings),
         projection=ProjectionConfig(kind="linear", dim=hf_config.projection_dim, dropout=0.0),
         logit_scale_init=float(source.logit_scale.detach()), logit_scale_max=math.log(100.0),

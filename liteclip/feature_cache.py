@@ -85,8 +85,8 @@ def use_feature_cache(model: CLIP, datasets: dict[str, ImageCaptionDataset], cac
                       num_workers: int = 0) -> dict[str, CachedFeatureDataset]:
     """Swaps every split's images for cached features; later epochs and later runs skip the image tower."""
     if not model.config.image.locked:
-        raise ConfigError("train.cache_image_features needs model.image.locked: true (features of a tower that "
-                          "trains change every step)")
+        raise ConfigError("train.cache_image_features needs model.image.tune: locked (model.image.locked: true in "
+                          "older configs): the features of a tower that trains change every step")
     swapped = {}
     for split, dataset in datasets.items():
         paths = [image.image_path for image in dataset.images]

@@ -50,7 +50,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device_type: str = "c
     """AdamW (or Adam, as liteCLIP used) over the parameter groups; fused kernels on CUDA."""
     groups = param_groups(model, config)
     if not groups:
-        raise ConfigError("nothing to train: every parameter is locked (model.image.locked and model.text.locked)")
+        raise ConfigError("nothing to train: every parameter is locked (model.image.tune and model.text.tune)")
     kwargs = {"betas": config.betas, "eps": config.eps}
     if device_type == "cuda":
         kwargs["fused"] = True  # one kernel for the whole update instead of one per tensor

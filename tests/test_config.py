@@ -84,3 +84,15 @@ def test_yaml_round_trip():
 def test_values_that_would_crash_later_fail_when_the_config_loads(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*must be"):
         load_config(None, [override])
+
+
+def test_the_old_locked_key_is_read_as_tune_locked_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  image:\n    locked: true\n  text:\n    locked: false\n")
+    with caplog.at_level("WARNING"):
+        config = load_config(path)
+    assert config.model.image.tune == "locked" and config.model.image.locked
+    assert config.model.text.tune == "full" and not config.model.text.locked
+    assert "model.image.locked is now model.image.tune" in caplog.text
+    with pytest.raises(ConfigError, match="model.image.locked must be true or false"):
+        load_config(None, ["model.image.locked=sometimes"])

@@ -125,7 +125,7 @@ def test_saved_again_in_liteclip_format_and_used_by_the_pipeline(hf_dir, inputs,
 
 def test_build_model_from_init_from_keeps_locks(hf_dir):
     config = ModelConfig(init_from=str(hf_dir))
-    config = dataclasses.replace(config, image=dataclasses.replace(config.image, locked=True))
+    config = dataclasses.replace(config, image=dataclasses.replace(config.image, tune="locked"))
     model = build_model(config)
     assert not any(p.requires_grad for p in model.image_encoder.parameters())
     assert any(p.requires_grad for p in model.text_encoder.parameters())

@@ -91,8 +91,8 @@ def test_projection_heads(kind):
 def test_locked_towers_get_no_gradients(tiny_config):
     config = dataclasses.replace(
         tiny_config.model,
-        image=dataclasses.replace(tiny_config.model.image, locked=True),
-        text=dataclasses.replace(tiny_config.model.text, locked=True))
+        image=dataclasses.replace(tiny_config.model.image, tune="locked"),
+        text=dataclasses.replace(tiny_config.model.text, tune="locked"))
     model = build_model(config).train()
     assert not model.image_encoder.training and not model.text_encoder.training
     input_ids, attention_mask = tokenize(model, ["a red circle", "a cat"])

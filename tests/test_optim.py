@@ -39,7 +39,7 @@ def test_param_groups_decay_and_learning_rates(tiny_config):
 
 
 def test_locked_tower_has_no_optimizer_state(tiny_config):
-    config = dataclasses.replace(tiny_config.model, image=dataclasses.replace(tiny_config.model.image, locked=True))
+    config = dataclasses.replace(tiny_config.model, image=dataclasses.replace(tiny_config.model.image, tune="locked"))
     model = build_model(config)
     optimizer = build_optimizer(model, OptimConfig())
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}

@@ -279,7 +279,7 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, los
 
 
 def test_locked_image_tower_features_are_cached_and_reused(tmp_path, monkeypatch):
-    extra = ("model.image.locked=true", "train.cache_image_features=true", "train.epochs=1", "train.max_steps=3")
+    extra = ("model.image.tune=locked", "train.cache_image_features=true", "train.epochs=1", "train.max_steps=3")
     first = fit(tiny_config(tmp_path / "a", *extra), show_progress=False)
     caches = list((tmp_path / "a" / "demo" / ".liteclip_cache").glob("image_features_*.safetensors"))
     assert len(caches) == 3  # train, val, test
