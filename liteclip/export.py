@@ -27,6 +27,7 @@ from liteclip.checkpoint import replace_directory
 from liteclip.data.transforms import image_size
 from liteclip.embedding import encode_labels
 from liteclip.errors import InputError
+from liteclip.lora import merged_copy
 from liteclip.model import CLIP
 
 ONNX_OPSET = 17  # onnxruntime 1.16 and newer run it; LayerNormalization is a single op from opset 17
@@ -60,7 +61,7 @@ def export_onnx(model: CLIP, out_dir: str | Path, opset: int = ONNX_OPSET) -> Pa
     preprocessing beside them; the directory appears complete or not at all."""
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer; export a model saved with save_pretrained")
-    model = model.float().cpu().eval()
+    model = merged_copy(model).float().cpu().eval()  # LoRA adapters folded in (a plain model is copied as is)
     side = image_size(model.data_config)
     pixels = torch.zeros(2, 3, side, side)
     # two captions of different lengths, so the traced graph has real padding and a masked pooling
@@ -102,7 +103,7 @@ def export_timm(model: CLIP, out_dir: str | Path) -> Path:
     if model.config.image.source != "timm":
         raise InputError(f"the image tower is the Hugging Face model {model.config.image.name}, not a timm model; "
                          f"use --format onnx, or save_pretrained for transformers")
-    tower = model.image_encoder.model
+    tower = merged_copy(model).image_encoder.model
     architecture = model.config.image.name.split(".")[0]
     data = model.data_config
     timm_config = {"architecture": architecture, "num_classes": 0, "num_features": model.image_encoder.num_features,

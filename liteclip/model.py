@@ -24,6 +24,7 @@ from torch import nn
 from liteclip.config import ImageEncoderConfig, ModelConfig, ProjectionConfig, TextEncoderConfig
 from liteclip.convert import clip_data_config
 from liteclip.errors import ConfigError
+from liteclip.lora import add_lora
 from liteclip.pretrained import PretrainedMixin
 
 
@@ -42,7 +43,13 @@ class ImageEncoder(nn.Module):
         self.config = config
         if config.source == "hf":
             self._init_hf(config, hf_config)
-            return
+        else:
+            self._init_timm(config)
+        if config.tune == "lora":
+            self.model = add_lora(self.model, config.lora, "model.image", is_hf=config.source == "hf")
+
+    def _init_timm(self, config: ImageEncoderConfig) -> None:
+        """A timm model by name (pooled features, no classifier), and its preprocessing as timm resolves it."""
         kwargs: dict[str, Any] = {"num_classes": 0}
         if config.weights_file:
             # timm loads the file through its pretrained path, which drops the classifier for num_classes=0
@@ -56,7 +63,7 @@ class ImageEncoder(nn.Module):
         if not timm.is_model(architecture):
             close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
             raise ConfigError(f"model.image.name={config.name!r} is not a timm model; close names: {close or 'none'} "
-                             f"(timm.list_models('*pattern*') lists them all)")
+                              f"(timm.list_models('*pattern*') lists them all)")
         self.model = timm.create_model(config.name, **kwargs)
         self.num_features: int = self.model.num_features
         data_config = timm.data.resolve_model_data_config(self.model)
@@ -129,6 +136,8 @@ class TextEncoder(nn.Module):
             # gradient, and DDP would wait for them forever instead of averaging the other gradients
             self.model.pooler = None
         self.num_features: int = self.model.config.hidden_size
+        if config.tune == "lora":
+            self.model = add_lora(self.model, config.lora, "model.text", is_hf=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)

@@ -26,6 +26,7 @@ from liteclip.checkpoint import load_weights, read_safetensors, replace_director
 from liteclip.config import Config, ConfigError, ModelConfig, config_from_dict
 from liteclip.convert import ConvertedCLIP, is_hf_clip, read_hf_clip
 from liteclip.errors import ModelLoadError
+from liteclip.lora import merged_copy
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ def save_model_dir(model: Any, directory: str | Path, full_config: Config | None
     README.md that liteclip did not write is kept instead of the model card."""
     from safetensors.torch import save_file
 
+    if "lora" in (model.config.image.tune, model.config.text.tune):
+        model = merged_copy(model)  # a plain model, loadable without peft
     existing_card = Path(directory) / CARD_NAME
     write_card = not existing_card.is_file() or CARD_MARKER in existing_card.read_text(errors="replace")
 
