@@ -3,9 +3,10 @@ checkpointing, and exports the best model.
 
 Shape follows nanoGPT's single readable loop and open_clip's train_one_epoch / evaluate: one step, one epoch, the
 end of an epoch, fit. What the loop uses has rooms of its own: precision (the autocast choice), feature_cache (a
-locked image tower's features), run_directory (logs, checkpoints, resume, the checks before training) and
-evaluation (the evaluators `liteclip eval-retrieval` and `eval-zeroshot` run). The library (model, loss, pipeline,
-evaluation) never imports this module.
+locked image tower's features), distill (the teacher's cached embeddings), ema (the weight average), preemption
+(checkpoints inside an epoch, stop signals), run_directory (logs, checkpoints, resume, the checks before training)
+and evaluation (the evaluators `liteclip eval-retrieval` and `eval-zeroshot` run). The library (model, loss,
+pipeline, evaluation) never imports this module.
 
 Determinism: each epoch reseeds torch, NumPy, Python and the data order from (seed, epoch), so a run resumed from an
 epoch checkpoint replays the remaining epochs bit for bit, and two CPU runs with one seed give identical losses.
@@ -33,9 +34,9 @@ from liteclip.checkpoint import load_checkpoint, load_weights
 from liteclip.config import Config, DataConfig, OptimConfig, TrainConfig
 from liteclip.data import build_dataloaders, build_datasets, load_splits, zero_shot_task
 from liteclip.data.captions import CaptionedImage, SkippedImages, epoch_seed
-from liteclip.errors import ConfigError, NonFiniteLossError
 from liteclip.distill import DistillTerm, WithTeacherEmbeddings, teacher_embeddings
 from liteclip.ema import WeightAverage
+from liteclip.errors import ConfigError, NonFiniteLossError
 from liteclip.evaluation import evaluate_retrieval, evaluate_zero_shot
 from liteclip.feature_cache import CachedFeatureDataset, use_feature_cache
 from liteclip.loss import clip_loss, siglip_loss
