@@ -36,3 +36,15 @@ def test_image_tower_reports_throughput_and_fraction_of_peak():
     for line in figures:
         rate, tflops, fraction = (float(x) for x in re.findall(r"([\d.e+-]+)\s?(?:images/s|TFLOP/s|% of)", line))
         assert rate > 0 and tflops > 0 and fraction > 0
+
+
+def test_demo_ablation_prints_a_row_per_variant(tmp_path):
+    tiny = ["data.demo_num_images=40", "data.demo_image_size=32", "data.batch_size=8", "data.num_workers=0",
+            "model.image.name=test_convnext3", "model.image.image_size=32", "train.epochs=1", "train.max_steps=2"]
+    lines = run_module("benchmarks.demo_ablation", "--variants", "clip", "siglip", "--out", str(tmp_path), "--set",
+                       *tiny)
+    table = [line for line in lines if line.startswith("| ") and not line.startswith(("| variant", "| ---"))]
+    assert [row.split(" | ")[0] for row in table] == ["| clip", "| siglip"]
+    for row in table:
+        cells = [float(cell) for cell in row.strip("| ").split(" | ")[1:]]
+        assert len(cells) == 4 and all(0 <= value <= 100 for value in cells[:3]) and cells[3] > 0
