@@ -11,7 +11,7 @@ from liteclip import distill as distill_module
 from liteclip.distill import DistillTerm, distillation_loss
 from liteclip.precision import Precision
 from liteclip.training import contrastive_step, fit
-from tests.test_training import fixed_batches, read_rows, tiny_config
+from tests.test_training import fixed_batches, read_rows, tiny_config, train_tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,15 +52,7 @@ def test_a_teacher_equal_to_the_student_adds_nothing_to_the_step(tmp_path):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("teacher")
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        fit(tiny_config(tmp_path, "train.epochs=1", "train.max_steps=4", "train.zero_shot_eval=false"),
-            show_progress=False)
-    finally:
-        os.chdir(cwd)
-    return tmp_path / "model"
+    return train_tiny_model(tmp_path_factory.mktemp("teacher"), "train.max_steps=4")
 
 
 def test_a_student_trains_from_a_demo_trained_teacher_whose_cache_is_built_once(teacher_dir, tmp_path, monkeypatch):

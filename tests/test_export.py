@@ -17,27 +17,14 @@ from liteclip.export import ONNX_OPSET, ZeroShotClassifier, export_onnx, export_
 from liteclip.pipeline import ZeroShotPipeline
 from tests.conftest import draw_image
 from tests.test_convert import write_tiny_hf_clip
-from tests.test_training import tiny_config
+from tests.test_training import train_tiny_model
 
 CAPTIONS = ["a red circle", "two shapes: a blue square above a yellow triangle", "a star", "a small green square"]
 
 
 @pytest.fixture(scope="module")
 def demo_model_dir(tmp_path_factory):
-    """A model trained for a few steps on the demo data, exported as train.py exports it."""
-    import os
-
-    from liteclip.training import fit
-
-    tmp_path = tmp_path_factory.mktemp("demo_trained")
-    here = os.getcwd()
-    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        fit(tiny_config(tmp_path, "train.epochs=1", "train.max_steps=3", "train.zero_shot_eval=false"),
-            show_progress=False)
-    finally:
-        os.chdir(here)
-    return tmp_path / "model"
+    return train_tiny_model(tmp_path_factory.mktemp("demo_trained"), "train.max_steps=3")
 
 
 def onnx_matches_pytorch(model, out_dir, image_side):

@@ -143,22 +143,38 @@ def test_cpu_runs_keep_freed_memory_unless_told_not_to_and_losses_are_unchanged(
     assert len(losses[0]) == 4 and losses[0] == losses[1]  # an allocator setting, not a numerical one
 
 
-def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch):
-    fit(tiny_config(tmp_path / "straight", "train.epochs=3"), show_progress=False)
-
+def crash_in_second_epoch(monkeypatch, config):
+    """Runs fit until the second epoch starts, then raises KeyboardInterrupt there, as a crash would."""
     real_epoch = training.train_one_epoch
     calls = {"n": 0}
 
-    def crash_in_second_epoch(*args, **kwargs):
+    def crashing_epoch(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("simulated crash")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_one_epoch", crash_in_second_epoch)
+    monkeypatch.setattr(training, "train_one_epoch", crashing_epoch)
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_config(tmp_path / "resumed", "train.epochs=3"), show_progress=False)
+        fit(config, show_progress=False)
     monkeypatch.setattr(training, "train_one_epoch", real_epoch)
+
+
+def train_tiny_model(tmp_path, *extra):
+    """A model trained for a few steps on the demo data, exported as train.py exports it; returns its directory."""
+    here = os.getcwd()
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/demo.yaml is relative
+    try:
+        fit(tiny_config(tmp_path, "train.epochs=1", "train.zero_shot_eval=false", *extra), show_progress=False)
+    finally:
+        os.chdir(here)
+    return tmp_path / "model"
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch):
+    fit(tiny_config(tmp_path / "straight", "train.epochs=3"), show_progress=False)
+
+    crash_in_second_epoch(monkeypatch, tiny_config(tmp_path / "resumed", "train.epochs=3"))
     assert load_checkpoint(tmp_path / "resumed" / "run" / "last.pt")["epoch"] == 1
     fit(tiny_config(tmp_path / "resumed", "train.epochs=3"), resume="auto", show_progress=False)
 
@@ -389,19 +405,7 @@ def test_a_run_over_planted_bad_images_completes_names_each_once_and_resumes_exa
     assert epochs[-1]["skipped_images"] == "3"
     assert (tmp_path / "straight" / "model" / "model.safetensors").is_file()
 
-    real_epoch = training.train_one_epoch
-    calls = {"n": 0}
-
-    def crash_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(training, "train_one_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        fit(csv_config(tmp_path / "resumed", data_root, tiny_text_dir), show_progress=False)
-    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
+    crash_in_second_epoch(monkeypatch, csv_config(tmp_path / "resumed", data_root, tiny_text_dir))
     fit(csv_config(tmp_path / "resumed", data_root, tiny_text_dir), resume="auto", show_progress=False)
     straight = load_checkpoint(tmp_path / "straight" / "run" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "run" / "last.pt")
