@@ -100,7 +100,7 @@ def test_the_cycle_finder_sees_function_local_and_relative_imports(tmp_path):
 
 
 @pytest.mark.parametrize("library", ["liteclip.model", "liteclip.pipeline", "liteclip.evaluation",
-                                     "liteclip.embedding", "liteclip.loss", "liteclip.data"])
+                                     "liteclip.embedding", "liteclip.loss", "liteclip.data", "liteclip.export"])
 def test_the_library_never_imports_the_trainer(library):
     graph = import_graph(PACKAGE)
     assert not {"liteclip.training", "liteclip.optim", "liteclip.run_directory"} & reachable(graph, library)
