@@ -17,6 +17,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from liteclip.checkpoint import atomic_write_bytes, read_safetensors, sha256_of
 from liteclip.data.captions import BadRow
@@ -99,8 +100,11 @@ class ZeroShotPipeline:
 
     @torch.no_grad()
     def predict(self, image: ImageInput | Sequence[ImageInput], labels: Sequence[str], top_k: int | None = None,
-                templates: Sequence[str] | None = None):
+                templates: Sequence[str] | None = None, batch_size: int = 64, show_progress: bool = True):
         """Classifies one image, or a list of images, among `labels`.
+
+        A list is decoded and embedded `batch_size` images at a time (with a progress bar when there is more than
+        one batch), so memory holds one batch of pixels however long the list is.
 
         Returns:
             [(label, probability), ...] sorted by probability (softmax over all labels of the scaled cosine
@@ -114,6 +118,8 @@ class ZeroShotPipeline:
         labels = list(labels)
         if top_k is not None and top_k < 1:
             raise InputError(f"top_k={top_k}: ask for at least one label, or None for all")
+        if batch_size < 1:
+            raise InputError(f"batch_size={batch_size} must be at least 1")
         if len(labels) < 2:
             raise InputError(f"predict needs at least 2 labels to choose between, got {labels}")
         if len(set(labels)) != len(labels):
@@ -122,25 +128,32 @@ class ZeroShotPipeline:
         images = [image] if single else list(image)
         if not images:
             raise InputError("no images given")
-        label_embeds = self.encode_labels(labels, templates)  # (C, D)
+        label_embeds = self.encode_labels(labels, templates).float()  # (C, D)
+        k = len(labels) if top_k is None else min(top_k, len(labels))
+        results: list[list[tuple[str, float]]] = [[] for _ in images]
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc="classifying", unit="batch", disable=not show_progress or len(starts) < 2):
+            for position, row in self._probabilities(images[start:start + batch_size], start, label_embeds, single):
+                values, indices = row.topk(k)  # row: (C,) probabilities of one image
+                results[position] = [(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
+        return results[0] if single else results
+
+    def _probabilities(self, images: Sequence[ImageInput], offset: int, label_embeds: torch.Tensor,
+                       single: bool) -> list[tuple[int, torch.Tensor]]:
+        """(position, (C,) label probabilities) of each image of a chunk that decodes; the others are logged."""
         arrays, kept = [], []
-        for position, each in enumerate(images):
+        for position, image in enumerate(images, start=offset):
             try:
-                arrays.append(to_array(each))
+                arrays.append(to_array(image))
                 kept.append(position)
             except UndecodableImageError as error:
                 if single:
                     raise
                 logger.warning("skipped %s", error)
-        results: list[list[tuple[str, float]]] = [[] for _ in images]
-        if arrays:
-            scale = self.model.scale().float()
-            probs = (scale * self._embed_arrays(arrays) @ label_embeds.float().t()).softmax(dim=-1).cpu()
-            k = len(labels) if top_k is None else max(1, min(top_k, len(labels)))
-            for position, row in zip(kept, probs):  # (C,) probabilities of one image
-                values, indices = row.topk(k)
-                results[position] = [(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
-        return results[0] if single else results
+        if not arrays:
+            return []
+        logits = self.model.scale().float() * self._embed_arrays(arrays) @ label_embeds.t()  # (N, C)
+        return list(zip(kept, logits.softmax(dim=-1).cpu()))
 
 
 def to_array(image: ImageInput) -> np.ndarray:

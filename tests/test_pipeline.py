@@ -253,3 +253,20 @@ def test_a_half_precision_model_predicts_and_indexes_like_the_float_one(model_di
     search = ImageSearch(ZeroShotPipeline(model_dir, dtype=dtype))
     search.index(images, show_progress=False)
     assert search.embeddings.dtype == torch.float32 and len(search.search("a photo of a cat", top_k=2)) == 2
+
+
+def test_a_long_list_is_classified_a_batch_at_a_time_with_the_same_results(model_dir, images, tmp_path):
+    pipeline = ZeroShotPipeline(model_dir)
+    (tmp_path / "broken.jpg").write_bytes(b"no")
+    many = images * 2 + [tmp_path / "broken.jpg"] + images  # 10 entries, one undecodable, over 4 batches of 3
+    calls = []
+    original = pipeline._embed_arrays
+    pipeline._embed_arrays = lambda arrays: calls.append(len(arrays)) or original(arrays)
+    batched = pipeline.predict(many, LABELS, batch_size=3, show_progress=False)
+    assert max(calls) <= 3 and sum(calls) == 9  # never more than one batch of pixels at a time
+    assert batched[6] == [] and len(batched) == 10
+    for item, result in zip(many, batched):
+        if result:
+            single = pipeline.predict(item, LABELS)
+            assert [l for l, _ in result] == [l for l, _ in single]
+            assert [p for _, p in result] == pytest.approx([p for _, p in single], abs=1e-5)
