@@ -302,7 +302,8 @@ def evaluate_split(setup: TrainingSetup, split: str, data: DataConfig, raw: bool
     if len(dataset) == 0:
         return {}
     features = dataset.features if isinstance(dataset, CachedFeatureDataset) else None
-    return evaluate_retrieval(setup.model if raw else setup.eval_model, dataset.images, data.eval_batch_size or data.batch_size, setup.device,
+    model = setup.model if raw else setup.eval_model
+    return evaluate_retrieval(model, dataset.images, data.eval_batch_size or data.batch_size, setup.device,
                               setup.precision.autocast, show_progress=False, num_workers=data.num_workers,
                               image_features=features, loss_name=setup.loss_name)
 
