@@ -73,11 +73,10 @@ def test_bad_counts_are_usage_errors(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_a_missing_cuda_device_is_one_line(model_dir, tmp_path, capsys):
+def test_a_missing_cuda_device_is_one_line(model_dir, tmp_path, capsys, monkeypatch):
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the error cannot happen here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA, GPU or not
     image = draw_image(tmp_path / "x.png", (0, 0, 200))
     assert main(["predict", str(image), "--labels", "a", "b", "--model-dir", str(model_dir), "--device", "cuda"]) == 2
     err = capsys.readouterr().err
