@@ -102,6 +102,13 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def digest_tensors(digest: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Feeds every tensor's name and raw bytes, in name order, into a hashlib digest (cache keys of weights)."""
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
 # ------------------------------------------------------------------------------------------ weights and checkpoints
 
 

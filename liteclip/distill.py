@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from liteclip.checkpoint import atomic_write_bytes
-from liteclip.data.captions import CaptionedImage
+from liteclip.checkpoint import atomic_write_bytes, digest_tensors
+from liteclip.data.captions import CaptionedImage, caption_offsets
 from liteclip.embedding import encode_image_files, encode_texts
 from liteclip.model import CLIP
 from liteclip.precision import Precision
@@ -71,9 +71,7 @@ class TeacherEmbeddings:
 def teacher_cache_key(teacher: CLIP, images: list[CaptionedImage]) -> str:
     """The teacher's weights and preprocessing, and every file (path, size, mtime) and caption."""
     digest = hashlib.sha256(json.dumps(teacher.data_config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(teacher.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest_tensors(digest, teacher.state_dict())
     for image in images:
         stat = image.image_path.stat()
         digest.update(json.dumps([str(image.image_path), stat.st_size, stat.st_mtime_ns, image.captions]).encode())
@@ -85,7 +83,7 @@ def teacher_embeddings(teacher_name: str, images: list[CaptionedImage], cache_di
                        precision: Precision, num_workers: int = 0) -> TeacherEmbeddings:
     """The teacher's embeddings of a split, computed once and then read from cache_dir."""
     teacher = CLIP.from_pretrained(teacher_name, device=device)
-    offsets = torch.tensor([0] + [len(image.captions) for image in images]).cumsum(0).tolist()[:-1]
+    offsets = caption_offsets(images)
     path = cache_dir / f"teacher_{teacher_cache_key(teacher, images)}.safetensors"
     if path.is_file():
         logger.info("teacher embeddings from cache %s", path)

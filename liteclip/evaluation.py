@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from liteclip.data.captions import CaptionedImage, ZeroShotTask
+from liteclip.data.captions import CaptionedImage, ZeroShotTask, caption_offsets
 from liteclip.embedding import Autocast, encode_decodable_image_files, encode_labels, encode_texts
 from liteclip.errors import DataError
 from liteclip.loss import LOSSES, clip_loss
@@ -32,14 +32,13 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
         batch_size: images per encoding batch; also the batch the `loss` is taken over.
         image_features: (N, F) the image tower's cached features for `images` (a locked tower), used instead of
             decoding and encoding the files.
-
-    Images that do not decode are left out (with a warning naming each), with their captions.
-
         loss_name: the loss `loss` is measured with ("clip" or "siglip", as loss.name).
 
     Returns:
         retrieval_recall's keys (percent), and `loss`: the contrastive loss over consecutive batches of (image,
         first caption) pairs, averaged, as a validation loss comparable with the training loss.
+
+    Images that do not decode are left out (with a warning naming each), with their captions.
     """
     if not images:
         raise DataError("the split has no images")
@@ -57,7 +56,7 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
     text_to_image = torch.tensor([i for i, image in enumerate(images) for _ in image.captions])
     text_embeds = encode_texts(model, captions, batch_size, device, autocast)
     metrics = retrieval_recall(image_embeds.cpu(), text_embeds.cpu(), text_to_image)
-    first_captions = torch.tensor([0] + [len(image.captions) for image in images[:-1]]).cumsum(0)  # (N,)
+    first_captions = torch.tensor(caption_offsets(images))  # (N,) each image's first caption
     metrics["loss"] = paired_loss(image_embeds, text_embeds[first_captions.to(text_embeds.device)],
                                   model.scale().float(), batch_size, model.logit_bias, LOSSES[loss_name])
     return metrics

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from liteclip.checkpoint import atomic_write_bytes
+from liteclip.checkpoint import atomic_write_bytes, digest_tensors
 from liteclip.data.captions import CaptionedImage, ImageCaptionDataset, unpack_sample_key
 from liteclip.embedding import encode_image_files
 from liteclip.errors import ConfigError
@@ -55,9 +55,7 @@ def feature_cache_key(model: CLIP, paths: list[Path], precision: Precision) -> s
     digest.update(model.config.image.name.encode())
     digest.update(str(precision.dtype).encode())  # bf16 features (an AMX CPU, a GPU) are not fp32 ones
     digest.update(json.dumps(model.data_config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.image_encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest_tensors(digest, model.image_encoder.state_dict())
     for path in paths:  # a file rewritten under the same name (a regenerated demo) gets new features
         stat = Path(path).stat()
         digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())

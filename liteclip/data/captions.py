@@ -38,6 +38,15 @@ class CaptionedImage:
     captions: list[str]
 
 
+def caption_offsets(images: list[CaptionedImage]) -> list[int]:
+    """Where each image's captions start in the flat list of every caption of every image, in order."""
+    offsets, total = [], 0
+    for image in images:
+        offsets.append(total)
+        total += len(image.captions)
+    return offsets
+
+
 @dataclass(frozen=True)
 class LabelledImage:
     image_path: Path
