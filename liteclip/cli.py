@@ -189,6 +189,32 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_shard(args: argparse.Namespace) -> int:
+    from liteclip.config import DataConfig
+    from liteclip.data import load_splits
+    from liteclip.data.shards import write_shards
+
+    demo: dict[str, int] = {}
+    marker = Path(args.source) / "demo.json"
+    if args.dataset == "demo" and marker.is_file():  # shard the demo data that is there, whatever its settings
+        recorded = json.loads(marker.read_text())
+        demo = {f"demo_{key}": recorded[key] for key in ("num_images", "image_size", "seed")}
+    config = DataConfig(dataset=args.dataset, root=args.source, captions_file=args.captions_file,
+                        image_column=args.image_column, caption_column=args.caption_column,
+                        split_column=args.split_column, encoding=args.encoding, **demo)
+    splits = load_splits(config, generate=args.dataset == "demo")  # the demo is generated on first use, as in training
+    for split in args.split or ("train", "val", "test"):
+        if not splits[split]:
+            print(f"{split}: no images, no shards written")
+            continue
+        pattern, count = write_shards(splits[split], Path(args.destination), split, args.shard_size,
+                                      seed=args.seed if split == "train" else None)
+        key = "shards" if split == "train" else f"{split}_shards"
+        print(f"{split}: {count} images -> data.{key}: {pattern}"
+              + (f"  (data.epoch_samples: {count})" if split == "train" else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liteclip", description="Train and use small CLIP models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -283,7 +309,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_data(commands: argparse._SubParsersAction) -> None:
-    data = commands.add_parser("data", help="download, check and prepare datasets",
+    data = commands.add_parser("data", help="download, check, prepare and shard datasets",
                                description="Dataset tools (also `python -m liteclip.data ...`).")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     download = data_commands.add_parser(
@@ -312,6 +338,24 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
     prepare.add_argument("destination")
     prepare.add_argument("--size", type=_positive_int, default=256, help="shorter side in pixels (default 256)")
     prepare.set_defaults(handler=_cmd_data_prepare)
+    shard = data_commands.add_parser(
+        "shard", help="write a dataset as webdataset tar shards (data.dataset: webdataset)",
+        description="Example: python -m liteclip.data shard data/flickr8k data/flickr8k_shards --shard-size 1000. "
+                    "Writes DST/train-000000.tar, ..., val-*.tar and test-*.tar, and prints the config lines.")
+    shard.add_argument("source", help="the dataset's root (data.root)")
+    shard.add_argument("destination")
+    shard.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard (default 1000)")
+    shard.add_argument("--dataset", choices=["demo", "flickr8k", "csv"], default="flickr8k",
+                       help="how to read SOURCE (data.dataset; default flickr8k)")
+    shard.add_argument("--captions-file", default=None, help="csv: the captions file, relative to SOURCE")
+    shard.add_argument("--image-column", default="image")
+    shard.add_argument("--caption-column", default="caption")
+    shard.add_argument("--split-column", default=None)
+    shard.add_argument("--encoding", default="utf-8", help="text encoding of the captions file (data.encoding)")
+    shard.add_argument("--split", action="append", choices=["train", "val", "test"],
+                       help="only this split (repeatable; default all three)")
+    shard.add_argument("--seed", type=int, default=0, help="the training images' shuffle before sharding")
+    shard.set_defaults(handler=_cmd_data_shard)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,7 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["demo", "flickr8k", "csv"] = "demo"
+    dataset: Literal["demo", "flickr8k", "csv", "webdataset"] = "demo"
     root: str = "data/demo"  # dataset folder; for csv the folder image paths are relative to
     captions_file: str | None = None  # csv: the CSV/TSV file (relative to root); flickr8k: override the auto-detection
     image_column: str = "image"  # csv: column holding the image path
@@ -143,6 +143,14 @@ class DataConfig:
     augment: bool = True  # random resized crop + light colour jitter on the training split
     horizontal_flip: bool = False  # off: captions say "left" and "right"
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random resized crop area range
+    # webdataset: training streams from tar shards (liteclip.data.shards); evaluation reads val_shards/test_shards,
+    # or the val/test splits of eval_dataset read from root as usual
+    shards: str | None = None  # brace pattern, e.g. data/cc/train-{000000..000099}.tar, or URLs webdataset opens
+    epoch_samples: int | None = None  # samples in one training epoch, over all ranks (a stream has no length)
+    shuffle_buffer: int = 1000  # samples each reader shuffles among (besides a new shard order every epoch)
+    val_shards: str | None = None
+    test_shards: str | None = None
+    eval_dataset: Literal["demo", "flickr8k", "csv"] | None = None  # val/test from this dataset kind instead
     # built-in demo data (generated into `root` on first use)
     demo_num_images: int = 3000
     demo_image_size: int = 96
@@ -416,6 +424,7 @@ def validate(config: Config, source: str = "<config>") -> None:
          "data.val_fraction/test_fraction", (config.data.val_fraction, config.data.test_fraction),
          "must be fractions that leave some training images"),
     ]
+    checks.extend(_stream_checks(config))
     checks.append((config.distill.weight >= 0, "distill.weight", config.distill.weight, "must be >= 0"))
     checks.append((config.distill.temperature > 0, "distill.temperature", config.distill.temperature, "must be > 0"))
     checks.append((config.loss.name != "siglip" or config.model.logit_bias_init is not None, "model.logit_bias_init",
@@ -424,6 +433,25 @@ def validate(config: Config, source: str = "<config>") -> None:
     for ok, key, value, rule in checks:
         if not ok:
             raise ConfigError(f"{source}: {key}={value!r} {rule}")
+
+
+def _stream_checks(config: Config) -> list[tuple[bool, str, Any, str]]:
+    """What data.dataset: webdataset needs: shards, a stated epoch length, and evaluation data from one place."""
+    data = config.data
+    stream = data.dataset == "webdataset"
+    eval_from_shards = data.val_shards is not None or data.test_shards is not None
+    return [
+        (not stream or bool(data.shards), "data.shards", data.shards,
+         "must name the training shards for data.dataset: webdataset, e.g. data/cc/train-{000000..000099}.tar"),
+        (not stream or (data.epoch_samples or 0) > 0, "data.epoch_samples", data.epoch_samples,
+         "must be > 0 for data.dataset: webdataset (a stream has no length; the shard command prints the count)"),
+        (data.shuffle_buffer >= 1, "data.shuffle_buffer", data.shuffle_buffer, "must be >= 1 (1: no shuffling)"),
+        (stream or (data.shards is None and not eval_from_shards and data.eval_dataset is None),
+         "data.dataset", data.dataset, "must be webdataset to use data.shards, val_shards, test_shards or "
+         "eval_dataset"),
+        (not (eval_from_shards and data.eval_dataset), "data.eval_dataset", data.eval_dataset,
+         "and data.val_shards/test_shards are two sources for evaluation: set one of them"),
+    ]
 
 
 def _to_plain(value: Any) -> Any:

@@ -26,7 +26,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,13 @@ class TrainState:
     window_loss_sum: float = 0.0
     window_steps: int = 0
     window_samples: int = 0
+    # streaming shards: where each reader stands in the unfinished epoch, "rank:worker" -> position (ShardStream)
+    stream_shards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def start_epoch(self) -> None:
         self.epoch_step, self.epoch_loss_sum = 0, 0.0
         self.window_loss_sum, self.window_steps, self.window_samples = 0.0, 0, 0
+        self.stream_shards = {}
 
 
 # --------------------------------------------------------------------------------------------------------- logs

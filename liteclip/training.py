@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from liteclip import distributed
 from liteclip.checkpoint import load_checkpoint, load_weights
 from liteclip.config import Config, DataConfig, OptimConfig, TrainConfig
-from liteclip.data import build_dataloaders, build_datasets, load_splits, zero_shot_task
+from liteclip.data import build_dataloaders, build_datasets, load_splits, set_data_epoch, zero_shot_task
 from liteclip.data.captions import CaptionedImage, SkippedImages, epoch_seed
 from liteclip.distill import DistillTerm, WithTeacherEmbeddings, teacher_embeddings
 from liteclip.ema import WeightAverage
@@ -171,8 +171,11 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     """Model, datasets, loader, optimiser and precision, from the config; identical initial weights on every rank."""
     seed_everything(config.train.seed)
     model = build_model(config.model).to(ctx.device)
-    datasets = build_datasets(config.data, model.data_config, splits)
+    datasets = build_datasets(config.data, model.data_config, splits, config.train.seed, ctx.rank, ctx.world_size)
     precision = resolve_precision(config.train.precision, ctx.device)
+    if config.data.dataset == "webdataset" and (config.train.cache_image_features or config.distill.teacher):
+        raise ConfigError("train.cache_image_features and distill.teacher need a list of training images; they "
+                          "do not work with data.dataset: webdataset yet")
     if config.train.cache_image_features:
         datasets = use_feature_cache(model, datasets, Path(config.data.root) / ".liteclip_cache", ctx.device,
                                      precision, config.data.num_workers)
@@ -248,6 +251,7 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
     while state.epoch_step < last_step:
         batches = [next(iterator) for _ in range(train_config.accum_steps)]
         setup.skipped_images.add(entry for batch in batches for entry in batch.get("skipped", ()))
+        state.stream_shards.update(batch["stream_position"] for batch in batches if "stream_position" in batch)
         micro_batches = [to_device(batch, device) for batch in batches]
         set_lr(optimizer, lr_multiplier(state.step, setup.total_steps, optim_config))
         loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler, setup.loss_name,
@@ -374,6 +378,8 @@ def train_epochs(setup: TrainingSetup, state: TrainState, config: Config, run: R
 
     def write_checkpoint() -> str:  # called on every rank at the same step
         rng_per_rank = distributed.all_gather_object(torch.get_rng_state())  # each rank resumes with its own
+        for positions in distributed.all_gather_object(dict(state.stream_shards)):  # every rank's readers
+            state.stream_shards.update(positions)
         if ctx.is_main:
             run.save(LAST, checkpoint_state(setup.model, setup.optimizer, setup.scaler, state, config, rng_per_rank,
                                             setup.ema))
@@ -385,8 +391,8 @@ def train_epochs(setup: TrainingSetup, state: TrainState, config: Config, run: R
                                                      state.step < config.train.max_steps):
             if state.epoch_step == 0:  # a run resumed mid-epoch keeps the RNG state its checkpoint restored
                 seed_everything(epoch_seed(config.train.seed, state.epoch) + ctx.rank)
-            skip = state.epoch_step * config.train.accum_steps * config.data.batch_size
-            setup.train_loader.sampler.set_epoch(state.epoch, skip)  # data order and every sample's augmentation
+            set_data_epoch(setup.train_loader, state.epoch, state.epoch_step * config.train.accum_steps,
+                           state.stream_shards)
             train_loss = train_one_epoch(setup, state, config.train, config.optim,
                                          run.log_step if ctx.is_main else lambda row: None, checkpoints,
                                          write_checkpoint, show_progress and ctx.is_main)

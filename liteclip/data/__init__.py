@@ -10,6 +10,7 @@ in captions.py and never asks which dataset it has.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ from liteclip.data import demo
 from liteclip.data.captions import (BadRowPolicy, CaptionCollator, CaptionedImage, DataError, ImageCaptionDataset,
                                     SeededSampler, ZeroShotTask, read_caption_csv)
 from liteclip.data.flickr8k import read_flickr8k
+from liteclip.data.shards import ShardStream, expand_shards, extract_shards
 from liteclip.data.transforms import build_transforms, image_size
 
 __all__ = ["CaptionCollator", "CaptionedImage", "DataError", "ImageCaptionDataset", "ZeroShotTask", "build_dataloaders",
-           "build_datasets", "load_splits", "prepare_dataset", "zero_shot_task"]
+           "build_datasets", "load_splits", "prepare_dataset", "set_data_epoch", "zero_shot_task"]
 
 
 def prepare_dataset(config: DataConfig, generate: bool = True) -> Path:
@@ -47,6 +49,8 @@ def prepare_dataset(config: DataConfig, generate: bool = True) -> Path:
 def load_splits(config: DataConfig, policy: BadRowPolicy | None = None,
                 generate: bool = True) -> dict[str, list[CaptionedImage]]:
     """Reads the configured dataset into image-level train/val/test splits (generate: see prepare_dataset)."""
+    if config.dataset == "webdataset":
+        return stream_splits(config, policy, generate)
     root = prepare_dataset(config, generate)
     policy = policy or BadRowPolicy(config.on_bad_row)
     if config.dataset == "csv":
@@ -66,24 +70,44 @@ def load_splits(config: DataConfig, policy: BadRowPolicy | None = None,
     return splits
 
 
+def stream_splits(config: DataConfig, policy: BadRowPolicy | None = None,
+                  generate: bool = True) -> dict[str, list[CaptionedImage]]:
+    """The evaluation splits of a run that trains from shards (the training split streams; see ShardStream): the
+    val/test splits of data.eval_dataset, or the images of data.val_shards / test_shards, unpacked once."""
+    if config.eval_dataset is not None:
+        splits = load_splits(dataclasses.replace(config, dataset=config.eval_dataset), policy, generate)
+        return {"train": [], "val": splits["val"], "test": splits["test"]}
+    cache = Path(config.root) / ".liteclip_cache"
+    return {"train": [],
+            "val": extract_shards(config.val_shards, cache, "data.val_shards") if config.val_shards else [],
+            "test": extract_shards(config.test_shards, cache, "data.test_shards") if config.test_shards else []}
+
+
 def zero_shot_task(config: DataConfig, split: str = "test") -> ZeroShotTask | None:
     """The dataset's own zero-shot classification task on a split, if it has class labels (the demo does)."""
-    if config.dataset == "demo":
+    if config.dataset == "demo" or config.eval_dataset == "demo":
         return demo.zero_shot_task(config.root, split)
     return None
 
 
 def build_datasets(config: DataConfig, data_config: dict[str, Any],
-                   splits: dict[str, list[CaptionedImage]] | None = None) -> dict[str, ImageCaptionDataset]:
-    """Train/val/test datasets; train draws captions as configured, evaluation takes each image once."""
+                   splits: dict[str, list[CaptionedImage]] | None = None, seed: int = 0, rank: int = 0,
+                   world_size: int = 1) -> dict[str, ImageCaptionDataset | ShardStream]:
+    """Train/val/test datasets; train draws captions as configured (or streams shards: seed, rank and world_size
+    place this process in the stream), evaluation takes each image once."""
     splits = splits if splits is not None else load_splits(config)
     train_tf, eval_tf = build_transforms(data_config, config.augment, config.crop_scale, config.horizontal_flip)
     decode_size = image_size(data_config)
-    return {
+    if config.dataset == "webdataset":
+        train = ShardStream(expand_shards(config.shards), config.epoch_samples, config.batch_size, train_tf,
+                            decode_size, config.shuffle_buffer, seed, rank, world_size)
+    else:
         # a training image that does not decode is replaced and reported, never fatal: found hours into a run, it
         # would otherwise cost the epoch (`python -m liteclip.data check` finds them all beforehand)
-        "train": ImageCaptionDataset(splits["train"], train_tf, config.train_captions, decode_size,
-                                     skip_undecodable=True),
+        train = ImageCaptionDataset(splits["train"], train_tf, config.train_captions, decode_size,
+                                    skip_undecodable=True)
+    return {
+        "train": train,
         "val": ImageCaptionDataset(splits["val"], eval_tf, "first", decode_size),
         "test": ImageCaptionDataset(splits["test"], eval_tf, "first", decode_size),
     }
@@ -107,6 +131,14 @@ def build_dataloaders(config: DataConfig, tokenizer: Any, max_length: int, data_
     # dropout masks depending on how many workers there are and whether they persist
     common = {"collate_fn": collate, "num_workers": workers, "pin_memory": pin_memory,
               "persistent_workers": workers > 0, "worker_init_fn": ignore_stop_signals}
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    loaders = {split: DataLoader(datasets[split], batch_size=eval_batch_size, shuffle=False,
+                                 generator=torch.Generator().manual_seed(seed), **common) for split in ("val", "test")}
+    if isinstance(datasets["train"], ShardStream):
+        # workers are started anew each epoch, so each one sees the epoch (and resume position) set_epoch gave
+        loaders["train"] = DataLoader(datasets["train"], batch_size=config.batch_size,
+                                      **{**common, "persistent_workers": False})
+        return loaders
     if world_size > 1:
         order = DistributedSampler(datasets["train"], num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                    drop_last=True)
@@ -114,11 +146,18 @@ def build_dataloaders(config: DataConfig, tokenizer: Any, max_length: int, data_
         order = RandomSampler(datasets["train"], generator=torch.Generator().manual_seed(seed))
     # every sample carries its own seed, so workers can persist across epochs and a resumed run still replays
     # the exact augmentations and captions (call loader.sampler.set_epoch(epoch) each epoch)
-    loaders = {"train": DataLoader(datasets["train"], batch_size=config.batch_size,
-                                   sampler=SeededSampler(order, seed), generator=torch.Generator().manual_seed(seed),
-                                   drop_last=len(datasets["train"]) > config.batch_size, **common)}
-    eval_batch_size = config.eval_batch_size or config.batch_size
-    for split in ("val", "test"):
-        loaders[split] = DataLoader(datasets[split], batch_size=eval_batch_size, shuffle=False,
-                                    generator=torch.Generator().manual_seed(seed), **common)
+    loaders["train"] = DataLoader(datasets["train"], batch_size=config.batch_size, sampler=SeededSampler(order, seed),
+                                  generator=torch.Generator().manual_seed(seed),
+                                  drop_last=len(datasets["train"]) > config.batch_size, **common)
     return loaders
+
+
+def set_data_epoch(loader: DataLoader, epoch: int, consumed_batches: int = 0,
+                   stream_shards: dict[str, dict[str, Any]] | None = None) -> None:
+    """Sets the training loader's epoch: its data order and every sample's augmentation. A run resumed inside the
+    epoch passes the batches already trained on (and, streaming shards, each reader's position) so the epoch goes
+    on from there."""
+    if isinstance(loader.dataset, ShardStream):
+        loader.dataset.set_epoch(epoch, consumed_batches, stream_shards)
+    else:
+        loader.sampler.set_epoch(epoch, consumed_batches * loader.batch_size)

@@ -1,4 +1,4 @@
-"""`python -m liteclip.data download | check | prepare ...`: the dataset tools of liteclip.cli."""
+"""`python -m liteclip.data download | check | prepare | shard ...`: the dataset tools of liteclip.cli."""
 
 import sys
 

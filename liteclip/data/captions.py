@@ -315,6 +315,8 @@ class CaptionCollator:
         for key in ("pixel_values", "image_features", "teacher_image_embeds", "teacher_text_embeds"):
             if key in samples[0]:
                 batch[key] = torch.stack([s[key] for s in samples])
+        if "stream_position" in samples[-1]:
+            batch["stream_position"] = samples[-1]["stream_position"]  # (reader, shards opened): the latest sample's
         skipped = [entry for s in samples for entry in s.get("skipped", ())]
         if skipped:
             batch["skipped"] = skipped  # (path, reason) of images replaced in this batch

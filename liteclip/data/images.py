@@ -17,6 +17,7 @@ any memory is spent on them; `python -m liteclip.data prepare` writes a smaller 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -70,8 +71,10 @@ def load_image(path: Path, min_size: int | None = None) -> np.ndarray:
     return np.asarray(open_rgb(path, min_size))
 
 
-def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
-    """The decoded 8-bit RGB PIL image of a file (see load_image)."""
+def open_rgb(path: Path | BinaryIO, min_size: int | None = None, name: str | Path | None = None) -> Image.Image:
+    """The decoded 8-bit RGB PIL image of a file, or of an open binary stream such as a tar member's bytes, whose
+    errors then name `name` (see load_image)."""
+    name = Path(name if name is not None else path)
     try:
         with Image.open(path) as image:
             if min_size is not None and image.format == "JPEG":
@@ -80,8 +83,8 @@ def open_rgb(path: Path, min_size: int | None = None) -> Image.Image:
             return to_rgb(image)
     except Image.DecompressionBombError as error:
         raise UndecodableImageError.of(
-            path, f"too large to decode safely ({error}; the limit is {MAX_PIXELS:,} pixels)",
+            name, f"too large to decode safely ({error}; the limit is {MAX_PIXELS:,} pixels)",
             "shrink the dataset with `python -m liteclip.data prepare SRC DST --size 512`, or raise "
             "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken or truncated files
-        raise UndecodableImageError.of(path, f"cannot decode image ({error})", ADVICE) from None
+        raise UndecodableImageError.of(name, f"cannot decode image ({error})", ADVICE) from None
