@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -129,17 +129,20 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     model.load_state_dict(state)
 
 
-def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | Path, what: str,
+                     names: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a safetensors file; a truncated or overwritten file is a ModelLoadError naming it.
 
     Args:
         what: what the file is and how to get a good one, for the message ("the model's weights: re-export ...").
+        names: only these tensors (() for the metadata alone); None: all of them.
     """
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}, dict(handle.metadata() or {})
+            wanted = handle.keys() if names is None else [name for name in names if name in handle.keys()]
+            return {name: handle.get_tensor(name) for name in wanted}, dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
         raise ModelLoadError(f"{path} is damaged or not a safetensors file ({str(error).splitlines()[0][:200]}); "
                              f"it holds {what}") from None

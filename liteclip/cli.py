@@ -75,16 +75,19 @@ def _emit(args: argparse.Namespace, data, table_rows: list[tuple], header: tuple
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from liteclip.data.image_folder import list_images
+
+    images = [str(p) for item in args.images for p in (list_images(item) if Path(item).is_dir() else [item])]
     pipeline = _pipeline(args, args.template)
-    if len(args.images) == 1:  # one image that does not decode is an error, not an empty table
-        results = [pipeline.predict(args.images[0], args.labels, top_k=args.top_k)]
+    if len(images) == 1:  # one image that does not decode is an error, not an empty table
+        results = [pipeline.predict(images[0], args.labels, top_k=args.top_k)]
     else:  # among several, it is skipped (and logged) and the others are classified
-        results = pipeline.predict(list(args.images), args.labels, top_k=args.top_k)
+        results = pipeline.predict(images, args.labels, top_k=args.top_k, batch_size=args.batch_size,
+                                   num_workers=args.num_workers)
     data = [{"image": image, "predictions": [{"label": l, "probability": p} for l, p in result]}
-            for image, result in zip(args.images, results)]
-    rows = [(image, label, f"{prob * 100:.2f}%") for image, result in zip(args.images, results)
-            for label, prob in result]
-    rows += [(image, "(skipped: does not decode)", "") for image, result in zip(args.images, results) if not result]
+            for image, result in zip(images, results)]
+    rows = [(image, label, f"{prob * 100:.2f}%") for image, result in zip(images, results) for label, prob in result]
+    rows += [(image, "(skipped: does not decode)", "") for image, result in zip(images, results) if not result]
     _emit(args, data, rows, ("image", "label", "probability"))
     return 0
 
@@ -93,7 +96,8 @@ def _cmd_index(args: argparse.Namespace) -> int:
     from liteclip.pipeline import ImageSearch
 
     search = ImageSearch(_pipeline(args))
-    encoded = search.index(args.folder, args.index, batch_size=args.batch_size)
+    encoded = search.index(args.folder, args.index, batch_size=args.batch_size, num_workers=args.num_workers,
+                           chunk_size=args.chunk_size, faiss=False if args.no_faiss else None)
     data = {"index": str(args.index), "images": len(search.paths), "encoded": encoded,
             "skipped": [{"path": str(row.file), "reason": row.reason} for row in search.skipped]}
     _emit(args, data, [(str(args.index), len(search.paths), encoded, len(search.skipped))],
@@ -253,10 +257,12 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict = _add_inference_command(
         commands, "predict", "zero-shot classify images among text labels", _cmd_predict,
         "Example: liteclip predict cat.jpg --labels 'a photo of a dog' 'a photo of a cat'")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("images", nargs="+", help="image files, or folders (every image under them)")
     predict.add_argument("--labels", nargs="+", required=True, help="candidate labels (at least 2)")
     predict.add_argument("--template", action="append", help="prompt template with {}, repeatable")
     predict.add_argument("--top-k", type=_positive_int, default=None, help="show only the k most likely labels")
+    predict.add_argument("--batch-size", type=_positive_int, default=64)
+    predict.add_argument("--num-workers", type=int, default=0, help="processes decoding images (default 0)")
 
 
 def _add_index(commands: argparse._SubParsersAction) -> None:
@@ -265,6 +271,11 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
     index.add_argument("folder")
     index.add_argument("--index", default="liteclip.index", help="index file (re-indexing reuses unchanged files)")
     index.add_argument("--batch-size", type=_positive_int, default=64)
+    index.add_argument("--num-workers", type=int, default=0, help="processes decoding images (default 0)")
+    index.add_argument("--chunk-size", type=_positive_int, default=4096,
+                       help="images encoded between writes of the unfinished index (default 4096)")
+    index.add_argument("--no-faiss", action="store_true",
+                       help="do not write the FAISS copy even though faiss-cpu is installed")
 
 
 def _add_search(commands: argparse._SubParsersAction) -> None:

@@ -96,10 +96,10 @@ class EncodedImages:
 def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64,
                                  device: torch.device | str = "cpu", autocast: Autocast = contextlib.nullcontext,
                                  show_progress: bool = False, num_workers: int = 0,
-                                 tower_features: bool = False) -> EncodedImages:
+                                 tower_features: bool = False, progress: tqdm | None = None) -> EncodedImages:
     """Normalised image embeddings of the image files that decode, decoded in a DataLoader so workers can overlap;
     files that do not are skipped, logged and listed. With tower_features, the image tower's pooled features
-    before the head instead."""
+    before the head instead. `progress`: a caller's bar (counting images) to advance instead of a bar of its own."""
     loader = DataLoader(ImageFileDataset(paths, model.data_config), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=stack_decoded)
     encode = model.image_features if tower_features else model.encode_image
@@ -107,7 +107,10 @@ def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size:
     chunks, kept, skipped = [], [], []
     # batches of activations above glibc's mmap threshold: keep freed memory rather than fault it in every batch
     with keep_freed_memory_for(torch.device(device)):
-        for batch in tqdm(loader, desc="encoding images", disable=not show_progress, unit="batch"):
+        for batch in tqdm(loader, desc="encoding images", disable=not show_progress or progress is not None,
+                          unit="batch"):
+            if progress is not None:
+                progress.update(len(batch["indices"]) + len(batch["errors"]))
             for index, reason in batch["errors"]:
                 logger.warning("skipped %s: %s", paths[index], reason)
                 skipped.append(BadRow(Path(paths[index]), 0, reason))

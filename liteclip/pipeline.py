@@ -9,25 +9,27 @@ Evaluation lives in liteclip.evaluation.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from liteclip.checkpoint import atomic_write_bytes, read_safetensors, sha256_of
+from liteclip.checkpoint import sha256_of
 from liteclip.data.captions import BadRow
 from liteclip.data.images import UndecodableImageError, load_image, to_rgb
 from liteclip.data.image_folder import IMAGE_SUFFIXES, list_images
 from liteclip.data.transforms import eval_transform
-from liteclip.embedding import encode_decodable_image_files, encode_labels, encode_texts
-from liteclip.errors import DataError, InputError, ModelLoadError
+from liteclip.embedding import encode_decodable_image_files, encode_labels, encode_texts, stack_decoded
+from liteclip.errors import DataError, InputError
 from liteclip.model import CLIP
 from liteclip.pretrained import WEIGHTS_NAME
+from liteclip.search_index import (PartialIndex, entries_of, faiss_module, open_faiss, read_index, write_faiss,
+                                   write_index)
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +102,13 @@ class ZeroShotPipeline:
 
     @torch.no_grad()
     def predict(self, image: ImageInput | Sequence[ImageInput], labels: Sequence[str], top_k: int | None = None,
-                templates: Sequence[str] | None = None, batch_size: int = 64, show_progress: bool = True):
+                templates: Sequence[str] | None = None, batch_size: int = 64, show_progress: bool = True,
+                num_workers: int = 0):
         """Classifies one image, or a list of images, among `labels`.
 
-        A list is decoded and embedded `batch_size` images at a time (with a progress bar when there is more than
-        one batch), so memory holds one batch of pixels however long the list is.
+        A list goes through a DataLoader `batch_size` images at a time (`num_workers` processes decode while the
+        model runs), with a progress bar past one batch: memory holds a few batches of pixels however long the
+        list is.
 
         Returns:
             [(label, probability), ...] sorted by probability (softmax over all labels of the scaled cosine
@@ -112,48 +116,66 @@ class ZeroShotPipeline:
             for a file that cannot be decoded (logged as skipped). A single image that cannot be decoded raises
             UndecodableImageError naming it.
         """
+        labels = self._check_labels(labels, top_k, batch_size)
+        label_embeds = self.encode_labels(labels, templates).float()  # (C, D)
+        k = len(labels) if top_k is None else min(top_k, len(labels))
+        if not isinstance(image, (list, tuple)):
+            (row,) = self._probabilities(self.preprocess(image)[None], label_embeds)
+            return self._top(row, labels, k)
+        if not image:
+            raise InputError("no images given")
+        loader = DataLoader(ImageInputs(image, self.transform), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=stack_decoded)
+        results: list[list[tuple[str, float]]] = [[] for _ in image]
+        for batch in tqdm(loader, desc="classifying", unit="batch", disable=not show_progress or len(loader) < 2):
+            for index, reason in batch["errors"]:
+                logger.warning("skipped %s: %s", image[index], reason)
+            if batch["pixel_values"] is not None:
+                for index, row in zip(batch["indices"], self._probabilities(batch["pixel_values"], label_embeds)):
+                    results[index] = self._top(row, labels, k)
+        return results
+
+    @staticmethod
+    def _check_labels(labels: Sequence[str], top_k: int | None, batch_size: int) -> list[str]:
         if isinstance(labels, str):
             raise InputError(f"labels must be a list of label texts, got the single string {labels!r}; "
                              f"pass [{labels!r}, ...] with at least 2 labels")
-        labels = list(labels)
         if top_k is not None and top_k < 1:
             raise InputError(f"top_k={top_k}: ask for at least one label, or None for all")
         if batch_size < 1:
             raise InputError(f"batch_size={batch_size} must be at least 1")
         if len(labels) < 2:
-            raise InputError(f"predict needs at least 2 labels to choose between, got {labels}")
+            raise InputError(f"predict needs at least 2 labels to choose between, got {list(labels)}")
         if len(set(labels)) != len(labels):
             raise InputError("labels must be distinct")
-        single = not isinstance(image, (list, tuple))
-        images = [image] if single else list(image)
-        if not images:
-            raise InputError("no images given")
-        label_embeds = self.encode_labels(labels, templates).float()  # (C, D)
-        k = len(labels) if top_k is None else min(top_k, len(labels))
-        results: list[list[tuple[str, float]]] = [[] for _ in images]
-        starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc="classifying", unit="batch", disable=not show_progress or len(starts) < 2):
-            for position, row in self._probabilities(images[start:start + batch_size], start, label_embeds, single):
-                values, indices = row.topk(k)  # row: (C,) probabilities of one image
-                results[position] = [(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
-        return results[0] if single else results
+        return list(labels)
 
-    def _probabilities(self, images: Sequence[ImageInput], offset: int, label_embeds: torch.Tensor,
-                       single: bool) -> list[tuple[int, torch.Tensor]]:
-        """(position, (C,) label probabilities) of each image of a chunk that decodes; the others are logged."""
-        arrays, kept = [], []
-        for position, image in enumerate(images, start=offset):
-            try:
-                arrays.append(to_array(image))
-                kept.append(position)
-            except UndecodableImageError as error:
-                if single:
-                    raise
-                logger.warning("skipped %s", error)
-        if not arrays:
-            return []
-        logits = self.model.scale().float() * self._embed_arrays(arrays) @ label_embeds.t()  # (N, C)
-        return list(zip(kept, logits.softmax(dim=-1).cpu()))
+    def _probabilities(self, pixels: torch.Tensor, label_embeds: torch.Tensor) -> torch.Tensor:
+        """(N, C) label probabilities of (N, 3, H, W) pixels."""
+        image_embeds = self.model.encode_image(pixels.to(self.device, self.dtype)).float()
+        return (self.model.scale().float() * image_embeds @ label_embeds.t()).softmax(dim=-1).cpu()
+
+    @staticmethod
+    def _top(row: torch.Tensor, labels: list[str], k: int) -> list[tuple[str, float]]:
+        values, indices = row.topk(k)
+        return [(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
+
+
+class ImageInputs(torch.utils.data.Dataset):
+    """Paths, PIL images or arrays as eval-transformed pixels, for a DataLoader; an image that does not decode
+    yields its reason instead (stack_decoded keeps it apart), so one bad file does not stop a list."""
+
+    def __init__(self, images: Sequence[ImageInput], transform: Callable[[np.ndarray], torch.Tensor]):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return {"index": index, "pixel_values": self.transform(to_array(self.images[index]))}
+        except UndecodableImageError as error:
+            return {"index": index, "error": error.reason}
 
 
 def to_array(image: ImageInput) -> np.ndarray:
@@ -182,15 +204,19 @@ def to_array(image: ImageInput) -> np.ndarray:
 class ImageSearch:
     """Text-to-image and image-to-image search over an indexed folder.
 
-    The index (embeddings as safetensors, with the file list, each file's size and mtime, and the model's
-    fingerprint) is saved next to nothing else: re-indexing encodes only new or changed files, and an index made by
-    another model is rebuilt rather than mixed.
+    The index (liteclip.search_index: embeddings as safetensors, with the file list, each file's size and mtime, and
+    the model's fingerprint) is saved next to nothing else: re-indexing encodes only new or changed files, and an
+    index made by another model is rebuilt rather than mixed. Indexing writes what it has encoded every
+    `chunk_size` images, so a stopped run loses at most one chunk. With faiss-cpu installed, a FAISS copy is written
+    too and `load` searches it memory-mapped instead of reading the embeddings into memory (same results: flat
+    inner-product search is exact).
     """
 
     def __init__(self, pipeline: ZeroShotPipeline):
         self.pipeline = pipeline
         self.paths: list[Path] = []
         self.embeddings = torch.empty(0)
+        self.faiss_index: Any | None = None  # set by load() when the index has a usable FAISS copy
         self.skipped: list[BadRow] = []  # files the last index() call could not decode
 
     @property
@@ -198,29 +224,37 @@ class ImageSearch:
         return model_fingerprint(self.pipeline.model_dir)
 
     def index(self, source: str | Path | Sequence[str | Path], index_path: str | Path | None = None,
-              batch_size: int = 64, show_progress: bool = True) -> int:
-        """Indexes every image under a folder, or a list of image files; returns how many were (re-)encoded."""
-        from safetensors.torch import save
+              batch_size: int = 64, show_progress: bool = True, num_workers: int = 0, chunk_size: int = 4096,
+              faiss: bool | None = None) -> int:
+        """Indexes every image under a folder, or a list of image files; returns how many were (re-)encoded.
 
+        faiss: write the FAISS copy (None: when faiss-cpu is installed).
+        """
         files = list_images(source) if isinstance(source, (str, Path)) else [Path(p) for p in source]
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+        if faiss and faiss_module() is None:
+            raise InputError("faiss=True needs faiss-cpu: pip install 'liteclip[search]'")
         fingerprint = self.fingerprint
-        previous: dict[str, tuple[list, torch.Tensor]] = {}
-        if index_path is not None and Path(index_path).is_file():
-            meta, embeds = _read_index(Path(index_path))
-            if meta.get("model") == fingerprint:
-                previous = {e["path"]: (e["stamp"], embeds[i]) for i, e in enumerate(meta["files"])}
+        index_path = Path(index_path) if index_path is not None else None
+        partial = PartialIndex(index_path) if index_path is not None else None
+        previous = self._previous_entries(index_path, fingerprint) if index_path is not None else {}
         keys = [str(p.resolve()) for p in files]
         stamps = {key: [stat.st_size, stat.st_mtime_ns] for key, stat in zip(keys, (p.stat() for p in files))}
         todo = [i for i, key in enumerate(keys) if previous.get(key, (None,))[0] != stamps[key]]
         embeddings = {key: embedding for key, (_, embedding) in previous.items()}
         self.skipped = []
-        if todo:
-            fresh = encode_decodable_image_files(self.pipeline.model, [files[i] for i in todo], batch_size,
-                                                 self.pipeline.device, show_progress=show_progress)
-            embeddings.update({keys[todo[j]]: fresh.embeds[row] for row, j in enumerate(fresh.kept)})
-            self.skipped = fresh.skipped  # not indexed, so the next run tries them again
+        with tqdm(total=len(todo), desc="indexing", unit="img", disable=not show_progress or not todo) as progress:
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start:start + chunk_size]
+                fresh = encode_decodable_image_files(self.pipeline.model, [files[i] for i in chunk], batch_size,
+                                                     self.pipeline.device, num_workers=num_workers, progress=progress)
+                entries = {keys[chunk[j]]: (stamps[keys[chunk[j]]], fresh.embeds[row].cpu())
+                           for row, j in enumerate(fresh.kept)}
+                if partial is not None:
+                    partial.append(fingerprint, entries)
+                embeddings.update({key: embedding for key, (_, embedding) in entries.items()})
+                self.skipped += fresh.skipped  # not indexed, so the next run tries them again
         keys = [key for key in keys if key in embeddings]
         if not keys:
             raise DataError(f"none of the {len(files)} images in {source} decodes (first: {self.skipped[0]})")
@@ -228,26 +262,47 @@ class ImageSearch:
         self.embeddings = torch.stack([embeddings[key] for key in keys]).cpu()
         if index_path is not None:
             meta = {"model": fingerprint, "files": [{"path": key, "stamp": stamps[key]} for key in keys]}
-            atomic_write_bytes(index_path, save({"embeddings": self.embeddings.contiguous()},
-                                                metadata={"liteclip_index": json.dumps(meta)}))
+            if faiss or (faiss is None and faiss_module() is not None):
+                meta["faiss"] = write_faiss(index_path, self.embeddings)
+            write_index(index_path, self.embeddings, meta)
+            partial.remove()
         logger.info("indexed %d images (%d encoded, %d reused, %d skipped)", len(keys), len(todo) - len(self.skipped),
                     len(files) - len(todo), len(self.skipped))
         return len(todo) - len(self.skipped)
 
+    @staticmethod
+    def _previous_entries(index_path: Path, fingerprint: str) -> dict[str, tuple[list, torch.Tensor]]:
+        """Embeddings an earlier index of the same model holds, and those an unfinished run left in chunks."""
+        previous = {}
+        if index_path.is_file():
+            meta, embeddings = read_index(index_path)
+            if meta.get("model") == fingerprint:
+                previous = entries_of(meta, embeddings)
+        previous.update(PartialIndex(index_path).entries(fingerprint))
+        return previous
+
     def load(self, index_path: str | Path) -> None:
-        meta, embeds = _read_index(Path(index_path))
+        """Opens an index for search: its FAISS copy memory-mapped when there is one and faiss is installed, the
+        embeddings read into memory otherwise."""
+        index_path = Path(index_path)
+        meta, _ = read_index(index_path, embeddings=False)
         if meta.get("model") != self.fingerprint:
             raise InputError(f"index {index_path} was built with another model; re-run `liteclip index`")
         self.paths = [Path(e["path"]) for e in meta["files"]]
-        self.embeddings = embeds
+        self.faiss_index = open_faiss(index_path, meta)
+        self.embeddings = read_index(index_path)[1] if self.faiss_index is None else torch.empty(0)
 
     def _rank(self, query_embed: torch.Tensor, top_k: int) -> list[tuple[Path, float]]:
         if top_k < 1:
             raise InputError(f"top_k={top_k}: ask for at least one image")
         if not self.paths:
             raise InputError("the index is empty: call index(folder) or load(index_path) first")
-        scores = self.embeddings.to(query_embed.device) @ query_embed  # (N,)
-        values, indices = scores.topk(min(top_k, len(self.paths)))
+        k = min(top_k, len(self.paths))
+        if self.faiss_index is not None:
+            scores, rows = self.faiss_index.search(query_embed.float()[None].numpy(), k)
+            values, indices = scores[0], rows[0]
+        else:
+            values, indices = (self.embeddings.to(query_embed.device) @ query_embed).topk(k)  # scores: (N,)
         return [(self.paths[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
     def search(self, query: str, top_k: int = 5) -> list[tuple[Path, float]]:
@@ -257,10 +312,3 @@ class ImageSearch:
     def similar(self, image: ImageInput, top_k: int = 5) -> list[tuple[Path, float]]:
         """The top_k indexed images most similar to `image`."""
         return self._rank(self.pipeline.encode_images([image])[0].cpu(), top_k)
-
-
-def _read_index(path: Path) -> tuple[dict, torch.Tensor]:
-    tensors, metadata = read_safetensors(path, "a search index: delete it and run `liteclip index` again")
-    if "embeddings" not in tensors:
-        raise ModelLoadError(f"{path} is not a liteclip search index; delete it and run `liteclip index` again")
-    return json.loads(metadata.get("liteclip_index", "{}")), tensors["embeddings"]

@@ -1,0 +1,123 @@
+"""A search index on disk: the embeddings of indexed images, the chunks written while indexing, and the optional
+FAISS copy that lets `liteclip search` leave the vectors on disk.
+
+    photos.index            safetensors: "embeddings" (N, D) float32; metadata "liteclip_index": the model's
+                            fingerprint, every file's path and (size, mtime) stamp, and the FAISS file's stamp
+    photos.index.faiss      the same vectors in a faiss.IndexFlatIP, written when faiss-cpu is installed; searched
+                            memory-mapped, so an index larger than memory costs page cache, not resident memory.
+                            Flat inner-product search is exact: its results are the exact search's.
+    .photos.index.partial/  chunk-000000.safetensors, ...: what a running `liteclip index` has encoded so far, one
+                            chunk of images at a time; a crashed run's chunks are reused by the next and removed
+                            once the index is written
+
+This module is file I/O only; liteclip.pipeline.ImageSearch decides what to encode and ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from liteclip.checkpoint import atomic_write_bytes, read_safetensors
+from liteclip.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+WHAT = "a search index: delete it and run `liteclip index` again"
+Entries = dict[str, tuple[list, torch.Tensor]]  # file key -> ([size, mtime_ns], embedding)
+
+
+def read_index(path: Path, embeddings: bool = True) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """The index's metadata, and its (N, D) embeddings unless `embeddings` is off (they stay on disk)."""
+    tensors, metadata = read_safetensors(path, WHAT, names=None if embeddings else ())
+    if "liteclip_index" not in metadata or (embeddings and "embeddings" not in tensors):
+        raise ModelLoadError(f"{path} is not a liteclip search index; delete it and run `liteclip index` again")
+    return json.loads(metadata["liteclip_index"]), tensors.get("embeddings")
+
+
+def write_index(path: Path, embeddings: torch.Tensor, meta: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({"embeddings": embeddings.contiguous()}, metadata={"liteclip_index": json.dumps(meta)}))
+
+
+def entries_of(meta: dict[str, Any], embeddings: torch.Tensor) -> Entries:
+    return {entry["path"]: (entry["stamp"], embeddings[row]) for row, entry in enumerate(meta["files"])}
+
+
+class PartialIndex:
+    """The chunks a running `liteclip index` has written: each one a small index of the images it encoded."""
+
+    def __init__(self, index_path: Path):
+        self.directory = index_path.with_name(f".{index_path.name}.partial")
+
+    def entries(self, fingerprint: str) -> Entries:
+        """What earlier chunks (of a crashed or stopped run) hold, if the same model wrote them."""
+        found: Entries = {}
+        for chunk in sorted(self.directory.glob("chunk-*.safetensors")):
+            meta, embeddings = read_index(chunk)
+            if meta.get("model") == fingerprint:
+                found.update(entries_of(meta, embeddings))
+        if found:
+            logger.info("reusing %d embeddings from an unfinished run in %s", len(found), self.directory)
+        return found
+
+    def append(self, fingerprint: str, entries: Entries) -> None:
+        if not entries:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        number = len(list(self.directory.glob("chunk-*.safetensors")))
+        meta = {"model": fingerprint, "files": [{"path": key, "stamp": stamp} for key, (stamp, _) in entries.items()]}
+        write_index(self.directory / f"chunk-{number:06d}.safetensors",
+                    torch.stack([embedding for _, embedding in entries.values()]), meta)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------ FAISS
+
+
+def faiss_module() -> Any | None:
+    """faiss, when faiss-cpu is installed (pip install 'liteclip[search]'); None otherwise."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def faiss_path(index_path: Path) -> Path:
+    return index_path.with_name(f"{index_path.name}.faiss")
+
+
+def stamp_of(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def write_faiss(index_path: Path, embeddings: torch.Tensor) -> list[int]:
+    """Writes the embeddings as a flat inner-product FAISS index beside the index; returns the file's stamp."""
+    faiss = faiss_module()
+    flat = faiss.IndexFlatIP(embeddings.shape[1])
+    flat.add(embeddings.float().contiguous().numpy())
+    path = faiss_path(index_path)
+    partial = path.with_name(f".{path.name}.tmp")
+    faiss.write_index(flat, str(partial))
+    os.replace(partial, path)
+    return stamp_of(path)
+
+
+def open_faiss(index_path: Path, meta: dict[str, Any]) -> Any | None:
+    """The index's FAISS copy, memory-mapped, if faiss is installed and the file is the one the index recorded."""
+    faiss, path = faiss_module(), faiss_path(index_path)
+    if faiss is None or "faiss" not in meta or not path.is_file() or stamp_of(path) != meta["faiss"]:
+        return None
+    flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)  # the vectors stay in the file, paged in as searched
+    return faiss.read_index(str(path), flags)

@@ -1,0 +1,85 @@
+"""The search index on disk: chunks written while indexing (and reused after a crash), and the FAISS copy that
+search memory-maps, whose results equal exact search."""
+
+import pytest
+import torch
+
+from liteclip import pipeline as pipeline_module
+from liteclip import search_index
+from liteclip.pipeline import ImageSearch, ZeroShotPipeline
+from tests.conftest import draw_image
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    for i in range(12):
+        draw_image(folder / f"{i:02d}.png", (20 * i, 255 - 20 * i, (70 * i) % 255), size=32 + i)
+    return folder
+
+
+def test_faiss_search_memory_maps_the_vectors_and_ranks_exactly_as_exact_search(model_dir, photos, tmp_path,
+                                                                                 monkeypatch):
+    index_path = tmp_path / "photos.index"
+    ImageSearch(ZeroShotPipeline(model_dir)).index(photos, index_path, faiss=True, show_progress=False)
+    assert search_index.faiss_path(index_path).is_file()
+    with_faiss = ImageSearch(ZeroShotPipeline(model_dir))
+    with_faiss.load(index_path)
+    assert with_faiss.faiss_index is not None and with_faiss.embeddings.numel() == 0  # the vectors stay on disk
+
+    monkeypatch.setattr(search_index, "faiss_module", lambda: None)  # as without faiss-cpu installed
+    exact = ImageSearch(ZeroShotPipeline(model_dir))
+    exact.load(index_path)
+    assert exact.faiss_index is None and exact.embeddings.shape[0] == 12
+    for query in ("a red circle", "a photo of a cat", "two shapes"):
+        fast, slow = with_faiss.search(query, top_k=12), exact.search(query, top_k=12)
+        assert [p for p, _ in fast] == [p for p, _ in slow]
+        assert [s for _, s in fast] == pytest.approx([s for _, s in slow], abs=1e-5)
+    fast, slow = with_faiss.similar(photos / "05.png", top_k=3), exact.similar(photos / "05.png", top_k=3)
+    assert [p for p, _ in fast] == [p for p, _ in slow] and fast[0][0].name == "05.png"
+
+
+def test_a_faiss_file_the_index_did_not_record_is_not_used(model_dir, photos, tmp_path):
+    index_path = tmp_path / "photos.index"
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    search.index(photos, index_path, faiss=True, show_progress=False)
+    faiss_file = search_index.faiss_path(index_path)
+    faiss_file.write_bytes(faiss_file.read_bytes())  # another write: its stamp no longer matches the index's record
+    search.load(index_path)
+    assert search.faiss_index is None and search.embeddings.shape[0] == 12
+    search.index(photos, index_path, faiss=False, show_progress=False)
+    assert "faiss" not in search_index.read_index(index_path, embeddings=False)[0]
+
+
+def test_an_interrupted_index_keeps_its_chunks_and_the_next_run_encodes_only_the_rest(model_dir, photos, tmp_path,
+                                                                                     monkeypatch):
+    index_path = tmp_path / "photos.index"
+    real = pipeline_module.encode_decodable_image_files
+    calls = []
+
+    def crash_on_third_chunk(model, paths, *args, **kwargs):
+        calls.append(len(paths))
+        if len(calls) == 3:
+            raise KeyboardInterrupt("stopped")
+        return real(model, paths, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "encode_decodable_image_files", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        ImageSearch(ZeroShotPipeline(model_dir)).index(photos, index_path, chunk_size=5, show_progress=False)
+    partial = index_path.with_name(".photos.index.partial")
+    assert len(list(partial.glob("chunk-*.safetensors"))) == 2 and not index_path.exists()
+
+    monkeypatch.setattr(pipeline_module, "encode_decodable_image_files", real)
+    resumed = ImageSearch(ZeroShotPipeline(model_dir))
+    assert resumed.index(photos, index_path, chunk_size=5, show_progress=False) == 2  # 12 - 2 chunks of 5
+    assert not partial.exists()
+    fresh = ImageSearch(ZeroShotPipeline(model_dir))
+    fresh.index(photos, tmp_path / "fresh.index", show_progress=False)
+    assert resumed.paths == fresh.paths
+    torch.testing.assert_close(resumed.embeddings, fresh.embeddings, atol=1e-5, rtol=1e-5)
+
+
+def test_asking_for_faiss_without_it_installed_says_how_to_get_it(model_dir, photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "faiss_module", lambda: None)
+    with pytest.raises(Exception, match=r"pip install 'liteclip\[search\]'"):
+        ImageSearch(ZeroShotPipeline(model_dir)).index(photos, tmp_path / "x.index", faiss=True)
