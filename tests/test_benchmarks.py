@@ -48,3 +48,21 @@ def test_demo_ablation_prints_a_row_per_variant(tmp_path):
     for row in table:
         cells = [float(cell) for cell in row.strip("| ").split(" | ")[1:]]
         assert len(cells) == 4 and all(0 <= value <= 100 for value in cells[:3]) and cells[3] > 0
+
+
+def test_inference_reports_predict_memory_for_each_list_length():
+    lines = run_module("benchmarks.inference", "--skip-latency", "--predict-counts", "10", "30", "--image-size", "32",
+                       "--batch-size", "4")
+    rows = [re.fullmatch(r"predict over\s+([\d,]+) images: peak RSS\s+([\d.]+) GiB,\s+(-?[\d.]+) MiB above the "
+                         r"loaded model,\s+([\d.]+) images/s", line) for line in lines if line.startswith("predict over")]
+    assert [int(m[1]) for m in rows] == [10, 30]
+    assert all(float(m[2]) > 0 and float(m[4]) > 0 for m in rows)
+    assert re.fullmatch(r"memory_growth_largest_vs_smallest_mib=-?\d+\.\d", lines[-1])
+
+
+def test_data_throughput_compares_shards_with_loose_files():
+    lines = run_module("benchmarks.data_throughput", "--num-images", "8", "--image-size", "32", "--prepared-size",
+                       "48")
+    rates = {line.split(":")[0]: float(line.split(":")[1].split()[0]) for line in lines if "per worker" in line}
+    assert len(rates) == 4 and all(rate > 0 for rate in rates.values())
+    assert re.fullmatch(r"shards_vs_files=\d+\.\d\d", lines[-1])

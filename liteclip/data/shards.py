@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -333,7 +334,8 @@ def write_shards(images: Sequence[CaptionedImage], destination: Path, prefix: st
     for first in range(0, len(order), shard_size):
         name = destination / f"{prefix}-{len(names):06d}.tar"
         partial = name.with_name(f".{name.name}.partial")
-        with wds.TarWriter(str(partial)) as writer:
+        # whole-second mtimes: a fractional one makes tarfile add a PAX header to every member, which readers parse
+        with wds.TarWriter(str(partial), mtime=int(time.time())) as writer:
             for index, image in enumerate(order[first:first + shard_size], start=first):
                 extension = image.image_path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
                 if extension not in IMAGE_KEYS:
