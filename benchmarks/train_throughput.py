@@ -1,4 +1,5 @@
-"""Training throughput: the liteCLIP reference setup against liteclip's defaults, side by side on the same batches.
+"""Training throughput: the liteCLIP reference setup and open_clip against liteclip's defaults, side by side on the
+same batches.
 
     python -m benchmarks.train_throughput                              # convnext_tiny + bert-mini shape, 224 px
     python -m benchmarks.train_throughput --without keep_cpu_memory    # also liteclip minus one lever
@@ -18,18 +19,27 @@ The levers, all off in the reference (as liteCLIP trains) and all on in liteclip
     pin_memory         pinned host batches, copied without blocking (CUDA)
     keep_cpu_memory    freed memory kept for the next step instead of faulted back in (CPU, glibc; liteclip.runtime)
 
+open_clip (pip install open-clip-torch; skipped with a message when absent) is the codebase users would otherwise
+pick. Its variant builds the same towers through open_clip's own classes (CustomTextCLIP: the timm tower by name,
+the Hugging Face text tower from the same local directory, mean pooling, linear projections) and trains the same
+images and caption texts as open_clip does: captions tokenised per sample by its HFTokenizer (padded to 77 tokens),
+its ClipLoss, AdamW without decay on gains and biases, and its recommended precision, autocast through
+open_clip_train's get_autocast ("amp", fp16, on CUDA; "amp_bf16" on a CPU with native bf16; fp32 on other CPUs).
+
 Each variant runs in its own process, since the allocator setting is process-wide and so that each one's peak
 memory is its own. Steps alternate a, b, a, b (one process computing at a time) so that a noisy shared machine slows
 all alike; every process builds the same random batches from the same seed. Random init: weights do not change the
 cost. The text tower is built offline with bert-mini's shape (4 layers, 256 wide, 30,522-token vocabulary).
-Prints per-variant samples/s, the share of time spent waiting for data and peak memory, and as its last line
-`speedup_vs_reference=<float>`.
+Prints per-variant samples/s, the share of time spent waiting for data and peak memory, then
+`speedup_vs_open_clip=<float>` (when it ran) and, as its last line, `speedup_vs_reference=<float>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import math
 import multiprocessing
 import resource
 import tempfile
@@ -78,6 +88,13 @@ class Settings:
     batch_size: int
     steps: int
     workers: int
+
+
+def text_positions(text_dir: str) -> int:
+    """How many token positions the text tower has (liteCLIP pads to 128, open_clip to 77: at most this many)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(text_dir).max_position_embeddings
 
 
 def write_bert_mini_shape(directory: Path) -> Path:
@@ -134,7 +151,8 @@ class Variant:
         config = config_from_dict({"model": {
             "image": {"name": settings.image_model, "pretrained": False, "image_size": settings.image_size,
                       "channels_last": levers.channels_last},
-            "text": {"name": settings.text_dir, "pretrained": False, "max_length": 128}}})
+            "text": {"name": settings.text_dir, "pretrained": False,
+                     "max_length": min(128, text_positions(settings.text_dir))}}})
         torch.manual_seed(0)
         self.model = build_model(config.model).to(device).train()
         if levers.fused_optimizer:
@@ -148,7 +166,7 @@ class Variant:
         texts = captions(count)
         tokenizer = self.model.tokenizer
         # liteCLIP pads to 128; a tower with fewer positions (the demo's 64) is padded to its limit instead
-        max_length = min(128, self.model.text_encoder.model.config.max_position_embeddings)
+        max_length = self.model.config.text.max_length
         pin = levers.pin_memory and device.type == "cuda"
         common = {"batch_size": settings.batch_size, "shuffle": False, "num_workers": settings.workers,
                   "pin_memory": pin}
@@ -188,18 +206,93 @@ class Variant:
         return len(batch["input_ids"]), loaded - start, end - loaded
 
 
+def open_clip_installed() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("open_clip", "open_clip_train"))
+
+
+class OpenClipVariant:
+    """The same towers, batches and optimiser settings, trained as open_clip trains them."""
+
+    def __init__(self, settings: Settings, device: torch.device):
+        import open_clip
+        from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+        from open_clip_train.precision import get_autocast
+
+        self.device = device
+        vision = CLIPVisionCfg(timm_model_name=settings.image_model, timm_model_pretrained=False, timm_pool="avg",
+                               timm_proj="linear", image_size=settings.image_size)
+        text = CLIPTextCfg(hf_model_name=settings.text_dir, hf_tokenizer_name=settings.text_dir,
+                           hf_model_pretrained=False, hf_pooler_type="mean_pooler", hf_proj_type="linear",
+                           context_length=min(77, text_positions(settings.text_dir)))
+        torch.manual_seed(0)
+        self.model = open_clip.CustomTextCLIP(256, vision, text).to(device).train()
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=5e-4, betas=(0.9, 0.98),
+                                           eps=1e-6)
+        self.loss = open_clip.ClipLoss()
+        bf16 = resolve_precision("auto", device).dtype == torch.bfloat16
+        self.precision_name = "amp" if device.type == "cuda" else "amp_bf16" if bf16 else "fp32"
+        self.autocast = get_autocast(self.precision_name, device_type=device.type)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision_name == "amp" else None
+
+        count = settings.batch_size * (settings.steps + 1)
+        torch.manual_seed(0)
+        images = torch.randn(count, 3, settings.image_size, settings.image_size)
+        tokenizer = open_clip.tokenizer.HFTokenizer(settings.text_dir, context_length=text.context_length)
+        dataset = OpenClipDataset(images, captions(count), tokenizer)
+        self.iterator = iter(DataLoader(dataset, batch_size=settings.batch_size, shuffle=False,
+                                        num_workers=settings.workers, pin_memory=device.type == "cuda"))
+
+    def step(self) -> tuple[int, float, float]:
+        start = time.perf_counter()
+        images, texts = (t.to(self.device, non_blocking=True) for t in next(self.iterator))
+        loaded = time.perf_counter()
+        with self.autocast():
+            image_features, text_features, logit_scale = self.model(images, texts)
+            loss = self.loss(image_features, text_features, logit_scale)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))  # as open_clip's train_one_epoch does every step
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(images), loaded - start, time.perf_counter() - loaded
+
+
+class OpenClipDataset(Dataset):
+    """open_clip's CsvDataset shape: the caption tokenised (padded to the context length) in __getitem__."""
+
+    def __init__(self, images: torch.Tensor, texts: list[str], tokenizer):
+        self.images, self.texts, self.tokenizer = images, texts, tokenizer
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.tokenizer([self.texts[index]])[0]
+
+
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"  # KiB on Linux
 
 
-def serve_variant(connection, levers: Levers, settings: Settings) -> None:
-    """Child process: builds one variant, then runs one step each time the parent asks."""
+def serve_variant(connection, levers: Levers | None, settings: Settings) -> None:
+    """Child process: builds one variant (open_clip's when levers is None), then runs one step each time the parent
+    asks."""
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        with keep_freed_memory_for(device, levers.keep_cpu_memory):
-            variant = Variant(levers, settings, device)
+        with keep_freed_memory_for(device, levers is not None and levers.keep_cpu_memory):
+            variant = Variant(levers, settings, device) if levers is not None else OpenClipVariant(settings, device)
             connection.send(("ready", torch.get_num_threads()))
             while connection.recv() == "step":
                 connection.send(("step", variant.step()))
@@ -209,7 +302,7 @@ def serve_variant(connection, levers: Levers, settings: Settings) -> None:
 
 
 class VariantProcess:
-    def __init__(self, name: str, levers: Levers, settings: Settings, context):
+    def __init__(self, name: str, levers: Levers | None, settings: Settings, context):
         self.name = name
         self.connection, child = context.Pipe()
         self.process = context.Process(target=serve_variant, args=(child, levers, settings), daemon=True)
@@ -253,6 +346,7 @@ def main() -> None:
     lever_names = [lever.name for lever in dataclasses.fields(Levers)]
     parser.add_argument("--without", action="append", default=[], choices=lever_names, metavar="LEVER",
                         help=f"also run liteclip's defaults minus this lever (repeatable): {', '.join(lever_names)}")
+    parser.add_argument("--no-open-clip", action="store_true", help="leave out the open_clip variant")
     args = parser.parse_args()
     text_source = None
     if args.config:
@@ -273,6 +367,12 @@ def main() -> None:
         variants = [("reference", REFERENCE), ("liteclip", DEFAULTS)]
         variants += [(f"liteclip without {name}", dataclasses.replace(DEFAULTS, **{name: False}))
                      for name in args.without]
+        if args.no_open_clip:
+            pass
+        elif open_clip_installed():
+            variants.append(("open_clip", None))
+        else:
+            print("open_clip: not installed, skipped (pip install open-clip-torch for the side-by-side)")
         context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no inherited allocator state
         processes = [VariantProcess(name, levers, settings, context) for name, levers in variants]
         threads = {process.receive("ready") for process in processes}
@@ -286,8 +386,10 @@ def main() -> None:
               f"batch {args.batch_size}, {args.steps} measured steps each after 1 warm-up, threads {threads_text}, "
               f"one process per variant")
         print(f"{'variant':34s} {'samples/s':>9s} {'s/step':>8s} {'data wait':>10s}   peak memory")
-        rates = [process.finish()[0] for process in processes]
-    print(f"speedup_vs_reference={rates[1] / rates[0]:.3f}")
+        rates = {process.name: process.finish()[0] for process in processes}
+    if "open_clip" in rates:
+        print(f"speedup_vs_open_clip={rates['liteclip'] / rates['open_clip']:.3f}")
+    print(f"speedup_vs_reference={rates['liteclip'] / rates['reference']:.3f}")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ def test_train_throughput_prints_every_variant_and_ends_with_the_speedup():
     row = re.compile(r"(?P<name>\S.*?)\s{2,}(?P<rate>[\d.]+)\s+(?P<step>[\d.]+)\s+(?P<wait>[\d.]+)%"
                      r"\s+[\d.]+ GiB (RSS|GPU)")
     rows = {m["name"]: m for m in map(row.fullmatch, lines) if m}
-    assert set(rows) == {"reference", "liteclip", "liteclip without keep_cpu_memory"}
+    assert set(rows) == {"reference", "liteclip", "liteclip without keep_cpu_memory", "open_clip"}
     assert all(float(m["rate"]) > 0 and float(m["step"]) > 0 for m in rows.values())
+    assert re.fullmatch(r"speedup_vs_open_clip=\d+\.\d{3}", lines[-2])
     assert re.fullmatch(r"speedup_vs_reference=\d+\.\d{3}", lines[-1])
     assert float(lines[-1].split("=")[1]) > 0
 
