@@ -1,9 +1,14 @@
-"""One training epoch with a locked image tower whose features are cached: the laptop path to full Flickr8K.
+"""The LiT path on a CPU: a locked image tower whose features are cached, a trainable text tower. Times what a user
+waits for each epoch: the training epoch over 6,000 pairs and the evaluation after it, retrieval over 1,000
+validation images with 5 captions each (5,000 captions through the text tower), as the trainer runs it.
 
-    python -m benchmarks.locked_tower_epoch                     # 6,000 pairs, convnext_tiny features, bert-mini shape
+    python -m benchmarks.locked_tower_epoch                          # bert-mini shape (4 layers, 256 wide)
+    python -m benchmarks.locked_tower_epoch --text-shape minilm-l3   # MiniLM-L3-H384 shape (3 layers, 384 wide)
+    python -m benchmarks.locked_tower_epoch --precision fp32         # against train.precision: auto's choice
 
-Only the epoch is timed: the cache itself is built once (the first run of `train.cache_image_features`), after
-which each epoch trains the text tower, the heads and the temperature on stored (768-d for convnext_tiny) features.
+The cache itself is built once (the first run of `train.cache_image_features`) and is not timed; here the features
+are random tensors of the tower's width (768 for convnext_tiny, 1280 for efficientnet_lite0): they cost the same.
+Text towers are random-init with the named shape and a 30,522-token vocabulary, built offline.
 """
 
 from __future__ import annotations
@@ -16,38 +21,70 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.train_throughput import captions, write_bert_mini_shape
+from benchmarks.train_throughput import WORDS, captions
 from liteclip.config import config_from_dict
 from liteclip.data.captions import CaptionCollator, CaptionedImage, ImageCaptionDataset, SeededSampler
+from liteclip.data.demo import write_text_tower
+from liteclip.evaluation import evaluate_retrieval
+from liteclip.feature_cache import CachedFeatureDataset
 from liteclip.model import build_model
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
-from liteclip.feature_cache import CachedFeatureDataset
 from liteclip.precision import resolve_precision
 from liteclip.training import contrastive_step, optimizer_step
+
+TEXT_SHAPES = {  # name: (layers, hidden width, attention heads)
+    "bert-mini": (4, 256, 4),     # google/bert_uncased_L-4_H-256_A-4
+    "minilm-l3": (3, 384, 12),    # nreimers/MiniLM-L3-H384-uncased
+}
+
+
+def write_text_shape(directory: Path, shape: str) -> Path:
+    """A random text tower of a known model's shape, with a 30,522-token vocabulary and 512 positions, offline."""
+    from transformers import AutoConfig
+
+    layers, width, heads = TEXT_SHAPES[shape]
+    write_text_tower(directory, WORDS, hidden_size=width, num_layers=layers, num_heads=heads)
+    config = AutoConfig.from_pretrained(directory)
+    config.vocab_size, config.max_position_embeddings, config.intermediate_size = 30522, 512, 4 * width
+    config.save_pretrained(directory)
+    return directory
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=6000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-model", default="convnext_tiny")
+    parser.add_argument("--eval-images", type=int, default=1000, help="validation images, 5 captions each")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--eval-batch-size", type=int, default=256)
+    parser.add_argument("--image-model", default="convnext_tiny",
+                        help="the locked tower whose cached features are simulated (efficientnet_lite0: 1280-d)")
+    parser.add_argument("--text-shape", choices=sorted(TEXT_SHAPES), default="bert-mini")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     args = parser.parse_args()
+    device = torch.device("cpu")
+    precision = resolve_precision(args.precision, device)
     with tempfile.TemporaryDirectory() as tmp:
-        text_dir = write_bert_mini_shape(Path(tmp) / "bert_mini_shape")
+        text_dir = write_text_shape(Path(tmp) / args.text_shape, args.text_shape)
         config = config_from_dict({"model": {
-            "image": {"name": args.image_model, "pretrained": False, "tune": "locked"},
+            "image": {"name": args.image_model, "pretrained": False, "tune": "locked"},  # never run: features cached
             "text": {"name": str(text_dir), "pretrained": False, "max_length": 64}}})
-        model = build_model(config.model).train()
-        texts = captions(args.pairs)
-        images = [CaptionedImage(Path(f"{i}.jpg"), [text]) for i, text in enumerate(texts)]
-        features = torch.randn(args.pairs, model.image_encoder.num_features)  # what the cache holds
+        torch.manual_seed(0)
+        model = build_model(config.model)
+        width = model.image_encoder.num_features
+        texts = captions(args.pairs + 5 * args.eval_images)
+        images = [CaptionedImage(Path(f"{i}.jpg"), [text]) for i, text in enumerate(texts[:args.pairs])]
+        val = [CaptionedImage(Path(f"val{i}.jpg"), texts[args.pairs + 5 * i:args.pairs + 5 * i + 5])
+               for i in range(args.eval_images)]
+        features = torch.randn(args.pairs, width)  # what the cache holds
+        val_features = torch.randn(args.eval_images, width)
         dataset = CachedFeatureDataset(ImageCaptionDataset(images, transform=None, captions="one"), features)
         sampler = SeededSampler(torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0)), 0)
         loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                             collate_fn=CaptionCollator(model.tokenizer, 64))
         optimizer = build_optimizer(model, config.optim)
-        precision = resolve_precision("auto", torch.device("cpu"))  # as train.precision: auto decides here
+
         start = time.perf_counter()
+        model.train()
         steps = 0
         for batch in loader:
             batch = {k: v for k, v in batch.items() if k in ("image_features", "input_ids", "attention_mask")}
@@ -55,11 +92,18 @@ def main() -> None:
             contrastive_step(model, [batch], precision, None)
             optimizer_step(model, optimizer, None, config.optim.grad_clip)
             steps += 1
-        seconds = time.perf_counter() - start
-    print(f"{args.pairs} pairs, batch {args.batch_size}, {steps} steps, image tower locked ({args.image_model} "
-          f"features cached), text tower bert-mini shape, {precision.dtype or 'fp32'}; "
-          f"threads {torch.get_num_threads()}")
-    print(f"epoch_seconds={seconds:.1f}")
+        trained = time.perf_counter()
+        metrics = evaluate_retrieval(model, val, args.eval_batch_size, device, precision.autocast,
+                                     show_progress=False, image_features=val_features)
+        evaluated = time.perf_counter()
+    layers, text_width, _ = TEXT_SHAPES[args.text_shape]
+    print(f"{args.pairs} pairs, batch {args.batch_size}, {steps} steps; evaluation over {args.eval_images} images and "
+          f"{5 * args.eval_images} captions (batch {args.eval_batch_size}); text tower {args.text_shape} shape "
+          f"({layers} layers, {text_width} wide), cached {args.image_model} features ({width}-d), "
+          f"{precision.dtype or 'fp32'}, threads {torch.get_num_threads()}")
+    print(f"train {trained - start:.1f} s ({steps * args.batch_size / (trained - start):.0f} samples/s), "
+          f"evaluation {evaluated - trained:.1f} s (mean recall {metrics['mean_recall']:.1f}, random weights)")
+    print(f"epoch_seconds={evaluated - start:.1f}")
 
 
 if __name__ == "__main__":

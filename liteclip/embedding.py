@@ -31,16 +31,27 @@ Autocast = Callable[[], contextlib.AbstractContextManager]
 @torch.no_grad()
 def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256, device: torch.device | str = "cpu",
                  autocast: Autocast = contextlib.nullcontext) -> torch.Tensor:
-    """(N, D) normalised text embeddings; each batch is padded only to its longest text."""
+    """(N, D) normalised text embeddings, in the order of `texts`.
+
+    Texts are batched by token length (each batch padded only to its longest text), so a batch of short captions
+    does not pay for the one long one: for Flickr-like captions a fifth to a third less text-tower work than batches
+    in the given order.
+    """
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer; save it with save_pretrained from a built model")
-    chunks = []
+    texts = list(texts)
+    max_length = model.config.text.max_length
+    lengths = [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    embeds = torch.empty(len(texts), model.config.projection.dim, device=device)
     for start in range(0, len(texts), batch_size):
-        tokens = model.tokenizer(list(texts[start:start + batch_size]), padding="longest", truncation=True,
-                                 max_length=model.config.text.max_length, return_tensors="pt").to(device)
+        rows = order[start:start + batch_size]
+        tokens = model.tokenizer([texts[i] for i in rows], padding="longest", truncation=True, max_length=max_length,
+                                 return_tensors="pt").to(device)
         with autocast():
-            chunks.append(model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float())
-    return torch.cat(chunks) if chunks else torch.empty(0, model.config.projection.dim)
+            embeds[torch.tensor(rows, device=device)] = model.encode_text(tokens["input_ids"],
+                                                                          tokens["attention_mask"]).float()
+    return embeds
 
 
 def encode_labels(model: CLIP, labels: Sequence[str], templates: Sequence[str] | None = None,

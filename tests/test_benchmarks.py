@@ -67,3 +67,12 @@ def test_data_throughput_compares_shards_with_loose_files():
     rates = {line.split(":")[0]: float(line.split(":")[1].split()[0]) for line in lines if "per worker" in line}
     assert len(rates) == 4 and all(rate > 0 for rate in rates.values())
     assert re.fullmatch(r"shards_vs_files=\d+\.\d\d", lines[-1])
+
+
+def test_locked_tower_epoch_times_the_epoch_and_its_evaluation():
+    lines = run_module("benchmarks.locked_tower_epoch", "--pairs", "64", "--eval-images", "8", "--batch-size", "16",
+                       "--text-shape", "minilm-l3", "--image-model", "test_convnext3")
+    assert "minilm-l3 shape (3 layers, 384 wide)" in lines[0]
+    train, evaluation = (float(x) for x in re.findall(r"(?:train|evaluation) ([\d.]+) s", lines[1]))
+    assert train > 0 and evaluation > 0
+    assert re.fullmatch(r"epoch_seconds=\d+\.\d", lines[-1])
