@@ -37,4 +37,4 @@ def test_the_wheel_ships_the_configs_and_they_load_by_name_from_anywhere(tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     module_file, demo_tower, liteclip_text = result.stdout.split()
     assert Path(module_file).is_relative_to(installed)  # the wheel's copy, not the checkout
-    assert demo_tower == "resnet18" and liteclip_text == "google/bert_uncased_L-4_H-256_A-4"
+    assert demo_tower == "resnet10t" and liteclip_text == "google/bert_uncased_L-4_H-256_A-4"

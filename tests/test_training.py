@@ -251,7 +251,9 @@ def test_gradient_caching_matches_one_big_batch(tmp_path, loss_overrides):
         torch.testing.assert_close(cached_grads[name], big_grads[name], atol=2e-5, rtol=1e-3, msg=name)
 
 
-def _ddp_worker(rank, world_size, port, config_path, batches_path, out_path, loss_name="clip"):
+def join_cpu_process_group(rank, world_size, port, config_path):
+    """In a spawned test process: joins a gloo group as torchrun would set it up; returns the config and the model
+    every rank builds identically."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     from liteclip import distributed
@@ -259,7 +261,13 @@ def _ddp_worker(rank, world_size, port, config_path, batches_path, out_path, los
     distributed.init_distributed("cpu")
     config = load_config(config_path)
     torch.manual_seed(0)
-    model = build_model(config.model).eval()
+    return config, build_model(config.model).eval()
+
+
+def _ddp_worker(rank, world_size, port, config_path, batches_path, out_path, loss_name="clip"):
+    from liteclip import distributed
+
+    config, model = join_cpu_process_group(rank, world_size, port, config_path)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     batch = torch.load(batches_path)[rank]
     loss = contrastive_step(ddp, [batch], FP32, None, loss_name)

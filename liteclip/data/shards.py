@@ -1,8 +1,8 @@
 """Webdataset shards: training from a stream of tar files, and writing shards from any dataset liteclip reads.
 
 A shard is a tar file of samples in the layout img2dataset writes and open_clip trains from: files sharing a key
-form one sample, an image (`KEY.jpg`, `.jpeg`, `.png` or `.webp`) and its caption (`KEY.txt`, or a `KEY.json` with a
-"caption" string or a "captions" list, one of which is drawn each time the sample is read). The webdataset library
+form one sample, an image (`KEY.jpg`, `.jpeg`, `.png` or `.webp`) and its captions: a `KEY.json` "captions" list,
+else the lines of `KEY.txt`, else a json "caption" string; one of them is drawn each time the sample is read. The webdataset library
 expands the brace patterns, opens the URLs (local paths, http(s), `pipe:` commands), reads the tars and shuffles;
 this module decides which reader reads which shard and how an epoch ends.
 
@@ -78,35 +78,31 @@ def is_local(url: str) -> bool:
 # ------------------------------------------------------------------------------------------------ one sample
 
 
-def caption_of(sample: dict[str, Any], rng: random.Random) -> str | None:
-    """The sample's caption: one drawn from a json "captions" list, else the txt file, else json "caption"."""
-    meta: dict[str, Any] = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except (ValueError, UnicodeDecodeError):
-            meta = {}
-    captions = [c.strip() for c in meta.get("captions", ()) if isinstance(c, str) and c.strip()] if isinstance(
-        meta, dict) else []
-    if captions:
-        return captions[rng.randrange(len(captions))]
-    if "txt" in sample:
-        text = sample["txt"].decode("utf-8", errors="replace").strip()
-        if text:
-            return text
-    caption = meta.get("caption") if isinstance(meta, dict) else None
-    return caption.strip() if isinstance(caption, str) and caption.strip() else None
+def metadata_of(sample: dict[str, Any]) -> dict[str, Any]:
+    """The sample's json as a dict ({} when it has none, or one that is not a JSON object)."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def all_captions(sample: dict[str, Any]) -> list[str]:
-    """Every caption of a sample (evaluation keeps them all), in the order of caption_of's preference."""
-    meta = json.loads(sample["json"]) if "json" in sample else {}
+    """Every caption of a sample: a json "captions" list, else the txt file's lines, else json "caption"."""
+    meta = metadata_of(sample)
     captions = [c.strip() for c in meta.get("captions", ()) if isinstance(c, str) and c.strip()]
     if not captions and "txt" in sample:
-        captions = [line.strip() for line in sample["txt"].decode("utf-8").splitlines() if line.strip()]
+        text = sample["txt"].decode("utf-8", errors="replace")
+        captions = [line.strip() for line in text.splitlines() if line.strip()]
     if not captions and isinstance(meta.get("caption"), str) and meta["caption"].strip():
         captions = [meta["caption"].strip()]
     return captions
+
+
+def caption_of(sample: dict[str, Any], rng: random.Random) -> str | None:
+    """One of the sample's captions (all_captions), drawn at random, or None."""
+    captions = all_captions(sample)
+    return captions[rng.randrange(len(captions))] if captions else None
 
 
 def image_of(sample: dict[str, Any]) -> tuple[str, bytes] | None:
