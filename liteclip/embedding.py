@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -71,21 +72,29 @@ def encode_labels(model: CLIP, labels: Sequence[str], templates: Sequence[str] |
 
 class ImageFileDataset(torch.utils.data.Dataset):
     """Image files as eval-transformed pixels; a file that does not decode yields its reason instead of pixels, so
-    the main process decides whether to skip it or to stop (an error raised in a worker loses its type)."""
+    the main process decides whether to skip it or to stop (an error raised in a worker loses its type).
 
-    def __init__(self, paths: Sequence[Path], data_config: dict[str, Any]):
-        self.paths = [Path(p) for p in paths]
+    load: reads one entry of `images` into an RGB uint8 array (the pipeline passes its to_array, so PIL images and
+    arrays go through too); default: the file at that path, JPEGs draft-decoded at the size the transform needs.
+    """
+
+    def __init__(self, images: Sequence[Any], data_config: dict[str, Any],
+                 load: Callable[[Any], np.ndarray] | None = None):
+        self.images = list(images) if load is not None else [Path(p) for p in images]
         self.transform = eval_transform(data_config)
         self.decode_size = image_size(data_config)
+        self.load = load
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.images[index]
         try:
-            return {"index": index, "pixel_values": self.transform(load_image(self.paths[index], self.decode_size))}
+            pixels = self.load(image) if self.load is not None else load_image(image, self.decode_size)
         except UndecodableImageError as error:
             return {"index": index, "error": error.reason}
+        return {"index": index, "pixel_values": self.transform(pixels)}
 
 
 def stack_decoded(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from liteclip.checkpoint import sha256_of
 from liteclip.data.captions import BadRow
-from liteclip.data.images import UndecodableImageError, load_image, to_rgb
+from liteclip.data.images import load_image, to_rgb
 from liteclip.data.image_folder import IMAGE_SUFFIXES, list_images
 from liteclip.data.transforms import eval_transform
-from liteclip.embedding import encode_decodable_image_files, encode_labels, encode_texts, stack_decoded
+from liteclip.embedding import (ImageFileDataset, encode_decodable_image_files, encode_labels, encode_texts,
+                                stack_decoded)
 from liteclip.errors import DataError, InputError
 from liteclip.model import CLIP
 from liteclip.pretrained import WEIGHTS_NAME
@@ -93,8 +94,11 @@ class ZeroShotPipeline:
         return self.transform(to_array(image))
 
     def _embed_arrays(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        pixels = torch.stack([self.transform(array) for array in arrays])  # (N, 3, H, W)
-        return self.model.encode_image(pixels.to(self.device, self.dtype)).float()  # (N, D)
+        return self._embed_pixels(torch.stack([self.transform(array) for array in arrays]))
+
+    def _embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, D) float32 embeddings of (N, 3, H, W) pixels, run in the model's own dtype."""
+        return self.model.encode_image(pixels.to(self.device, self.dtype)).float()
 
     def __call__(self, image: ImageInput | Sequence[ImageInput], labels: Sequence[str], top_k: int | None = None,
                  templates: Sequence[str] | None = None):
@@ -124,8 +128,8 @@ class ZeroShotPipeline:
             return self._top(row, labels, k)
         if not image:
             raise InputError("no images given")
-        loader = DataLoader(ImageInputs(image, self.transform), batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=stack_decoded)
+        loader = DataLoader(ImageFileDataset(image, self.model.data_config, load=to_array), batch_size=batch_size,
+                            num_workers=num_workers, collate_fn=stack_decoded)
         results: list[list[tuple[str, float]]] = [[] for _ in image]
         for batch in tqdm(loader, desc="classifying", unit="batch", disable=not show_progress or len(loader) < 2):
             for index, reason in batch["errors"]:
@@ -152,30 +156,13 @@ class ZeroShotPipeline:
 
     def _probabilities(self, pixels: torch.Tensor, label_embeds: torch.Tensor) -> torch.Tensor:
         """(N, C) label probabilities of (N, 3, H, W) pixels."""
-        image_embeds = self.model.encode_image(pixels.to(self.device, self.dtype)).float()
-        return (self.model.scale().float() * image_embeds @ label_embeds.t()).softmax(dim=-1).cpu()
+        logits = self.model.scale().float() * self._embed_pixels(pixels) @ label_embeds.t()
+        return logits.softmax(dim=-1).cpu()
 
     @staticmethod
     def _top(row: torch.Tensor, labels: list[str], k: int) -> list[tuple[str, float]]:
         values, indices = row.topk(k)
         return [(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
-
-
-class ImageInputs(torch.utils.data.Dataset):
-    """Paths, PIL images or arrays as eval-transformed pixels, for a DataLoader; an image that does not decode
-    yields its reason instead (stack_decoded keeps it apart), so one bad file does not stop a list."""
-
-    def __init__(self, images: Sequence[ImageInput], transform: Callable[[np.ndarray], torch.Tensor]):
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        try:
-            return {"index": index, "pixel_values": self.transform(to_array(self.images[index]))}
-        except UndecodableImageError as error:
-            return {"index": index, "error": error.reason}
 
 
 def to_array(image: ImageInput) -> np.ndarray:
@@ -260,6 +247,7 @@ class ImageSearch:
             raise DataError(f"none of the {len(files)} images in {source} decodes (first: {self.skipped[0]})")
         self.paths = [Path(key) for key in keys]
         self.embeddings = torch.stack([embeddings[key] for key in keys]).cpu()
+        self.faiss_index = None  # a FAISS copy opened by an earlier load() has other rows: search these
         if index_path is not None:
             meta = {"model": fingerprint, "files": [{"path": key, "stamp": stamps[key]} for key in keys]}
             if faiss or (faiss is None and faiss_module() is not None):

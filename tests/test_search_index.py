@@ -83,3 +83,14 @@ def test_asking_for_faiss_without_it_installed_says_how_to_get_it(model_dir, pho
     monkeypatch.setattr(pipeline_module, "faiss_module", lambda: None)
     with pytest.raises(Exception, match=r"pip install 'liteclip\[search\]'"):
         ImageSearch(ZeroShotPipeline(model_dir)).index(photos, tmp_path / "x.index", faiss=True)
+
+
+def test_indexing_after_loading_a_faiss_index_searches_the_new_embeddings(model_dir, photos, tmp_path):
+    index_path = tmp_path / "photos.index"
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    search.index(sorted(photos.iterdir())[:4], index_path, faiss=True, show_progress=False)
+    search.load(index_path)
+    assert search.faiss_index is not None
+    search.index(photos, show_progress=False)  # in memory only: 12 images now
+    hits = search.search("a red circle", top_k=12)
+    assert len(hits) == 12 and {p.name for p, _ in hits} == {p.name for p in photos.iterdir()}
