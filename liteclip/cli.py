@@ -195,11 +195,11 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_data_shard(args: argparse.Namespace) -> int:
     from liteclip.config import DataConfig
-    from liteclip.data import load_splits
+    from liteclip.data import demo as demo_data, load_splits
     from liteclip.data.shards import write_shards
 
     demo: dict[str, int] = {}
-    marker = Path(args.source) / "demo.json"
+    marker = Path(args.source) / demo_data.MARKER
     if args.dataset == "demo" and marker.is_file():  # shard the demo data that is there, whatever its settings
         recorded = json.loads(marker.read_text())
         demo = {f"demo_{key}": recorded[key] for key in ("num_images", "image_size", "seed")}
@@ -319,6 +319,15 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(handler=_cmd_export)
 
 
+def _add_captions_file_arguments(command: argparse.ArgumentParser, captions_help: str) -> None:
+    """How to read a captions file, as the data section's keys of the same names say it."""
+    command.add_argument("--captions-file", default=None, help=captions_help)
+    command.add_argument("--image-column", default="image")
+    command.add_argument("--caption-column", default="caption")
+    command.add_argument("--split-column", default=None)
+    command.add_argument("--encoding", default="utf-8", help="text encoding of the captions file (data.encoding)")
+
+
 def _add_data(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="download, check, prepare and shard datasets",
                                description="Dataset tools (also `python -m liteclip.data ...`).")
@@ -336,11 +345,7 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
     check = data_commands.add_parser("check", help="report every bad row of a dataset; exit 1 if any",
                                      description="Example: python -m liteclip.data check data/flickr8k")
     check.add_argument("root")
-    check.add_argument("--captions-file", default=None, help="CSV/TSV relative to ROOT (default: Flickr8K layouts)")
-    check.add_argument("--image-column", default="image")
-    check.add_argument("--caption-column", default="caption")
-    check.add_argument("--split-column", default=None)
-    check.add_argument("--encoding", default="utf-8", help="text encoding of the captions file (data.encoding)")
+    _add_captions_file_arguments(check, "CSV/TSV relative to ROOT (default: Flickr8K layouts)")
     check.set_defaults(handler=_cmd_data_check)
     prepare = data_commands.add_parser("prepare", help="write a resized copy of a dataset folder",
                                        description="Example: python -m liteclip.data prepare data/flickr8k "
@@ -358,11 +363,7 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
     shard.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard (default 1000)")
     shard.add_argument("--dataset", choices=["demo", "flickr8k", "csv"], default="flickr8k",
                        help="how to read SOURCE (data.dataset; default flickr8k)")
-    shard.add_argument("--captions-file", default=None, help="csv: the captions file, relative to SOURCE")
-    shard.add_argument("--image-column", default="image")
-    shard.add_argument("--caption-column", default="caption")
-    shard.add_argument("--split-column", default=None)
-    shard.add_argument("--encoding", default="utf-8", help="text encoding of the captions file (data.encoding)")
+    _add_captions_file_arguments(shard, "csv: the captions file, relative to SOURCE")
     shard.add_argument("--split", action="append", choices=["train", "val", "test"],
                        help="only this split (repeatable; default all three)")
     shard.add_argument("--seed", type=int, default=0, help="the training images' shuffle before sharding")
