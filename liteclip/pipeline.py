@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from liteclip.checkpoint import sha256_of
+from liteclip.checkpoint import file_stamp, sha256_of
 from liteclip.data.captions import BadRow
 from liteclip.data.images import load_image, to_rgb
 from liteclip.data.image_folder import IMAGE_SUFFIXES, list_images
@@ -227,7 +227,7 @@ class ImageSearch:
         partial = PartialIndex(index_path) if index_path is not None else None
         previous = self._previous_entries(index_path, fingerprint) if index_path is not None else {}
         keys = [str(p.resolve()) for p in files]
-        stamps = {key: [stat.st_size, stat.st_mtime_ns] for key, stat in zip(keys, (p.stat() for p in files))}
+        stamps = {key: file_stamp(path) for key, path in zip(keys, files)}
         todo = [i for i, key in enumerate(keys) if previous.get(key, (None,))[0] != stamps[key]]
         embeddings = {key: embedding for key, (_, embedding) in previous.items()}
         self.skipped = []

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from liteclip.checkpoint import atomic_write_bytes, read_safetensors
+from liteclip.checkpoint import atomic_write_bytes, file_stamp, read_safetensors
 from liteclip.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -97,11 +97,6 @@ def faiss_path(index_path: Path) -> Path:
     return index_path.with_name(f"{index_path.name}.faiss")
 
 
-def stamp_of(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def write_faiss(index_path: Path, embeddings: torch.Tensor) -> list[int]:
     """Writes the embeddings as a flat inner-product FAISS index beside the index; returns the file's stamp."""
     faiss = faiss_module()
@@ -111,13 +106,13 @@ def write_faiss(index_path: Path, embeddings: torch.Tensor) -> list[int]:
     partial = path.with_name(f".{path.name}.tmp")
     faiss.write_index(flat, str(partial))
     os.replace(partial, path)
-    return stamp_of(path)
+    return file_stamp(path)
 
 
 def open_faiss(index_path: Path, meta: dict[str, Any]) -> Any | None:
     """The index's FAISS copy, memory-mapped, if faiss is installed and the file is the one the index recorded."""
     faiss, path = faiss_module(), faiss_path(index_path)
-    if faiss is None or "faiss" not in meta or not path.is_file() or stamp_of(path) != meta["faiss"]:
+    if faiss is None or "faiss" not in meta or not path.is_file() or file_stamp(path) != meta["faiss"]:
         return None
     flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)  # the vectors stay in the file, paged in as searched
     return faiss.read_index(str(path), flags)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from liteclip.checkpoint import atomic_write_bytes
+from liteclip.checkpoint import atomic_write_bytes, file_stamp
 from liteclip.data.captions import CaptionedImage
 from liteclip.data.images import UndecodableImageError, open_rgb
 from liteclip.errors import ConfigError, DataError
@@ -285,7 +285,7 @@ def extract_shards(pattern: str, cache_root: Path, key: str) -> list[CaptionedIm
     """The images and captions of (small) evaluation shards, unpacked once into cache_root: evaluation reads its
     images every epoch, by path, like any other split. Re-extracted when a local shard's size or mtime changes."""
     urls = expand_shards(pattern, key)
-    stamps = [[url, *((os.stat(url).st_size, os.stat(url).st_mtime_ns) if is_local(url) else ())] for url in urls]
+    stamps = [[url, *(file_stamp(url) if is_local(url) else ())] for url in urls]
     directory = cache_root / f"shards_{hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]}"
     listing = directory / "captions.json"
     if listing.is_file():
