@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from liteclip.config import config_from_dict
-from benchmarks.train_throughput import write_bert_mini_shape
+from benchmarks.train_throughput import write_text_shape
 from liteclip.model import build_model
 from liteclip.pipeline import ImageSearch, ZeroShotPipeline
 
@@ -37,7 +37,7 @@ LABELS = [f"a photo of a {name}" for name in
 
 
 def build_default_model(directory: Path, image_name: str, image_size: int) -> Path:
-    text_dir = write_bert_mini_shape(directory / "bert_mini_shape")
+    text_dir = write_text_shape(directory / "bert_mini_shape")
     config = config_from_dict({"model": {"image": {"name": image_name, "pretrained": False, "image_size": image_size},
                                          "text": {"name": str(text_dir), "pretrained": False}}})
     build_model(config.model).save_pretrained(directory / "model")

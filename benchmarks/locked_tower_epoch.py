@@ -21,34 +21,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.train_throughput import WORDS, captions
+from benchmarks.train_throughput import TEXT_SHAPES, captions, write_text_shape
 from liteclip.config import config_from_dict
 from liteclip.data.captions import CaptionCollator, CaptionedImage, ImageCaptionDataset, SeededSampler
-from liteclip.data.demo import write_text_tower
 from liteclip.evaluation import evaluate_retrieval
 from liteclip.feature_cache import CachedFeatureDataset
 from liteclip.model import build_model
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.precision import resolve_precision
 from liteclip.training import contrastive_step, optimizer_step
-
-TEXT_SHAPES = {  # name: (layers, hidden width, attention heads)
-    "bert-mini": (4, 256, 4),     # google/bert_uncased_L-4_H-256_A-4
-    "minilm-l3": (3, 384, 12),    # nreimers/MiniLM-L3-H384-uncased
-}
-
-
-def write_text_shape(directory: Path, shape: str) -> Path:
-    """A random text tower of a known model's shape, with a 30,522-token vocabulary and 512 positions, offline."""
-    from transformers import AutoConfig
-
-    layers, width, heads = TEXT_SHAPES[shape]
-    write_text_tower(directory, WORDS, hidden_size=width, num_layers=layers, num_heads=heads)
-    config = AutoConfig.from_pretrained(directory)
-    config.vocab_size, config.max_position_embeddings, config.intermediate_size = 30522, 512, 4 * width
-    config.save_pretrained(directory)
-    return directory
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

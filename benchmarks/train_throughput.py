@@ -97,11 +97,19 @@ def text_positions(text_dir: str) -> int:
     return AutoConfig.from_pretrained(text_dir).max_position_embeddings
 
 
-def write_bert_mini_shape(directory: Path) -> Path:
-    """A random text tower with bert-mini's shape (4 layers, 256 wide, 30,522 tokens, 512 positions), offline."""
+TEXT_SHAPES = {  # name: (layers, hidden width, attention heads); the feed-forward is 4x the width in both
+    "bert-mini": (4, 256, 4),     # google/bert_uncased_L-4_H-256_A-4
+    "minilm-l3": (3, 384, 12),    # nreimers/MiniLM-L3-H384-uncased
+}
+
+
+def write_text_shape(directory: Path, shape: str = "bert-mini") -> Path:
+    """A random text tower of a known model's shape (TEXT_SHAPES), with a 30,522-token vocabulary and 512
+    positions, written offline."""
     from transformers import AutoConfig
 
-    write_text_tower(directory, WORDS, hidden_size=256, num_layers=4, num_heads=4)
+    layers, width, heads = TEXT_SHAPES[shape]
+    write_text_tower(directory, WORDS, hidden_size=width, num_layers=layers, num_heads=heads)
     config = AutoConfig.from_pretrained(directory)
     config.vocab_size, config.max_position_embeddings = 30522, 512
     config.save_pretrained(directory)
@@ -361,7 +369,7 @@ def main() -> None:
     args.image_size = args.image_size or 224
 
     with tempfile.TemporaryDirectory() as tmp:
-        text_dir = text_source or write_bert_mini_shape(Path(tmp) / "bert_mini_shape")
+        text_dir = text_source or write_text_shape(Path(tmp) / "bert_mini_shape")
         settings = Settings(str(text_dir), args.image_model, args.image_size, args.batch_size, args.steps,
                             args.workers)
         variants = [("reference", REFERENCE), ("liteclip", DEFAULTS)]
