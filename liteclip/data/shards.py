@@ -188,7 +188,6 @@ class ShardStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.consumed_batches = 0, 0
         self.resume_shards: dict[str, dict[str, Any]] = {}
-        self.images: list[CaptionedImage] = []  # a stream has no image list (the feature cache needs one)
 
     def __len__(self) -> int:
         return self.batches_per_rank * self.batch_size  # this rank's samples in one epoch
