@@ -3,8 +3,8 @@
     python -m benchmarks.image_tower                              # convnext_tiny, 224 px; batch 32 on CPU, 256 on GPU
     python -m benchmarks.image_tower --model resnet50 --batch-size 128 --compile
 
-liteclip's settings: channels_last, bf16 autocast where the hardware has it (CUDA; CPUs with AVX-512 BF16 or AMX; else fp32), and on
-the CPU freed memory kept for the next step (liteclip.runtime). The tower's FLOPs per image are counted with
+liteclip's settings: channels_last, bf16 autocast where train.precision: auto takes it (else fp32), and on the
+CPU freed memory kept for the next step (liteclip.runtime). The tower's FLOPs per image are counted with
 PyTorch's FlopCounterMode on the forward (2 per multiply-add, convolutions and matrix products; elementwise work is
 not counted, so the fraction is of useful matrix work, as model FLOP utilisation usually is); a training step
 counts three forwards. The attainable peak is measured on the spot with a large matrix product in the same dtype;

@@ -13,7 +13,7 @@ The levers, all off in the reference (as liteCLIP trains) and all on in liteclip
     dynamic_padding    captions tokenised per batch and padded to its longest (reference: per sample in
                        __getitem__, padded to 128 tokens)
     channels_last      NHWC image tower and pixels
-    autocast           bf16 autocast where the hardware has it (CUDA with bf16; CPUs with AVX-512 BF16 or AMX)
+    autocast           bf16 autocast where the hardware has it (as train.precision: auto decides: liteclip.precision)
     lazy_readback      the loss read back every 50 steps (reference: one `.item()` per step)
     fused_optimizer    fused AdamW on CUDA, foreach on CPU (reference: torch.optim.AdamW's default)
     pin_memory         pinned host batches, copied without blocking (CUDA)

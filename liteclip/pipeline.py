@@ -54,8 +54,9 @@ class ZeroShotPipeline:
         templates: prompt templates such as ["a photo of a {}."]; several are averaged as in the CLIP paper.
             None uses each label as written.
         model: an already loaded CLIP instead of model_dir.
-        dtype: torch.bfloat16 or torch.float16 to run the model in half precision (GPUs; CPUs with AVX-512 BF16 or
-            AMX); default: as loaded (float32). Similarities and probabilities are computed in float32 either way.
+        dtype: torch.bfloat16 or torch.float16 to run the model in half precision (GPUs; CPUs with AMX, or AVX-512
+            BF16 where it is faster: see liteclip.precision); default: as loaded (float32). Similarities and
+            probabilities are computed in float32 either way.
 
     `pipeline(image, labels)` is `pipeline.predict(image, labels)`.
     """

@@ -6,9 +6,16 @@ Used by training and by batched encoding; the weights always stay fp32 (autocast
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import math
+import os
+import time
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,12 +35,21 @@ class Precision:
         return self.dtype == torch.float16  # fp16's narrow range underflows small gradients without one
 
 
-# CPU features under which bf16 matmul and convolution run natively in oneDNN, fast enough that training in bf16
-# autocast beats fp32 (measured, 2 cores each, torch 2.14.1):
+# Whether bf16 autocast trains faster than fp32 on a CPU depends on two things: bf16 instructions (without AVX-512
+# BF16 or AMX, bf16 is emulated by conversions around fp32 kernels and is always slower) and how fast the same
+# machine already is in fp32, which differs by vendor and core. Measured on quiet machines, 2 cores, torch 2.14.1
+# (matmul: 512x1024 @ 1024x1024, what measure_cpu_bf16 times):
+#   amx_tile + avx512_bf16    Intel Xeon (Sapphire Rapids on): matmul 1818 vs 326 GFLOP/s (5.6x); convnext_tiny
+#                             224 px training step 1.36-1.40x
 #   avx512_bf16 without AMX   AMD EPYC Zen 4: 2048^2 matmul 182 vs 65 GFLOP/s (2.8x); resnet18 64 px step 1.55x
-#   amx_tile + avx512_bf16    Intel Xeon (Sapphire Rapids on): convnext_tiny 224 px step 1.40x
-#   neither (AVX2, AVX-512F)  bf16 is emulated by conversions around fp32 kernels: slower than fp32, so fp32
+#                             the same Xeon with oneDNN held to AVX-512 BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16,
+#                             an Intel CPU without AMX): matmul 202 vs 325 GFLOP/s (0.62x); convnext_tiny step 0.67x
+# So `auto` takes bf16 with AMX, fp32 without bf16 instructions, and in between (AVX-512 BF16 alone, or AMX that
+# oneDNN is told not to use) times the matmul in both formats and takes bf16 from BF16_MIN_SPEEDUP. A whole step gains
+# less than the matmul (the table above), hence the margin.
 BF16_CPU_FEATURES = {"amx": "AMX tiles", "avx512_bf16": "AVX-512 BF16"}
+BF16_MIN_SPEEDUP = 1.5
+ONEDNN_ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's own switch: may turn AMX off
 
 
 def cpu_bf16_feature() -> str | None:
@@ -45,18 +61,64 @@ def cpu_bf16_feature() -> str | None:
     return "amx" if amx is not None and amx() else "avx512_bf16"
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether bf16 autocast is faster than fp32 on this CPU: AVX-512 BF16, with or without AMX."""
-    return cpu_bf16_feature() is not None
+@dataclass(frozen=True)
+class Bf16Measurement:
+    """One matmul timed in bf16 and in fp32 on this CPU, with the current thread count."""
+
+    bf16_gflops: float
+    fp32_gflops: float
+    seconds: float  # what the measurement itself took
+
+    @property
+    def speedup(self) -> float:
+        return self.bf16_gflops / self.fp32_gflops
+
+
+@functools.lru_cache(maxsize=1)
+def measure_cpu_bf16(rows: int = 512, width: int = 1024, repeats: int = 5) -> Bf16Measurement:
+    """Times a (rows x width) @ (width x width) matmul in bf16 and in fp32, best of `repeats` after one warm-up
+    each (the best is what the hardware does when nothing interrupts it). 0.02 to 0.2 s; once per process."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    left, right = torch.randn(rows, width, generator=generator), torch.randn(width, width, generator=generator)
+    gflops = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = left.to(dtype), right.to(dtype)
+        torch.mm(a, b)  # warm-up: kernel selection and first-touch memory
+        best = math.inf
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - tick)
+        gflops[dtype] = 2 * rows * width * width / best / 1e9
+    return Bf16Measurement(gflops[torch.bfloat16], gflops[torch.float32], time.perf_counter() - start)
+
+
+def cpu_bf16_is_faster() -> bool:
+    """Whether bf16 autocast trains faster than fp32 on this CPU: with AMX, yes; without bf16 instructions, no; with
+    AVX-512 BF16 alone, when a matmul measures at least BF16_MIN_SPEEDUP faster in bf16 (see BF16_CPU_FEATURES)."""
+    feature = cpu_bf16_feature()
+    if feature is None:
+        return False
+    isa_limit = next((f"{name}={os.environ[name]}" for name in ONEDNN_ISA_LIMITS if os.environ.get(name)), None)
+    if feature == "amx" and isa_limit is None:
+        return True
+    measured = measure_cpu_bf16()
+    faster = measured.speedup >= BF16_MIN_SPEEDUP
+    logger.info("precision auto on this CPU (%s%s): bf16 matmul %.0f GFLOP/s against %.0f in fp32 (%.2fx, measured "
+                "in %.2f s): %s", BF16_CPU_FEATURES[feature], f", {isa_limit}" if isa_limit else "",
+                measured.bf16_gflops, measured.fp32_gflops, measured.speedup, measured.seconds,
+                "bf16" if faster else f"fp32, as bf16 is taken from {BF16_MIN_SPEEDUP}x")
+    return faster
 
 
 def resolve_precision(choice: str, device: torch.device) -> Precision:
-    """auto: bf16 where the hardware has it (CUDA with bf16; CPUs with AVX-512 BF16 or AMX), fp16 (with a scaler) on
-    older GPUs, else fp32."""
+    """auto: bf16 where the hardware has it (CUDA with bf16; CPUs where bf16 measures faster, cpu_bf16_is_faster),
+    fp16 (with a scaler) on older GPUs, else fp32."""
     if choice == "auto":
         if device.type == "cuda":
             choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif device.type == "cpu" and cpu_has_native_bf16():
+        elif device.type == "cpu" and cpu_bf16_is_faster():
             choice = "bf16"  # see BF16_CPU_FEATURES for what it gains on each kind
         else:
             choice = "fp32"

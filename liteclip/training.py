@@ -172,7 +172,8 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     seed_everything(config.train.seed)
     model = build_model(config.model).to(ctx.device)
     datasets = build_datasets(config.data, model.data_config, splits, config.train.seed, ctx.rank, ctx.world_size)
-    precision = resolve_precision(config.train.precision, ctx.device)
+    # auto on a CPU may be measured, and a measurement can differ between ranks: all train in rank 0's choice
+    precision = distributed.all_gather_object(resolve_precision(config.train.precision, ctx.device))[0]
     if config.data.dataset == "webdataset" and (config.train.cache_image_features or config.distill.teacher):
         raise ConfigError("train.cache_image_features and distill.teacher need a list of training images; they "
                           "do not work with data.dataset: webdataset yet")

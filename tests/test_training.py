@@ -302,6 +302,30 @@ def test_ddp_two_processes_match_one_process_with_the_global_batch(tmp_path, los
         torch.testing.assert_close(result["grads"][name], expected[name], atol=2e-5, rtol=1e-3, msg=name)
 
 
+def _precision_worker(rank, world_size, port, config_path, out_path):
+    from liteclip import distributed, precision
+
+    config, _ = join_cpu_process_group(rank, world_size, port, config_path)
+    # a measurement that comes out differently on each rank: bf16 3x faster on rank 0, slower on rank 1
+    precision.cpu_bf16_feature = lambda: "avx512_bf16"
+    precision.measure_cpu_bf16 = lambda: precision.Bf16Measurement(300.0 if rank == 0 else 50.0, 100.0, 0.1)
+    setup = training.build_training(config, load_splits(config.data), distributed.init_distributed("cpu"))
+    torch.save({"rank": rank, "dtype": setup.precision.dtype,
+                "alone": precision.resolve_precision("auto", torch.device("cpu")).dtype}, f"{out_path}.{rank}")
+    distributed.cleanup()
+
+
+def test_ranks_train_in_rank_zeros_measured_precision(tmp_path):
+    config = tiny_config(tmp_path, "train.precision=auto")
+    load_splits(config.data)  # writes the demo data once, before the ranks read it
+    (tmp_path / "config.yaml").write_text(config.to_yaml())
+    mp.spawn(_precision_worker, args=(2, 29600 + os.getpid() % 1000, str(tmp_path / "config.yaml"),
+                                      str(tmp_path / "out.pt")), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"out.pt.{rank}") for rank in range(2)]
+    assert [r["alone"] for r in results] == [torch.bfloat16, None]  # each rank alone would have chosen its own
+    assert [r["dtype"] for r in results] == [torch.bfloat16, torch.bfloat16]
+
+
 def test_locked_image_tower_features_are_cached_and_reused(tmp_path, monkeypatch):
     extra = ("model.image.tune=locked", "train.cache_image_features=true", "train.epochs=1", "train.max_steps=3")
     first = fit(tiny_config(tmp_path / "a", *extra), show_progress=False)
