@@ -29,7 +29,9 @@ from liteclip.feature_cache import CachedFeatureDataset
 from liteclip.model import build_model
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.precision import resolve_precision
+from liteclip.runtime import keep_freed_memory_for
 from liteclip.training import contrastive_step, optimizer_step
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,26 +66,27 @@ def main() -> None:
                             collate_fn=CaptionCollator(model.tokenizer, 64))
         optimizer = build_optimizer(model, config.optim)
 
-        start = time.perf_counter()
-        model.train()
-        steps = 0
-        for batch in loader:
-            batch = {k: v for k, v in batch.items() if k in ("image_features", "input_ids", "attention_mask")}
-            set_lr(optimizer, lr_multiplier(steps, len(loader), config.optim))
-            contrastive_step(model, [batch], precision, None)
-            optimizer_step(model, optimizer, None, config.optim.grad_clip)
-            steps += 1
-        trained = time.perf_counter()
-        metrics = evaluate_retrieval(model, val, args.eval_batch_size, device, precision.autocast,
-                                     show_progress=False, image_features=val_features)
-        evaluated = time.perf_counter()
+        with keep_freed_memory_for(device, config.train.keep_cpu_memory):  # as the trainer runs its epochs
+            start = time.perf_counter()
+            model.train()
+            steps = 0
+            for batch in loader:
+                batch = {k: v for k, v in batch.items() if k in ("image_features", "input_ids", "attention_mask")}
+                set_lr(optimizer, lr_multiplier(steps, len(loader), config.optim))
+                contrastive_step(model, [batch], precision, None)
+                optimizer_step(model, optimizer, None, config.optim.grad_clip)
+                steps += 1
+            trained = time.perf_counter()
+            metrics = evaluate_retrieval(model, val, args.eval_batch_size, device, precision.autocast,
+                                         show_progress=False, image_features=val_features)
+            evaluated = time.perf_counter()
     layers, text_width, _ = TEXT_SHAPES[args.text_shape]
     print(f"{args.pairs} pairs, batch {args.batch_size}, {steps} steps; evaluation over {args.eval_images} images and "
           f"{5 * args.eval_images} captions (batch {args.eval_batch_size}); text tower {args.text_shape} shape "
           f"({layers} layers, {text_width} wide), cached {args.image_model} features ({width}-d), "
           f"{precision.dtype or 'fp32'}, threads {torch.get_num_threads()}")
-    print(f"train {trained - start:.1f} s ({steps * args.batch_size / (trained - start):.0f} samples/s), "
-          f"evaluation {evaluated - trained:.1f} s (mean recall {metrics['mean_recall']:.1f}, random weights)")
+    print(f"train {trained - start:.2f} s ({steps * args.batch_size / (trained - start):.0f} samples/s), "
+          f"evaluation {evaluated - trained:.2f} s (mean recall {metrics['mean_recall']:.1f}, random weights)")
     print(f"epoch_seconds={evaluated - start:.1f}")
 
 

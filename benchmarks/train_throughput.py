@@ -15,7 +15,7 @@ The levers, all off in the reference (as liteCLIP trains) and all on in liteclip
     channels_last      NHWC image tower and pixels
     autocast           bf16 autocast where the hardware has it (as train.precision: auto decides: liteclip.precision)
     lazy_readback      the loss read back every 50 steps (reference: one `.item()` per step)
-    fused_optimizer    fused AdamW on CUDA, foreach on CPU (reference: torch.optim.AdamW's default)
+    fused_optimizer    fused AdamW (reference: torch.optim.AdamW's default, a loop over tensors on a CPU)
     pin_memory         pinned host batches, copied without blocking (CUDA)
     keep_cpu_memory    freed memory kept for the next step instead of faulted back in (CPU, glibc; liteclip.runtime)
 
@@ -164,7 +164,7 @@ class Variant:
         torch.manual_seed(0)
         self.model = build_model(config.model).to(device).train()
         if levers.fused_optimizer:
-            self.optimizer = build_optimizer(self.model, config.optim, device.type)
+            self.optimizer = build_optimizer(self.model, config.optim)
         else:
             self.optimizer = torch.optim.AdamW(param_groups(self.model, config.optim))
 

@@ -61,6 +61,11 @@ def cpu_bf16_feature() -> str | None:
     return "amx" if amx is not None and amx() else "avx512_bf16"
 
 
+def onednn_isa_limit() -> str | None:
+    """"ONEDNN_MAX_CPU_ISA=..." when the environment holds oneDNN below what the CPU has, else None."""
+    return next((f"{name}={os.environ[name]}" for name in ONEDNN_ISA_LIMITS if os.environ.get(name)), None)
+
+
 @dataclass(frozen=True)
 class Bf16Measurement:
     """One matmul timed in bf16 and in fp32 on this CPU, with the current thread count."""
@@ -100,7 +105,7 @@ def cpu_bf16_is_faster() -> bool:
     feature = cpu_bf16_feature()
     if feature is None:
         return False
-    isa_limit = next((f"{name}={os.environ[name]}" for name in ONEDNN_ISA_LIMITS if os.environ.get(name)), None)
+    isa_limit = onednn_isa_limit()
     if feature == "amx" and isa_limit is None:
         return True
     measured = measure_cpu_bf16()

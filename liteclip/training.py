@@ -190,7 +190,7 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     loaders = build_dataloaders(config.data, model.tokenizer, config.model.text.max_length, model.data_config,
                                 datasets, seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size,
                                 pin_memory=ctx.device.type == "cuda")
-    optimizer = build_optimizer(model, config.optim, ctx.device.type)
+    optimizer = build_optimizer(model, config.optim)
     ema = WeightAverage(model, config.train.ema_decay) if config.train.ema_decay else None
     if config.train.compile:
         compile_towers(model)

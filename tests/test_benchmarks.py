@@ -73,6 +73,15 @@ def test_locked_tower_epoch_times_the_epoch_and_its_evaluation():
     lines = run_module("benchmarks.locked_tower_epoch", "--pairs", "64", "--eval-images", "8", "--batch-size", "16",
                        "--text-shape", "minilm-l3", "--image-model", "test_convnext3")
     assert "minilm-l3 shape (3 layers, 384 wide)" in lines[0]
-    train, evaluation = (float(x) for x in re.findall(r"(?:train|evaluation) ([\d.]+) s", lines[1]))
-    assert train > 0 and evaluation > 0
+    train, evaluation, recall = (float(x) for x in re.findall(
+        r"train ([\d.]+) s .*evaluation ([\d.]+) s \(mean recall ([\d.]+)", lines[1])[0])
+    assert train > 0 and evaluation >= 0 and 0 <= recall <= 100  # 8 images evaluate in a few milliseconds
     assert re.fullmatch(r"epoch_seconds=\d+\.\d", lines[-1])
+
+
+def test_bf16_kernels_reports_each_workload_and_auto_precision():
+    lines = run_module("benchmarks.bf16_kernels", "--repeats", "1", "--scale", "1")
+    speedups = [float(m[1]) for m in (re.search(r"speedup=(\d+\.\d\d)$", line) for line in lines) if m]
+    assert len(speedups) == 3 and all(value > 0 for value in speedups)  # the matmul, the MLP block, the conv
+    assert lines[0].startswith("CPU: ")
+    assert re.fullmatch(r"auto_precision=(bf16|fp32)", lines[-1])

@@ -45,3 +45,27 @@ def test_locked_tower_has_no_optimizer_state(tiny_config):
     optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in optimized for p in model.image_encoder.parameters())
     assert any(id(p) in optimized for p in model.text_encoder.parameters())
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_the_fused_update_on_the_cpu_matches_the_reference_update(tiny_config, name):
+    import torch
+
+    config = OptimConfig(name=name, lr=1e-3, weight_decay=0.1)
+    torch.manual_seed(0)
+    model = build_model(tiny_config.model)
+    reference = build_model(tiny_config.model)
+    reference.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(model, config)
+    if torch.__version__ >= "2.4":  # PyTorch's fused CPU kernel arrived in 2.4; before it, foreach
+        assert optimizer.defaults["fused"] and type(optimizer).__name__ == {"adamw": "AdamW", "adam": "Adam"}[name]
+    # PyTorch's single-tensor loop, the plainest form of the same update
+    plain = type(optimizer)(param_groups(reference, config), betas=config.betas, eps=config.eps, foreach=False)
+    for step in range(3):
+        for module, opt in ((model, optimizer), (reference, plain)):
+            torch.manual_seed(step)
+            for parameter in module.parameters():
+                parameter.grad = torch.randn_like(parameter)
+            opt.step()
+    for (key, value), expected in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)

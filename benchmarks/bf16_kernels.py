@@ -1,0 +1,91 @@
+"""Does bf16 pay on this CPU? The measurement `train.precision: auto` takes where the CPU's features leave it open,
+beside what training runs: a transformer MLP block and a 3x3 convolution, forward and backward, in bf16 autocast and
+in fp32.
+
+    python -m benchmarks.bf16_kernels
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python -m benchmarks.bf16_kernels   # an AMX Xeon as a CPU without AMX
+
+Each figure is the best of --repeats after two warm-ups (what the hardware does when nothing interrupts it). Prints
+the CPU's model name and bf16 features, then one line per workload with both times and `speedup=` (fp32 time over
+bf16 time), then auto's choice, as its last line `auto_precision=<bf16|fp32>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from liteclip.precision import (BF16_CPU_FEATURES, cpu_bf16_feature, measure_cpu_bf16, onednn_isa_limit,
+                                resolve_precision)
+
+
+def best_seconds(work: Callable[[], object], repeats: int) -> float:
+    work()
+    work()
+    best = math.inf
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - tick)
+    return best
+
+
+def training_pass(module: nn.Module, inputs: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    """One forward and backward through `module`, in bf16 autocast or in fp32, as the training step runs it."""
+    def run() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            outputs = module(inputs)
+        outputs.float().sum().backward()
+    return run
+
+
+def workloads(scale: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """A bert-mini-sized MLP block over a batch of tokens, and a ResNet stage's 3x3 convolution (channels_last)."""
+    width = 256
+    mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+    conv = nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
+    pixels = torch.randn(2 * scale, 64, 32, 32).to(memory_format=torch.channels_last)
+    return {f"MLP block, {160 * scale} tokens x {width}": (mlp, torch.randn(160 * scale, width)),
+            f"3x3 conv, {2 * scale}x64x32x32": (conv, pixels)}
+
+
+def cpu_model_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scale", type=int, default=4, help="batch multiplier for the MLP and conv workloads")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    feature = cpu_bf16_feature()
+    limit = onednn_isa_limit()
+    print(f"CPU: {cpu_model_name()}; bf16 instructions: {BF16_CPU_FEATURES.get(feature, 'none')}"
+          f"{f' (oneDNN held back: {limit})' if limit else ''}; threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}")
+    matmul = measure_cpu_bf16.__wrapped__(repeats=args.repeats)  # a fresh measurement, not the cached one
+    print(f"matmul 512x1024 @ 1024x1024 (what auto times): bf16 {matmul.bf16_gflops:.0f} GFLOP/s, fp32 "
+          f"{matmul.fp32_gflops:.0f} GFLOP/s, measured in {matmul.seconds:.2f} s: speedup={matmul.speedup:.2f}")
+    for name, (module, inputs) in workloads(args.scale).items():
+        bf16, fp32 = (best_seconds(training_pass(module, inputs, flag), args.repeats) for flag in (True, False))
+        print(f"{name}, forward + backward: bf16 {bf16 * 1e3:.1f} ms, fp32 {fp32 * 1e3:.1f} ms: "
+              f"speedup={fp32 / bf16:.2f}")
+    chosen = resolve_precision("auto", torch.device("cpu")).dtype
+    print(f"auto_precision={'bf16' if chosen == torch.bfloat16 else 'fp32'}")
+
+
+if __name__ == "__main__":
+    main()
