@@ -38,12 +38,12 @@ class Precision:
 # Whether bf16 autocast trains faster than fp32 on a CPU depends on two things: bf16 instructions (without AVX-512
 # BF16 or AMX, bf16 is emulated by conversions around fp32 kernels and is always slower) and how fast the same
 # machine already is in fp32, which differs by vendor and core. Measured on quiet machines, 2 cores, torch 2.14.1
-# (matmul: 512x1024 @ 1024x1024, what measure_cpu_bf16 times):
-#   amx_tile + avx512_bf16    Intel Xeon (Sapphire Rapids on): matmul 1818 vs 326 GFLOP/s (5.6x); convnext_tiny
+# (matmul: 512x1024 @ 1024x1024, what measure_cpu_bf16 times; python -m benchmarks.bf16_kernels):
+#   amx_tile + avx512_bf16    Intel Xeon (Sapphire Rapids on): matmul 2136 vs 322 GFLOP/s (6.6x); convnext_tiny
 #                             224 px training step 1.36-1.40x
 #   avx512_bf16 without AMX   AMD EPYC Zen 4: 2048^2 matmul 182 vs 65 GFLOP/s (2.8x); resnet18 64 px step 1.55x
 #                             the same Xeon with oneDNN held to AVX-512 BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16,
-#                             an Intel CPU without AMX): matmul 202 vs 325 GFLOP/s (0.62x); convnext_tiny step 0.67x
+#                             an Intel CPU without AMX): matmul 204 vs 316 GFLOP/s (0.64x); convnext_tiny step 0.67x
 # So `auto` takes bf16 with AMX, fp32 without bf16 instructions, and in between (AVX-512 BF16 alone, or AMX that
 # oneDNN is told not to use) times the matmul in both formats and takes bf16 from BF16_MIN_SPEEDUP. A whole step gains
 # less than the matmul (the table above), hence the margin.
