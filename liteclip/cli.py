@@ -172,9 +172,13 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from liteclip.data.download import check_dataset
+    from liteclip.data.shards import check_shards
 
-    bad = check_dataset(args.root, args.captions_file, args.image_column, args.caption_column, args.split_column,
-                        encoding=args.encoding)
+    if args.root.endswith(".tar"):  # a shard or a brace pattern of shards, as data.shards names them
+        bad = check_shards(args.root)
+    else:
+        bad = check_dataset(args.root, args.captions_file, args.image_column, args.caption_column, args.split_column,
+                            encoding=args.encoding)
     for row in bad:
         print(row)
     print(f"{len(bad)} bad row(s) in {args.root}" if bad else f"{args.root}: no problems found")
@@ -342,9 +346,11 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
                           help="pin an archive's SHA-256 (repeatable)")
     download.add_argument("--keep-archives", action="store_true", help="keep the zip files after extraction")
     download.set_defaults(handler=_cmd_data_download)
-    check = data_commands.add_parser("check", help="report every bad row of a dataset; exit 1 if any",
-                                     description="Example: python -m liteclip.data check data/flickr8k")
-    check.add_argument("root")
+    check = data_commands.add_parser(
+        "check", help="report every bad row of a dataset, or every bad sample of shards; exit 1 if any",
+        description="Examples: python -m liteclip.data check data/flickr8k; python -m liteclip.data check "
+                    "'data/shards/train-{000000..000009}.tar' (quoted, as data.shards names them)")
+    check.add_argument("root", help="a dataset folder, or a shard pattern ending in .tar")
     _add_captions_file_arguments(check, "CSV/TSV relative to ROOT (default: Flickr8K layouts)")
     check.set_defaults(handler=_cmd_data_check)
     prepare = data_commands.add_parser("prepare", help="write a resized copy of a dataset folder",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from liteclip.errors import DataError
 
@@ -86,5 +86,7 @@ def open_rgb(path: Path | BinaryIO, min_size: int | None = None, name: str | Pat
             name, f"too large to decode safely ({error}; the limit is {MAX_PIXELS:,} pixels)",
             "shrink the dataset with `python -m liteclip.data prepare SRC DST --size 512`, or raise "
             "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+    except UnidentifiedImageError:  # PIL's own message repeats the path, or names a stream object's address
+        raise UndecodableImageError.of(name, "cannot decode image (not a format PIL recognises)", ADVICE) from None
     except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken or truncated files
         raise UndecodableImageError.of(name, f"cannot decode image ({error})", ADVICE) from None

@@ -2,9 +2,10 @@
 
 A shard is a tar file of samples in the layout img2dataset writes and open_clip trains from: files sharing a key
 form one sample, an image (`KEY.jpg`, `.jpeg`, `.png` or `.webp`) and its captions: a `KEY.json` "captions" list,
-else the lines of `KEY.txt`, else a json "caption" string; one of them is drawn each time the sample is read. The webdataset library
-expands the brace patterns, opens the URLs (local paths, http(s), `pipe:` commands), reads the tars and shuffles;
-this module decides which reader reads which shard and how an epoch ends.
+else the lines of `KEY.txt`, else a json "caption" string; one of them is drawn each time the sample is read. The
+webdataset library expands the brace patterns, opens the URLs (local paths, http(s), `pipe:` commands), reads the
+tars and shuffles; this module decides which reader reads which shard and how an epoch ends.
+`python -m liteclip.data check 'PATTERN'` lists every sample training would skip, before a run does.
 
 How an epoch streams. Every epoch shuffles the shard list with (seed, epoch); with R ranks and W DataLoader workers
 there are R*W readers, and reader r takes every (R*W)-th shard from position r, which is webdataset's split_by_node
@@ -38,9 +39,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
+from tqdm.auto import tqdm
 
 from liteclip.checkpoint import atomic_write_bytes, file_stamp
-from liteclip.data.captions import CaptionedImage
+from liteclip.data.captions import BadRow, CaptionedImage
 from liteclip.data.images import UndecodableImageError, open_rgb
 from liteclip.errors import ConfigError, DataError
 
@@ -115,6 +117,15 @@ def image_of(sample: dict[str, Any]) -> tuple[str, bytes] | None:
 
 def sample_name(sample: dict[str, Any]) -> str:
     return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
+def missing_part(sample: dict[str, Any]) -> str | None:
+    """Why a sample cannot train for want of an image or a caption; None when it has both."""
+    if image_of(sample) is None:
+        return f"no image ({', '.join(IMAGE_KEYS)}) in the sample"
+    if not all_captions(sample):
+        return "no caption (a txt file, or json 'caption' / 'captions')"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- stream
@@ -263,18 +274,48 @@ class ShardStream(IterableDataset):
 
     def decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | str:
         """The sample contract of one tar sample, or the reason it cannot be used."""
-        image = image_of(sample)
-        if image is None:
-            return f"no image ({', '.join(IMAGE_KEYS)}) in the sample"
-        caption = caption_of(sample, rng)
-        if caption is None:
-            return "no caption (a txt file, or json 'caption' / 'captions')"
+        missing = missing_part(sample)
+        if missing is not None:
+            return missing
+        image, caption = image_of(sample), caption_of(sample, rng)
         try:
             pixels = np.asarray(open_rgb(io.BytesIO(image[1]), self.decode_size, sample_name(sample)))
         except UndecodableImageError as error:
             return error.reason
         return {"pixel_values": self.transform(pixels, rng.randrange(2**31 - 1)), "caption": caption,
                 "image_index": -1, "caption_index": -1}
+
+
+# ---------------------------------------------------------------------------------------------------- checking
+
+
+def check_shards(pattern: str, show_progress: bool = True) -> list[BadRow]:
+    """Every sample of the shards that training would skip (no image, no caption, an image that does not decode),
+    every damaged tar member and every shard without a sample, each named by shard and sample key."""
+    wds = webdataset()
+    bad: list[BadRow] = []
+    for url in tqdm(expand_shards(pattern, "the shard pattern"), desc="reading shards", unit="shard",
+                    disable=not show_progress):
+        shard = Path(url) if is_local(url) else url
+
+        def keep_going(error: Exception, shard: Path | str = shard) -> bool:  # report, read on
+            bad.append(BadRow(shard, 0, f"unreadable shard data ({error})"))
+            return True
+
+        samples = 0
+        for sample in wds.tarfile_samples([{"url": url}], handler=keep_going):
+            samples += 1
+            reason = missing_part(sample)
+            if reason is None:
+                try:
+                    open_rgb(io.BytesIO(image_of(sample)[1]), None, sample_name(sample))
+                except UndecodableImageError as error:
+                    reason = f"image does not decode: {error.reason}"
+            if reason is not None:
+                bad.append(BadRow(shard, 0, f"sample {sample.get('__key__', '?')}: {reason}"))
+        if samples == 0:
+            bad.append(BadRow(shard, 0, "no samples in the shard"))
+    return bad
 
 
 # ------------------------------------------------------------------------------------- evaluation from shards

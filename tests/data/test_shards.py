@@ -322,3 +322,21 @@ def test_tar_written_by_the_shard_command_is_a_plain_tar(tmp_path):
     pattern, _ = write_shards(images, tmp_path / "out", "val", 4)
     with tarfile.open(pattern) as archive:
         assert sorted(archive.getnames()) == ["000000000.json", "000000000.png", "000000000.txt"]
+
+
+def test_data_check_names_every_sample_training_would_skip_and_every_empty_shard(tmp_path, capsys):
+    broken = {2: "undecodable", 5: "no caption", 13: "no image"}
+    pattern = write_numbered_shards(tmp_path / "train", 20, 10, broken)
+    with wds.TarWriter(str(tmp_path / "train" / "s-0002.tar")):
+        pass  # a shard that holds nothing
+    assert main(["data", "check", pattern.replace("0001}", "0002}")]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    first, second, empty = (f"{tmp_path / 'train' / name}: " for name in ("s-0000.tar", "s-0001.tar", "s-0002.tar"))
+    assert lines[:-1] == [first + "sample 000002: image does not decode: cannot decode image (not a format PIL "
+                                  "recognises)",
+                          first + "sample 000005: no caption (a txt file, or json 'caption' / 'captions')",
+                          second + "sample 000013: no image (jpg, jpeg, png, webp) in the sample",
+                          empty + "no samples in the shard"]
+    assert lines[-1].startswith("4 bad row(s)")
+    assert main(["data", "check", write_numbered_shards(tmp_path / "clean", 12, 6)]) == 0
+    assert "no problems found" in capsys.readouterr().out
