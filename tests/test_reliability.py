@@ -164,3 +164,30 @@ def test_sigkill_resume_with_a_weight_average_ends_bit_identical(tmp_path):
     assert straight[1]["ema"].keys() == resumed["ema"].keys()
     for name, tensor in straight[1]["ema"].items():
         assert torch.equal(tensor, resumed["ema"][name]), name
+
+
+def torchrun_command(tmp_path, run_name, resume=False):
+    """train_command under torchrun: 2 processes on this machine, a gloo group on a free port."""
+    command = train_command(tmp_path, run_name, resume)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command[1:],
+            "train.device=cpu"]
+
+
+def test_two_processes_stopped_mid_epoch_by_torchrun_resume_like_an_uninterrupted_pair(tmp_path):
+    run_to_end(torchrun_command(tmp_path, "straight"))
+    straight_last = load_checkpoint(tmp_path / "straight" / "last.pt")
+    steps_per_epoch = straight_last["step"] // 3
+    # SIGTERM to the torchrun agent, as a scheduler's preemption sends it: the agent passes it to both ranks, which
+    # agree on the step to stop after and write one checkpoint
+    signal_mid_epoch(torchrun_command(tmp_path, "stopped"), tmp_path / "stopped" / "metrics.csv", steps_per_epoch,
+                     signal.SIGTERM)
+    stopped = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert stopped["epoch"] == 1 and stopped["epoch_step"] > 0
+    run_to_end(torchrun_command(tmp_path, "stopped", resume=True))
+    resumed = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert resumed["step"] == straight_last["step"]
+    for name, tensor in straight_last["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    metrics = read_rows(tmp_path / "stopped" / "metrics.csv")
+    assert [int(r["step"]) for r in metrics] == list(range(1, straight_last["step"] + 1))
+    assert [r["loss"] for r in metrics] == [r["loss"] for r in read_rows(tmp_path / "straight" / "metrics.csv")]
