@@ -31,6 +31,11 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     @property
+    def name(self) -> str:
+        """"bf16", "fp16" or "fp32": what resolve_precision takes to make this precision again."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.dtype]
+
+    @property
     def needs_grad_scaler(self) -> bool:
         return self.dtype == torch.float16  # fp16's narrow range underflows small gradients without one
 
@@ -99,15 +104,22 @@ def measure_cpu_bf16(rows: int = 512, width: int = 1024, repeats: int = 5) -> Bf
     return Bf16Measurement(gflops[torch.bfloat16], gflops[torch.float32], time.perf_counter() - start)
 
 
+def cpu_bf16_is_measured() -> bool:
+    """Whether auto decides by timing on this CPU: AVX-512 BF16 without AMX, or AMX that oneDNN is told not to use.
+    Elsewhere the CPU's features decide, the same way every time."""
+    feature = cpu_bf16_feature()
+    return feature == "avx512_bf16" or (feature == "amx" and onednn_isa_limit() is not None)
+
+
 def cpu_bf16_is_faster() -> bool:
     """Whether bf16 autocast trains faster than fp32 on this CPU: with AMX, yes; without bf16 instructions, no; with
     AVX-512 BF16 alone, when a matmul measures at least BF16_MIN_SPEEDUP faster in bf16 (see BF16_CPU_FEATURES)."""
     feature = cpu_bf16_feature()
     if feature is None:
         return False
+    if not cpu_bf16_is_measured():
+        return True  # AMX, and oneDNN free to use it
     isa_limit = onednn_isa_limit()
-    if feature == "amx" and isa_limit is None:
-        return True
     measured = measure_cpu_bf16()
     faster = measured.speedup >= BF16_MIN_SPEEDUP
     logger.info("precision auto on this CPU (%s%s): bf16 matmul %.0f GFLOP/s against %.0f in fp32 (%.2fx, measured "

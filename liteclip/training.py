@@ -42,7 +42,7 @@ from liteclip.feature_cache import CachedFeatureDataset, use_feature_cache
 from liteclip.loss import clip_loss, siglip_loss
 from liteclip.model import CLIP, build_model
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
-from liteclip.precision import Precision, resolve_precision
+from liteclip.precision import Precision, cpu_bf16_is_measured, resolve_precision
 from liteclip.preemption import StepCheckpoints
 from liteclip.run_directory import (BEST, LAST, RunDirectory, TrainState, checkpoint_bytes, checkpoint_state,
                                     restore)
@@ -205,6 +205,19 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
         total_steps = min(total_steps, config.train.max_steps)
     return TrainingSetup(model, model, datasets, loaders["train"], optimizer, scaler, precision, ctx.device,
                          total_steps, config.loss.name, distill, ema)
+
+
+def keep_the_started_precision(setup: TrainingSetup, state: TrainState, choice: str) -> None:
+    """Where `auto` is measured on this CPU (cpu_bf16_is_measured), a resumed run trains in the precision its start
+    measured, even if the measurement now comes out otherwise on a busy machine. Where features decide (AMX, no
+    bf16, GPUs by kind), today's answer stands: a run moved to other hardware takes what suits it. (Cached image
+    features, built before the checkpoint is read, stay in the precision measured now.)"""
+    if (choice != "auto" or setup.device.type != "cpu" or not cpu_bf16_is_measured() or not state.precision
+            or state.precision == setup.precision.name):
+        return
+    logger.warning("precision auto: this run started in %s and keeps it (measured now: %s); set "
+                   "train.precision to choose", state.precision, setup.precision.name)
+    setup.precision = resolve_precision(state.precision, setup.device)  # bf16 or fp32: no scaler either way
 
 
 def compile_towers(model: CLIP) -> None:
@@ -432,6 +445,8 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
         resume_path = run.resume_path(resume)
         if resume_path is not None:
             restore(resume_path, setup.model, setup.optimizer, setup.scaler, state, ctx.rank, setup.ema)
+            keep_the_started_precision(setup, state, config.train.precision)
+        state.precision = setup.precision.name
         if ctx.world_size > 1:
             setup.train_model = torch.nn.parallel.DistributedDataParallel(
                 setup.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)

@@ -20,6 +20,7 @@ from liteclip.runtime import keep_freed_memory_for
 from liteclip import training
 from liteclip.errors import NonFiniteLossError
 from liteclip.precision import Precision
+from liteclip.preemption import StepCheckpoints, TrainingStopped
 from liteclip.training import contrastive_step, fit, optimizer_step
 
 FP32 = Precision(None, "cpu")
@@ -324,6 +325,41 @@ def test_ranks_train_in_rank_zeros_measured_precision(tmp_path):
     results = [torch.load(tmp_path / f"out.pt.{rank}") for rank in range(2)]
     assert [r["alone"] for r in results] == [torch.bfloat16, None]  # each rank alone would have chosen its own
     assert [r["dtype"] for r in results] == [torch.bfloat16, torch.bfloat16]
+
+
+def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start(tmp_path, monkeypatch, caplog):
+    from liteclip import precision
+
+    config = tiny_config(tmp_path, "train.precision=auto")
+    monkeypatch.setattr(training, "cpu_bf16_is_measured", lambda: True)  # a CPU with AVX-512 BF16 alone
+    monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: True)  # the start measures bf16 faster
+    real_check = StepCheckpoints.check
+    monkeypatch.setattr(StepCheckpoints, "check", lambda self: (True, True))  # stop after the first step
+    with pytest.raises(TrainingStopped):
+        fit(config, show_progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["precision"] == "bf16"
+
+    monkeypatch.setattr(StepCheckpoints, "check", real_check)
+    monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: False)  # the resume measures otherwise
+    dtypes = set()
+    real_step = training.contrastive_step
+    monkeypatch.setattr(training, "contrastive_step", lambda model, batches, chosen, *rest:
+                        dtypes.add(chosen.dtype) or real_step(model, batches, chosen, *rest))
+    with caplog.at_level("WARNING"):
+        fit(config, resume="auto", show_progress=False)
+    assert dtypes == {torch.bfloat16}
+    assert "started in bf16 and keeps it (measured now: fp32)" in caplog.text
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["precision"] == "bf16"
+    fresh = tiny_config(tmp_path, "train.precision=auto", f"train.output_dir={tmp_path / 'fresh'}")
+    dtypes.clear()
+    fit(fresh, show_progress=False)  # a new run measures afresh
+    assert dtypes == {None}
+    monkeypatch.setattr(training, "cpu_bf16_is_measured", lambda: False)  # features decide: they are followed
+    monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: True)
+    dtypes.clear()
+    fit(tiny_config(tmp_path, "train.precision=auto", "train.epochs=3", f"train.output_dir={tmp_path / 'fresh'}"),
+        resume="auto", show_progress=False)
+    assert dtypes == {torch.bfloat16}  # the checkpoint said fp32
 
 
 def test_locked_image_tower_features_are_cached_and_reused(tmp_path, monkeypatch):
