@@ -13,28 +13,16 @@ bf16 time), then auto's choice, as its last line `auto_precision=<bf16|fp32>`.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from benchmarks.image_tower import timed
 from liteclip.precision import (BF16_CPU_FEATURES, cpu_bf16_feature, measure_cpu_bf16, onednn_isa_limit,
                                 resolve_precision)
-
-
-def best_seconds(work: Callable[[], object], repeats: int) -> float:
-    work()
-    work()
-    best = math.inf
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - tick)
-    return best
 
 
 def training_pass(module: nn.Module, inputs: torch.Tensor, bf16: bool) -> Callable[[], None]:
@@ -71,6 +59,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=4, help="batch multiplier for the MLP and conv workloads")
     args = parser.parse_args()
     torch.manual_seed(0)
+    cpu = torch.device("cpu")
     feature = cpu_bf16_feature()
     limit = onednn_isa_limit()
     print(f"CPU: {cpu_model_name()}; bf16 instructions: {BF16_CPU_FEATURES.get(feature, 'none')}"
@@ -80,10 +69,10 @@ def main() -> None:
     print(f"matmul 512x1024 @ 1024x1024 (what auto times): bf16 {matmul.bf16_gflops:.0f} GFLOP/s, fp32 "
           f"{matmul.fp32_gflops:.0f} GFLOP/s, measured in {matmul.seconds:.2f} s: speedup={matmul.speedup:.2f}")
     for name, (module, inputs) in workloads(args.scale).items():
-        bf16, fp32 = (best_seconds(training_pass(module, inputs, flag), args.repeats) for flag in (True, False))
+        bf16, fp32 = (timed(training_pass(module, inputs, flag), cpu, args.repeats) for flag in (True, False))
         print(f"{name}, forward + backward: bf16 {bf16 * 1e3:.1f} ms, fp32 {fp32 * 1e3:.1f} ms: "
               f"speedup={fp32 / bf16:.2f}")
-    chosen = resolve_precision("auto", torch.device("cpu")).dtype
+    chosen = resolve_precision("auto", cpu).dtype
     print(f"auto_precision={'bf16' if chosen == torch.bfloat16 else 'fp32'}")
 
 

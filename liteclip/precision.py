@@ -115,10 +115,8 @@ def cpu_bf16_is_faster() -> bool:
     """Whether bf16 autocast trains faster than fp32 on this CPU: with AMX, yes; without bf16 instructions, no; with
     AVX-512 BF16 alone, when a matmul measures at least BF16_MIN_SPEEDUP faster in bf16 (see BF16_CPU_FEATURES)."""
     feature = cpu_bf16_feature()
-    if feature is None:
-        return False
     if not cpu_bf16_is_measured():
-        return True  # AMX, and oneDNN free to use it
+        return feature is not None  # AMX with oneDNN free to use it: yes; no bf16 instructions: no
     isa_limit = onednn_isa_limit()
     measured = measure_cpu_bf16()
     faster = measured.speedup >= BF16_MIN_SPEEDUP

@@ -333,14 +333,14 @@ def extract_shards(pattern: str, cache_root: Path, key: str) -> list[CaptionedIm
     directory.mkdir(parents=True, exist_ok=True)
     entries = []
     for sample in webdataset().tarfile_samples([{"url": url} for url in urls]):
-        image, captions = image_of(sample), all_captions(sample)
-        if image is None or not captions:
-            logger.warning("%s: left out of %s (%s)", sample_name(sample), key,
-                           "no image" if image is None else "no caption")
+        missing = missing_part(sample)
+        if missing is not None:
+            logger.warning("%s: left out of %s (%s)", sample_name(sample), key, missing)
             continue
-        name = f"{len(entries):08d}.{image[0]}"
-        (directory / name).write_bytes(image[1])
-        entries.append((name, captions))
+        extension, image = image_of(sample)
+        name = f"{len(entries):08d}.{extension}"
+        (directory / name).write_bytes(image)
+        entries.append((name, all_captions(sample)))
     atomic_write_bytes(listing, json.dumps(entries).encode())  # last: its presence means the extraction finished
     logger.info("%s: %d images from %d shard(s) unpacked into %s", key, len(entries), len(urls), directory)
     return [CaptionedImage(directory / name, captions) for name, captions in entries]
