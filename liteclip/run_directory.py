@@ -61,8 +61,8 @@ class TrainState:
     window_samples: int = 0
     # streaming shards: where each reader stands in the unfinished epoch, "rank:worker" -> position (ShardStream)
     stream_shards: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # what train.precision resolved to when the run started ("bf16", "fp16", "fp32"): a resumed run keeps it, since
-    # auto may be measured (liteclip.precision) and a measurement can come out otherwise on a busy machine
+    # what train.precision resolved to when the run started ("bf16", "fp16", "fp32"): where auto is measured
+    # (liteclip.precision), a resumed run keeps it, as a measurement can come out otherwise on a busy machine
     precision: str = ""
 
     def start_epoch(self) -> None:
