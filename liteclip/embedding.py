@@ -105,6 +105,22 @@ def stack_decoded(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "errors": [(s["index"], s["error"]) for s in samples if "error" in s]}
 
 
+def image_file_loader(images: Sequence[Any], data_config: dict[str, Any], batch_size: int = 64, num_workers: int = 0,
+                      load: Callable[[Any], np.ndarray] | None = None, **loader_options: Any) -> DataLoader:
+    """A DataLoader of images as eval-transformed pixels in stack_decoded batches (ImageFileDataset's `load`). A
+    caller that encodes the same files again and again (the trainer's evaluation every epoch) builds one with
+    persistent_workers=True and passes it to encode_decodable_image_files, so its workers start once."""
+    return DataLoader(ImageFileDataset(images, data_config, load), batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=stack_decoded, **loader_options)
+
+
+def batches_with_progress(loader: DataLoader, **tqdm_options: Any) -> tqdm:
+    """A progress bar over a DataLoader's batches that iterates the loader once. tqdm.auto's class calls iter() on
+    an iterable when it is built and again when it is looped over (tqdm issue #1598): on a loader with workers that
+    started every worker twice, and the first set decoded its prefetched batches for nothing."""
+    return tqdm(iter(loader), total=len(loader), **tqdm_options)
+
+
 @dataclass
 class EncodedImages:
     embeds: torch.Tensor  # (N_kept, D) normalised embeddings, or (N_kept, F) tower features
@@ -116,19 +132,23 @@ class EncodedImages:
 def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64,
                                  device: torch.device | str = "cpu", autocast: Autocast = contextlib.nullcontext,
                                  show_progress: bool = False, num_workers: int = 0,
-                                 tower_features: bool = False, progress: tqdm | None = None) -> EncodedImages:
+                                 tower_features: bool = False, progress: tqdm | None = None,
+                                 loader: DataLoader | None = None) -> EncodedImages:
     """Normalised image embeddings of the image files that decode, decoded in a DataLoader so workers can overlap;
     files that do not are skipped, logged and listed. With tower_features, the image tower's pooled features
-    before the head instead. `progress`: a caller's bar (counting images) to advance instead of a bar of its own."""
-    loader = DataLoader(ImageFileDataset(paths, model.data_config), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=stack_decoded)
+    before the head instead. `progress`: a caller's bar (counting images) to advance instead of a bar of its own.
+    `loader`: an image_file_loader over `paths` to use instead of a new one (batch_size and num_workers are its)."""
+    if loader is None:
+        loader = image_file_loader(paths, model.data_config, batch_size, num_workers)
+    elif len(loader.dataset) != len(paths):
+        raise ValueError(f"the loader has {len(loader.dataset)} images for {len(paths)} paths")
     encode = model.image_features if tower_features else model.encode_image
     dtype = next(model.parameters()).dtype  # a bf16 or fp16 model takes its pixels in its own dtype
     chunks, kept, skipped = [], [], []
     # batches of activations above glibc's mmap threshold: keep freed memory rather than fault it in every batch
     with keep_freed_memory_for(torch.device(device)):
-        for batch in tqdm(loader, desc="encoding images", disable=not show_progress or progress is not None,
-                          unit="batch"):
+        for batch in batches_with_progress(loader, desc="encoding images", unit="batch",
+                                           disable=not show_progress or progress is not None):
             if progress is not None:
                 progress.update(len(batch["indices"]) + len(batch["errors"]))
             for index, reason in batch["errors"]:

@@ -16,7 +16,6 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from liteclip.checkpoint import file_stamp, sha256_of
@@ -24,8 +23,8 @@ from liteclip.data.captions import BadRow
 from liteclip.data.images import load_image, to_rgb
 from liteclip.data.image_folder import IMAGE_SUFFIXES, list_images
 from liteclip.data.transforms import eval_transform
-from liteclip.embedding import (ImageFileDataset, encode_decodable_image_files, encode_labels, encode_texts,
-                                stack_decoded)
+from liteclip.embedding import (batches_with_progress, encode_decodable_image_files, encode_labels, encode_texts,
+                                image_file_loader)
 from liteclip.errors import DataError, InputError
 from liteclip.model import CLIP
 from liteclip.pretrained import WEIGHTS_NAME
@@ -129,10 +128,10 @@ class ZeroShotPipeline:
             return self._top(row, labels, k)
         if not image:
             raise InputError("no images given")
-        loader = DataLoader(ImageFileDataset(image, self.model.data_config, load=to_array), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=stack_decoded)
+        loader = image_file_loader(image, self.model.data_config, batch_size, num_workers, load=to_array)
         results: list[list[tuple[str, float]]] = [[] for _ in image]
-        for batch in tqdm(loader, desc="classifying", unit="batch", disable=not show_progress or len(loader) < 2):
+        for batch in batches_with_progress(loader, desc="classifying", unit="batch",
+                                           disable=not show_progress or len(loader) < 2):
             for index, reason in batch["errors"]:
                 logger.warning("skipped %s: %s", image[index], reason)
             if batch["pixel_values"] is not None:

@@ -1,10 +1,13 @@
-"""Batched embedding: texts batched by length come back in the caller's order, equal to one-by-one encoding."""
+"""Batched embedding: texts batched by length come back in the caller's order, equal to one-by-one encoding; image
+files go through their DataLoader once, a caller's own loader included."""
 
+import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from liteclip import build_model
-from liteclip.embedding import encode_texts
-from tests.conftest import SENTENCES
+from liteclip.embedding import encode_decodable_image_files, encode_texts, image_file_loader
+from tests.conftest import SENTENCES, draw_image
 
 
 def test_texts_batched_by_length_come_back_in_order_with_less_padding(tiny_config):
@@ -20,3 +23,23 @@ def test_texts_batched_by_length_come_back_in_order_with_less_padding(tiny_confi
     lengths = [len(model.tokenizer(text, truncation=True, max_length=16)["input_ids"]) for text in texts]
     in_given_order = sum(len(texts[s:s + 4]) * max(lengths[s:s + 4]) for s in range(0, len(texts), 4))
     assert sum(padded_tokens) < in_given_order
+
+
+def test_image_files_are_read_in_one_pass_of_the_loader_and_a_callers_loader_gives_the_same(tiny_config, tmp_path,
+                                                                                               monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(tiny_config.model).eval()
+    paths = [draw_image(tmp_path / f"{i}.png", (40 * i, 255 - 40 * i, 90)) for i in range(5)]
+    iterations = []
+    real_iter = DataLoader.__iter__
+    monkeypatch.setattr(DataLoader, "__iter__", lambda loader: iterations.append(loader) or real_iter(loader))
+    fresh = encode_decodable_image_files(model, paths, batch_size=2, num_workers=1, show_progress=True)
+    assert len(iterations) == 1  # a second pass would start the workers twice
+
+    kept = image_file_loader(paths, model.data_config, batch_size=2, num_workers=1, persistent_workers=True)
+    for _ in range(2):  # as the trainer evaluates every epoch, with the same workers
+        again = encode_decodable_image_files(model, paths, loader=kept)
+        torch.testing.assert_close(again.embeds, fresh.embeds)
+        assert again.kept == fresh.kept == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="4 images for 5 paths"):
+        encode_decodable_image_files(model, paths, loader=image_file_loader(paths[:4], model.data_config))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from liteclip import build_model
 from liteclip.errors import ModelLoadError
@@ -258,14 +259,18 @@ def test_a_half_precision_model_predicts_and_indexes_like_the_float_one(model_di
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_long_list_is_classified_a_batch_at_a_time_with_the_same_results(model_dir, images, tmp_path, num_workers):
+def test_a_long_list_is_classified_a_batch_at_a_time_with_the_same_results(model_dir, images, tmp_path, num_workers,
+                                                                           monkeypatch):
     pipeline = ZeroShotPipeline(model_dir)
     (tmp_path / "broken.jpg").write_bytes(b"no")
     many = images * 2 + [tmp_path / "broken.jpg"] + images  # 10 entries, one undecodable, over 4 batches of 3
-    calls = []
+    calls, iterations = [], []
     original = pipeline._probabilities
     pipeline._probabilities = lambda pixels, labels: calls.append(len(pixels)) or original(pixels, labels)
+    real_iter = DataLoader.__iter__
+    monkeypatch.setattr(DataLoader, "__iter__", lambda loader: iterations.append(loader) or real_iter(loader))
     batched = pipeline.predict(many, LABELS, batch_size=3, show_progress=False, num_workers=num_workers)
+    assert len(iterations) == 1  # the progress bar must not start the loader (and its workers) a second time
     assert max(calls) <= 3 and sum(calls) == 9  # never more than one batch of pixels at a time
     assert batched[6] == [] and len(batched) == 10
     for item, result in zip(many, batched):
