@@ -11,6 +11,7 @@ import contextlib
 from typing import Any, Callable
 
 import torch
+from torch.utils.data import DataLoader
 
 from liteclip.data.captions import CaptionedImage, ZeroShotTask, caption_offsets
 from liteclip.embedding import Autocast, encode_decodable_image_files, encode_labels, encode_texts
@@ -24,7 +25,8 @@ from liteclip.model import CLIP
 def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: int = 64,
                        device: torch.device | str = "cpu", autocast: Autocast = contextlib.nullcontext,
                        show_progress: bool = True, num_workers: int = 0,
-                       image_features: torch.Tensor | None = None, loss_name: str = "clip") -> dict[str, float]:
+                       image_features: torch.Tensor | None = None, loss_name: str = "clip",
+                       image_loader: DataLoader | None = None) -> dict[str, float]:
     """Retrieval recall R@1/5/10 both ways over a whole split (all captions of each image), and its contrastive loss.
 
     Args:
@@ -33,6 +35,8 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
         image_features: (N, F) the image tower's cached features for `images` (a locked tower), used instead of
             decoding and encoding the files.
         loss_name: the loss `loss` is measured with ("clip" or "siglip", as loss.name).
+        image_loader: an image_file_loader over the split's images to decode them with (the trainer keeps one whose
+            workers persist between epochs); by default a new one of `num_workers` workers.
 
     Returns:
         retrieval_recall's keys (percent), and `loss`: the contrastive loss over consecutive batches of (image,
@@ -45,7 +49,8 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
     model.eval()
     if image_features is None:
         encoded = encode_decodable_image_files(model, [image.image_path for image in images], batch_size, device,
-                                               autocast, show_progress=show_progress, num_workers=num_workers)
+                                               autocast, show_progress=show_progress, num_workers=num_workers,
+                                               loader=image_loader)
         if not encoded.kept:
             raise DataError(f"none of the split's {len(images)} images decodes (first: {encoded.skipped[0]})")
         images = [images[i] for i in encoded.kept]  # an image that does not decode is left out, with a warning

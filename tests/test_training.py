@@ -13,7 +13,7 @@ from liteclip import CLIP, build_model
 from liteclip.checkpoint import load_checkpoint
 from liteclip.cli import main
 from liteclip.config import load_config
-from liteclip.data import build_dataloaders, load_splits
+from liteclip.data import build_dataloaders, ignore_stop_signals, load_splits
 from liteclip.loss import clip_loss
 from liteclip.optim import build_optimizer
 from liteclip.runtime import keep_freed_memory_for
@@ -409,6 +409,24 @@ def test_validation_columns_reach_the_epoch_log_when_the_first_epoch_is_not_eval
     assert {"val_loss", "mean_recall", "image_to_text_R@1"} <= set(epochs[0])
     assert [r["val_loss"] != "" for r in epochs] == [False, True, True]  # epoch 2, and the last epoch
     assert all(float(r["train_loss"]) > 0 for r in epochs)
+
+
+def test_validation_workers_start_once_per_run_and_the_metrics_match_decoding_in_process(tmp_path, monkeypatch):
+    started = tmp_path / "val_workers_started"
+
+    def record_start(worker_id):  # runs in each val-loader worker as it starts
+        with open(started, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        ignore_stop_signals(worker_id)
+
+    monkeypatch.setattr(training, "ignore_stop_signals", record_start)
+    recalls = {}
+    for workers in (0, 1):
+        fit(tiny_config(tmp_path / str(workers), f"data.num_workers={workers}", "train.epochs=3"), show_progress=False)
+        recalls[workers] = [(r["val_loss"], r["mean_recall"])
+                            for r in read_rows(tmp_path / str(workers) / "run" / "epochs.csv")]
+    assert len(started.read_text().split()) == 1  # three evaluations, one worker start
+    assert len(recalls[1]) == 3 and recalls[1] == recalls[0]
 
 
 def test_the_trainers_test_recall_equals_eval_retrieval_on_the_saved_model(tmp_path, capsys):
