@@ -154,6 +154,22 @@ def read_safetensors(path: str | Path, what: str,
                              f"it holds {what}") from None
 
 
+def atomic_link(source: str | Path, target: str | Path) -> None:
+    """Makes `target` the same file as `source` at once: a hard link renamed over it, or an atomic copy where the
+    file system has no hard links. Sound here because every write replaces a file instead of changing it: the next
+    save of `source` gives that name a new file and leaves `target` as it was."""
+    source, target = Path(source), Path(target)
+    staged = target.with_name(f".{target.name}.{os.getpid()}.link")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(source, staged)
+    except OSError:
+        atomic_write_bytes(target, source.read_bytes())
+        return
+    os.replace(staged, target)
+    _fsync_directory(target.parent)
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Writes a training checkpoint (tensors, numbers, strings, dicts and lists only) atomically."""
     buffer = io.BytesIO()

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from liteclip.checkpoint import atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
+from liteclip.checkpoint import atomic_link, atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
 from liteclip.config import Config
 from liteclip.ema import WeightAverage
 from liteclip.errors import DiskSpaceError, ModelLoadError, OutputDirectoryError, RunInUseError
@@ -237,6 +237,11 @@ class RunDirectory:
 
     def save(self, name: str, state: dict[str, Any]) -> None:
         save_checkpoint(self.path / name, state)
+
+    def keep_as(self, name: str, saved: str) -> None:
+        """`name` becomes the checkpoint saved as `saved` (best.pt as the last.pt just written) without writing it
+        again."""
+        atomic_link(self.path / saved, self.path / name)
 
     def write_final_metrics(self, metrics: dict[str, float]) -> None:
         text = "metric,value\n" + "".join(f"{k},{v}\n" for k, v in metrics.items())

@@ -373,10 +373,12 @@ def end_epoch(setup: TrainingSetup, state: TrainState, train_loss: float, config
             metrics.update({f"raw_{'val_loss' if key == 'loss' else key}": value for key, value in raw.items()})
     # best by validation recall; a run without a validation split falls back to the training loss
     score = metrics.get("mean_recall", -train_loss if len(setup.datasets["val"]) == 0 else None)
-    if score is not None and score > state.best_metric:
+    improved = score is not None and score > state.best_metric
+    if improved:
         state.best_metric, state.best_epoch = score, state.epoch
-        run.save(BEST, checkpoint_state(setup.model, setup.optimizer, setup.scaler, state, config, ema=setup.ema))
     run.save(LAST, checkpoint_state(setup.model, setup.optimizer, setup.scaler, state, config, ema=setup.ema))
+    if improved:
+        run.keep_as(BEST, LAST)  # the same checkpoint: linked, not written twice
     run.log_epoch(metrics)
 
 

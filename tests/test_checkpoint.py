@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from liteclip.checkpoint import ModelLoadError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from liteclip.checkpoint import ModelLoadError, atomic_link, atomic_write_bytes, load_checkpoint, save_checkpoint
 
 
 class Payload:
@@ -57,3 +57,18 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write_bytes(tmp_path / "f", b"old contents")
     atomic_write_bytes(tmp_path / "f", b"new")
     assert (tmp_path / "f").read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_kept_checkpoint_stays_as_it_was_when_its_source_is_saved_again(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # a file system without them: an atomic copy instead
+        monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("links not supported")))
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 1, "w": torch.ones(4)})
+    atomic_link(tmp_path / "last.pt", tmp_path / "best.pt")
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt") == hard_links
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 2, "w": torch.zeros(4)})
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1 and load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    atomic_link(tmp_path / "last.pt", tmp_path / "best.pt")  # over an existing best
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # nothing staged left behind

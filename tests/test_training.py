@@ -213,6 +213,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert not (tmp_path / "model").exists()
 
 
+def test_best_pt_stays_the_best_epoch_after_a_worse_one(tmp_path, monkeypatch):
+    recalls = iter([50.0, 60.0, 40.0])  # epoch 2 is the best; epoch 3 is worse
+    real = training.evaluate_split
+
+    def scripted(setup, split, *args, **kwargs):
+        metrics = real(setup, split, *args, **kwargs)
+        return {**metrics, "mean_recall": next(recalls)} if split == "val" else metrics
+
+    monkeypatch.setattr(training, "evaluate_split", scripted)
+    fit(tiny_config(tmp_path, "train.epochs=3"), show_progress=False)
+    best, last = (load_checkpoint(tmp_path / "run" / name) for name in ("best.pt", "last.pt"))
+    assert (best["epoch"], best["best_epoch"], last["epoch"], last["best_epoch"]) == (2, 2, 3, 2)
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+
+
 def test_unwritable_output_directory_is_reported_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
