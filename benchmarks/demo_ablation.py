@@ -1,6 +1,6 @@
 """The demo main job under each training recipe liteclip offers, one after another, with one table at the end.
 
-    python -m benchmarks.demo_ablation                    # every variant, the full demo recipe (about 3 min each)
+    python -m benchmarks.demo_ablation                    # every variant, the full demo recipe (about 2 min each)
     python -m benchmarks.demo_ablation --variants clip siglip --set train.epochs=4
 
 Each variant is `python train.py --config configs/demo.yaml --set ...` in its own run and model directory under
@@ -22,7 +22,7 @@ SIGLIP = ["loss.name=siglip", "model.logit_scale_init=2.302585", "model.logit_bi
 VARIANTS: dict[str, list[str]] = {
     "clip": [],
     "siglip": SIGLIP,
-    "clip+ema": ["train.ema_decay=0.99"],  # 360 steps in the demo: a 0.999 average would lag most of the run
+    "clip+ema": ["train.ema_decay=0.99"],  # 252 steps in the demo: a 0.999 average would lag most of the run
     "siglip+ema": SIGLIP + ["train.ema_decay=0.99"],
     "clip, lora text tower": ["model.text.tune=lora", "model.text.lora.rank=16", "model.text.lora.alpha=32"],
 }
