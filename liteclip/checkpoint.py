@@ -166,7 +166,10 @@ def atomic_link(source: str | Path, target: str | Path) -> None:
     except OSError:
         atomic_write_bytes(target, source.read_bytes())
         return
-    os.replace(staged, target)
+    try:
+        os.replace(staged, target)
+    finally:
+        staged.unlink(missing_ok=True)  # left only if the rename failed
     _fsync_directory(target.parent)
 
 
