@@ -1,6 +1,7 @@
 """The demo main job under each training recipe liteclip offers, one after another, with one table at the end.
 
     python -m benchmarks.demo_ablation                    # every variant, the full demo recipe (about 2 min each)
+    python -m benchmarks.demo_ablation --set train.epochs=20       # SigLIP and EMA need the longer schedule here
     python -m benchmarks.demo_ablation --variants clip siglip --set train.epochs=4
 
 Each variant is `python train.py --config configs/demo.yaml --set ...` in its own run and model directory under
