@@ -61,8 +61,11 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 
 @pytest.mark.parametrize("hard_links", [True, False])
 def test_a_kept_checkpoint_stays_as_it_was_when_its_source_is_saved_again(tmp_path, monkeypatch, hard_links):
-    if not hard_links:  # a file system without them: an atomic copy instead
-        monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("links not supported")))
+    def no_links(*args):  # a file system without them: an atomic copy instead
+        raise OSError("hard links are not supported here")
+
+    if not hard_links:
+        monkeypatch.setattr(os, "link", no_links)
     save_checkpoint(tmp_path / "last.pt", {"epoch": 1, "w": torch.ones(4)})
     atomic_link(tmp_path / "last.pt", tmp_path / "best.pt")
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
