@@ -156,6 +156,11 @@ class DataConfig:
     demo_image_size: int = 96
     demo_seed: int = 0
 
+    @property
+    def evaluation_batch_size(self) -> int:
+        """eval_batch_size, or batch_size where it is not set."""
+        return self.eval_batch_size or self.batch_size
+
 
 # ----------------------------------------------------------------------------------------------------------- optim
 

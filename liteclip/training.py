@@ -218,7 +218,7 @@ def validation_image_loader(data: DataConfig, model: CLIP, val: Any) -> DataLoad
     if data.num_workers == 0 or len(val) == 0 or isinstance(val, CachedFeatureDataset):
         return None
     return image_file_loader([image.image_path for image in val.images], model.data_config,
-                             data.eval_batch_size or data.batch_size, data.num_workers, persistent_workers=True,
+                             data.evaluation_batch_size, data.num_workers, persistent_workers=True,
                              worker_init_fn=ignore_stop_signals)
 
 
@@ -336,7 +336,7 @@ def evaluate_split(setup: TrainingSetup, split: str, data: DataConfig, raw: bool
         return {}
     features = dataset.features if isinstance(dataset, CachedFeatureDataset) else None
     model = setup.model if raw else setup.eval_model
-    return evaluate_retrieval(model, dataset.images, data.eval_batch_size or data.batch_size, setup.device,
+    return evaluate_retrieval(model, dataset.images, data.evaluation_batch_size, setup.device,
                               setup.precision.autocast, show_progress=False, num_workers=data.num_workers,
                               image_features=features, loss_name=setup.loss_name,
                               image_loader=setup.val_image_loader if split == "val" else None)
@@ -348,7 +348,7 @@ def zero_shot_metrics(setup: TrainingSetup, data: DataConfig) -> dict[str, float
     task = zero_shot_task(data, "test")
     if task is None:
         return {}
-    result = evaluate_zero_shot(setup.eval_model, task, data.eval_batch_size or data.batch_size, setup.device,
+    result = evaluate_zero_shot(setup.eval_model, task, data.evaluation_batch_size, setup.device,
                                 setup.precision.autocast, show_progress=False, num_workers=data.num_workers)
     metrics = {"zero_shot_top1": result["top1"]}
     metrics.update({f"zero_shot_{group}_top1": values["top1"] for group, values in result["per_group"].items()})

@@ -131,7 +131,7 @@ def build_dataloaders(config: DataConfig, tokenizer: Any, max_length: int, data_
     # dropout masks depending on how many workers there are and whether they persist
     common = {"collate_fn": collate, "num_workers": workers, "pin_memory": pin_memory,
               "persistent_workers": workers > 0, "worker_init_fn": ignore_stop_signals}
-    eval_batch_size = config.eval_batch_size or config.batch_size
+    eval_batch_size = config.evaluation_batch_size
     loaders = {split: DataLoader(datasets[split], batch_size=eval_batch_size, shuffle=False,
                                  generator=torch.Generator().manual_seed(seed), **common) for split in ("val", "test")}
     if isinstance(datasets["train"], ShardStream):
