@@ -313,7 +313,9 @@ class VariantProcess:
     def __init__(self, name: str, levers: Levers | None, settings: Settings, context):
         self.name = name
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=serve_variant, args=(child, levers, settings), daemon=True)
+        # not a daemon: a daemon may not start children, and the variants' DataLoaders do with --workers;
+        # main() kills what is left if it fails
+        self.process = context.Process(target=serve_variant, args=(child, levers, settings))
         self.process.start()
         self.samples, self.steps, self.data_seconds, self.compute_seconds = 0, 0, 0.0, 0.0
 
@@ -341,6 +343,22 @@ class VariantProcess:
         rate = self.samples / total
         print(f"{self.name:34s} {rate:9.2f} {total / self.steps:8.2f} {100 * self.data_seconds / total:9.1f}%   {peak}")
         return rate, peak
+
+
+def run_side_by_side(processes: list[VariantProcess], args: argparse.Namespace,
+                     text_source: Path | None) -> dict[str, float]:
+    """Alternates the variants' steps, prints the table, returns samples/s by variant name."""
+    threads = {process.receive("ready") for process in processes}
+    for step in range(args.steps + 1):
+        for process in processes:
+            process.step(measure=step > 0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads_text = "/".join(map(str, sorted(threads)))
+    print(f"device: {device}, {args.image_model} at {args.image_size} px + {text_source or 'bert-mini shape'}, "
+          f"batch {args.batch_size}, {args.steps} measured steps each after 1 warm-up, threads {threads_text}, "
+          f"one process per variant")
+    print(f"{'variant':34s} {'samples/s':>9s} {'s/step':>8s} {'data wait':>10s}   peak memory")
+    return {process.name: process.finish()[0] for process in processes}
 
 
 def main() -> None:
@@ -382,19 +400,13 @@ def main() -> None:
         else:
             print("open_clip: not installed, skipped (pip install open-clip-torch for the side-by-side)")
         context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no inherited allocator state
-        processes = [VariantProcess(name, levers, settings, context) for name, levers in variants]
-        threads = {process.receive("ready") for process in processes}
-        for step in range(args.steps + 1):
-            for process in processes:
-                process.step(measure=step > 0)
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        threads_text = "/".join(map(str, sorted(threads)))
-        print(f"device: {device}, {args.image_model} at {args.image_size} px + {text_source or 'bert-mini shape'}, "
-              f"batch {args.batch_size}, {args.steps} measured steps each after 1 warm-up, threads {threads_text}, "
-              f"one process per variant")
-        print(f"{'variant':34s} {'samples/s':>9s} {'s/step':>8s} {'data wait':>10s}   peak memory")
-        rates = {process.name: process.finish()[0] for process in processes}
+        processes = []
+        try:
+            processes += [VariantProcess(name, levers, settings, context) for name, levers in variants]
+            rates = run_side_by_side(processes, args, text_source)
+        finally:
+            for process in processes:  # after a failure the others would wait for their next step forever
+                process.process.kill()
     if "open_clip" in rates:
         print(f"speedup_vs_open_clip={rates['liteclip'] / rates['open_clip']:.3f}")
     print(f"speedup_vs_reference={rates['liteclip'] / rates['reference']:.3f}")
