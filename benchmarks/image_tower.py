@@ -42,6 +42,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
 def timed(fn, device: torch.device, repeats: int) -> float:
     """Seconds per call, the best of `repeats` after two warm-up calls (the least disturbed on a shared machine)."""
     for _ in range(2):
@@ -117,7 +121,7 @@ def main() -> None:
         peak = matmul_peak_tflops(device, dtype)
     spec = spec_peak_tflops(device)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = device_name(device)
     print(f"device: {name}; {args.model} at {args.image_size} px, batch {batch_size}, "
           f"{'bf16 autocast' if bf16 else 'fp32'}, channels_last{', compiled' if args.compile else ''}")
     print(f"matrix work per image: forward {forward_flops_per_image / 1e9:.3g} GFLOP, "

@@ -1,10 +1,12 @@
-"""The LiT path on a CPU: a locked image tower whose features are cached, a trainable text tower. Times what a user
+"""The LiT path: a locked image tower whose features are cached, a trainable text tower. Times what a user
 waits for each epoch: the training epoch over 6,000 pairs and the evaluation after it, retrieval over 1,000
 validation images with 5 captions each (5,000 captions through the text tower), as the trainer runs it.
 
     python -m benchmarks.locked_tower_epoch                          # bert-mini shape (4 layers, 256 wide)
     python -m benchmarks.locked_tower_epoch --text-shape minilm-l3   # MiniLM-L3-H384 shape (3 layers, 384 wide)
     python -m benchmarks.locked_tower_epoch --precision fp32         # against train.precision: auto's choice
+    python -m benchmarks.locked_tower_epoch --device cuda            # the same epoch on a GPU (default: auto, as
+                                                                     # train.device picks)
 
 The cache itself is built once (the first run of `train.cache_image_features`) and is not timed; here the features
 are random tensors of the tower's width (768 for convnext_tiny, 1280 for efficientnet_lite0): they cost the same.
@@ -21,9 +23,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.image_tower import device_name, synchronize
 from benchmarks.train_throughput import TEXT_SHAPES, captions, write_text_shape
 from liteclip.config import config_from_dict
 from liteclip.data.captions import CaptionCollator, CaptionedImage, ImageCaptionDataset, SeededSampler
+from liteclip.distributed import resolve_device
 from liteclip.evaluation import evaluate_retrieval
 from liteclip.feature_cache import CachedFeatureDataset
 from liteclip.model import build_model
@@ -43,8 +47,9 @@ def main() -> None:
                         help="the locked tower whose cached features are simulated (efficientnet_lite0: 1280-d)")
     parser.add_argument("--text-shape", choices=sorted(TEXT_SHAPES), default="bert-mini")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args()
-    device = torch.device("cpu")
+    device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     with tempfile.TemporaryDirectory() as tmp:
         text_dir = write_text_shape(Path(tmp) / args.text_shape, args.text_shape)
@@ -52,7 +57,7 @@ def main() -> None:
             "image": {"name": args.image_model, "pretrained": False, "tune": "locked"},  # never run: features cached
             "text": {"name": str(text_dir), "pretrained": False, "max_length": 64}}})
         torch.manual_seed(0)
-        model = build_model(config.model)
+        model = build_model(config.model).to(device)
         width = model.image_encoder.num_features
         texts = captions(args.pairs + 5 * args.eval_images)
         images = [CaptionedImage(Path(f"{i}.jpg"), [text]) for i, text in enumerate(texts[:args.pairs])]
@@ -71,20 +76,23 @@ def main() -> None:
             model.train()
             steps = 0
             for batch in loader:
-                batch = {k: v for k, v in batch.items() if k in ("image_features", "input_ids", "attention_mask")}
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+                         if k in ("image_features", "input_ids", "attention_mask")}
                 set_lr(optimizer, lr_multiplier(steps, len(loader), config.optim))
                 contrastive_step(model, [batch], precision, None)
                 optimizer_step(model, optimizer, None, config.optim.grad_clip)
                 steps += 1
+            synchronize(device)
             trained = time.perf_counter()
             metrics = evaluate_retrieval(model, val, args.eval_batch_size, device, precision.autocast,
                                          show_progress=False, image_features=val_features)
+            synchronize(device)
             evaluated = time.perf_counter()
     layers, text_width, _ = TEXT_SHAPES[args.text_shape]
     print(f"{args.pairs} pairs, batch {args.batch_size}, {steps} steps; evaluation over {args.eval_images} images and "
           f"{5 * args.eval_images} captions (batch {args.eval_batch_size}); text tower {args.text_shape} shape "
           f"({layers} layers, {text_width} wide), cached {args.image_model} features ({width}-d), "
-          f"{precision.dtype or 'fp32'}, threads {torch.get_num_threads()}")
+          f"{precision.dtype or 'fp32'}, {device_name(device)}")
     print(f"train {trained - start:.2f} s ({steps * args.batch_size / (trained - start):.0f} samples/s), "
           f"evaluation {evaluated - trained:.2f} s (mean recall {metrics['mean_recall']:.1f}, random weights)")
     print(f"epoch_seconds={evaluated - start:.1f}")
