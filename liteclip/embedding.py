@@ -29,10 +29,16 @@ logger = logging.getLogger(__name__)
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
+def model_device(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """`device`, or where none is given the device the model's weights are on (a pipeline on "auto" may have put
+    them on a GPU)."""
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
 @torch.no_grad()
-def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256, device: torch.device | str = "cpu",
-                 autocast: Autocast = contextlib.nullcontext) -> torch.Tensor:
-    """(N, D) normalised text embeddings, in the order of `texts`.
+def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256,
+                 device: torch.device | str | None = None, autocast: Autocast = contextlib.nullcontext) -> torch.Tensor:
+    """(N, D) normalised text embeddings, in the order of `texts`, on `device` (by default the model's).
 
     Texts are batched by token length (each batch padded only to its longest text), so a batch of short captions
     does not pay for the one long one: for Flickr-like captions a fifth to a third less text-tower work than batches
@@ -40,7 +46,7 @@ def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256, devic
     """
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer; save it with save_pretrained from a built model")
-    texts = list(texts)
+    texts, device = list(texts), model_device(model, device)
     max_length = model.config.text.max_length
     lengths = [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     order = sorted(range(len(texts)), key=lengths.__getitem__)
@@ -56,7 +62,8 @@ def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256, devic
 
 
 def encode_labels(model: CLIP, labels: Sequence[str], templates: Sequence[str] | None = None,
-                  device: torch.device | str = "cpu", autocast: Autocast = contextlib.nullcontext) -> torch.Tensor:
+                  device: torch.device | str | None = None,
+                  autocast: Autocast = contextlib.nullcontext) -> torch.Tensor:
     """(C, D) normalised class embeddings: each label formatted into every template, embedded, averaged and
     renormalised, as the CLIP paper's prompt ensembling; without templates, each label as written."""
     if not templates:
@@ -130,7 +137,8 @@ class EncodedImages:
 
 @torch.no_grad()
 def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64,
-                                 device: torch.device | str = "cpu", autocast: Autocast = contextlib.nullcontext,
+                                 device: torch.device | str | None = None,
+                                 autocast: Autocast = contextlib.nullcontext,
                                  show_progress: bool = False, num_workers: int = 0,
                                  tower_features: bool = False, progress: tqdm | None = None,
                                  loader: DataLoader | None = None) -> EncodedImages:
@@ -143,10 +151,11 @@ def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size:
     elif len(loader.dataset) != len(paths):
         raise ValueError(f"the loader has {len(loader.dataset)} images for {len(paths)} paths")
     encode = model.image_features if tower_features else model.encode_image
+    device = model_device(model, device)
     dtype = next(model.parameters()).dtype  # a bf16 or fp16 model takes its pixels in its own dtype
     chunks, kept, skipped = [], [], []
     # batches of activations above glibc's mmap threshold: keep freed memory rather than fault it in every batch
-    with keep_freed_memory_for(torch.device(device)):
+    with keep_freed_memory_for(device):
         for batch in batches_with_progress(loader, desc="encoding images", unit="batch",
                                            disable=not show_progress or progress is not None):
             if progress is not None:
@@ -162,9 +171,10 @@ def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size:
     return EncodedImages(torch.cat(chunks) if chunks else torch.empty(0, width), kept, skipped)
 
 
-def encode_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64, device: torch.device | str = "cpu",
-                       autocast: Autocast = contextlib.nullcontext, show_progress: bool = False,
-                       num_workers: int = 0, tower_features: bool = False) -> torch.Tensor:
+def encode_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64,
+                       device: torch.device | str | None = None, autocast: Autocast = contextlib.nullcontext,
+                       show_progress: bool = False, num_workers: int = 0,
+                       tower_features: bool = False) -> torch.Tensor:
     """(N, D) normalised image embeddings of image files (or (N, F) tower features), one row per file; a file that
     does not decode is an UndecodableImageError naming it (encode_decodable_image_files skips such files)."""
     encoded = encode_decodable_image_files(model, paths, batch_size, device, autocast, show_progress, num_workers,

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from liteclip.data.captions import CaptionedImage, ZeroShotTask, caption_offsets
-from liteclip.embedding import Autocast, encode_decodable_image_files, encode_labels, encode_texts
+from liteclip.embedding import Autocast, encode_decodable_image_files, encode_labels, encode_texts, model_device
 from liteclip.errors import DataError
 from liteclip.loss import LOSSES, clip_loss
 from liteclip.metrics import retrieval_recall, zero_shot_accuracy
@@ -23,7 +23,7 @@ from liteclip.model import CLIP
 
 @torch.no_grad()
 def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: int = 64,
-                       device: torch.device | str = "cpu", autocast: Autocast = contextlib.nullcontext,
+                       device: torch.device | str | None = None, autocast: Autocast = contextlib.nullcontext,
                        show_progress: bool = True, num_workers: int = 0,
                        image_features: torch.Tensor | None = None, loss_name: str = "clip",
                        image_loader: DataLoader | None = None) -> dict[str, float]:
@@ -47,6 +47,7 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
     if not images:
         raise DataError("the split has no images")
     model.eval()
+    device = model_device(model, device)
     if image_features is None:
         encoded = encode_decodable_image_files(model, [image.image_path for image in images], batch_size, device,
                                                autocast, show_progress=show_progress, num_workers=num_workers,
@@ -90,7 +91,7 @@ def paired_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: to
 
 
 @torch.no_grad()
-def evaluate_zero_shot(model: CLIP, task: ZeroShotTask, batch_size: int = 64, device: torch.device | str = "cpu",
+def evaluate_zero_shot(model: CLIP, task: ZeroShotTask, batch_size: int = 64, device: torch.device | str | None = None,
                        autocast: Autocast = contextlib.nullcontext, show_progress: bool = True,
                        num_workers: int = 0) -> dict[str, Any]:
     """Zero-shot top-1/top-5 accuracy (percent) of classifying each image by its nearest label embedding.

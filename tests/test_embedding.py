@@ -43,3 +43,23 @@ def test_image_files_are_read_in_one_pass_of_the_loader_and_a_callers_loader_giv
         assert again.kept == fresh.kept == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="4 images for 5 paths"):
         encode_decodable_image_files(model, paths, loader=image_file_loader(paths[:4], model.data_config))
+
+
+def test_without_a_device_texts_and_images_are_encoded_where_the_model_is(tiny_config, tmp_path):
+    # a ZeroShotPipeline on "auto" puts its model on a GPU where there is one, and evaluate_zero_shot(pipeline.model,
+    # task) must follow it there. The meta device stands in for a GPU; its towers cannot run (BERT reads its mask's
+    # values), so they are replaced by stand-ins that note where their inputs arrived
+    model = build_model(tiny_config.model).eval().to("meta")
+    dim, arrived = tiny_config.model.projection.dim, []
+
+    def stand_in(inputs: torch.Tensor, *rest) -> torch.Tensor:
+        arrived.append(inputs.device.type)
+        return torch.zeros(len(inputs), dim, device=inputs.device)
+
+    model.encode_text = model.encode_image = stand_in
+    texts = encode_texts(model, SENTENCES[:3])
+    paths = [draw_image(tmp_path / f"{i}.png", (40 * i, 90, 200)) for i in range(3)]
+    images = encode_decodable_image_files(model, paths, batch_size=2)
+    assert arrived == ["meta"] * 3  # one text batch, two image batches
+    assert texts.device.type == "meta" and texts.shape == (3, dim)
+    assert images.embeds.device.type == "meta" and images.kept == [0, 1, 2]
