@@ -35,7 +35,8 @@ def test_image_tower_reports_throughput_and_fraction_of_peak():
     figures = [line for line in lines if line.startswith(("inference", "training"))]
     assert len(figures) == 2
     for line in figures:
-        rate, tflops, fraction = (float(x) for x in re.findall(r"([\d.e+-]+)\s?(?:images/s|TFLOP/s|% of)", line))
+        # a GPU of known kind adds "% of vendor peak" after the three
+        rate, tflops, fraction = (float(x) for x in re.findall(r"([\d.e+-]+)\s?(?:images/s|TFLOP/s|% of)", line)[:3])
         assert rate > 0 and tflops > 0 and fraction > 0
 
 

@@ -76,7 +76,7 @@ def test_the_image_tower_loads_in_plain_timm_and_the_zero_shot_head_classifies_a
 
     labels = ["a red circle", "a blue square", "a green star", "a yellow triangle"]
     classifier = ZeroShotClassifier(model, zero_shot_head(model, labels)).eval()
-    pipeline = ZeroShotPipeline(demo_model_dir)
+    pipeline = ZeroShotPipeline(demo_model_dir, device="cpu")  # the classifier's device: the same arithmetic
     images = [draw_image(tmp_path / f"{i}.png", color, size=32)
               for i, color in enumerate([(220, 40, 40), (40, 80, 220), (40, 170, 60), (235, 215, 40)])]
     with torch.no_grad():

@@ -42,7 +42,7 @@ def test_probabilities_are_softmax_of_scaled_logits(model_dir, images):
     model = pipeline.model
     with torch.no_grad():
         image_embed = pipeline.encode_images([images[0]])
-        tokens = model.tokenizer(LABELS, padding=True, return_tensors="pt")
+        tokens = model.tokenizer(LABELS, padding=True, return_tensors="pt").to(image_embed.device)
         text_embeds = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
         expected = torch.softmax(model.logit_scale.exp() * image_embed @ text_embeds.t(), dim=-1)[0]
     for label, prob in zip(LABELS, expected.tolist()):
@@ -163,7 +163,7 @@ def test_search_ranks_a_planted_match_first_after_a_few_training_steps(tiny_conf
     toy = {name: draw_image(tmp_path / "toy" / f"{name}.png", rgb) for name, rgb in colors.items()}
     torch.manual_seed(0)
     model = build_model(tiny_config.model)
-    pipeline = ZeroShotPipeline(tmp_path, model=model)  # its eval transform, for identical preprocessing
+    pipeline = ZeroShotPipeline(tmp_path, model=model, device="cpu")  # its eval transform, for identical preprocessing
     samples = [{"pixel_values": pipeline.transform(np.asarray(Image.open(path).convert("RGB"))),
                 "caption": f"a {name} square", "image_index": i} for i, (name, path) in enumerate(toy.items())]
     batch = CaptionCollator(model.tokenizer, 16)(samples)

@@ -137,7 +137,8 @@ def test_cpu_runs_keep_freed_memory_unless_told_not_to_and_losses_are_unchanged(
     monkeypatch.setattr(training, "keep_freed_memory_for", spy)
     losses = []
     for keep in (True, False):
-        config = tiny_config(tmp_path / str(keep), f"train.keep_cpu_memory={keep}", "train.max_steps=4")
+        config = tiny_config(tmp_path / str(keep), "train.device=cpu", f"train.keep_cpu_memory={keep}",
+                             "train.max_steps=4")
         fit(config, show_progress=False)
         losses.append([r["loss"] for r in read_rows(tmp_path / str(keep) / "run" / "metrics.csv")])
     assert entered == [("cpu", True), ("cpu", False)]
@@ -345,7 +346,7 @@ def test_ranks_train_in_rank_zeros_measured_precision(tmp_path):
 def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start(tmp_path, monkeypatch, caplog):
     from liteclip import precision
 
-    config = tiny_config(tmp_path, "train.precision=auto")
+    config = tiny_config(tmp_path, "train.device=cpu", "train.precision=auto")  # what auto picks on a CPU
     monkeypatch.setattr(training, "cpu_bf16_is_measured", lambda: True)  # a CPU with AVX-512 BF16 alone
     monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: True)  # the start measures bf16 faster
     real_check = StepCheckpoints.check
@@ -365,7 +366,7 @@ def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start(tmp_path, mon
     assert dtypes == {torch.bfloat16}
     assert "started in bf16 and keeps it (measured now: fp32)" in caplog.text
     assert load_checkpoint(tmp_path / "run" / "last.pt")["precision"] == "bf16"
-    fresh = tiny_config(tmp_path, "train.precision=auto", f"train.output_dir={tmp_path / 'fresh'}")
+    fresh = tiny_config(tmp_path, "train.device=cpu", "train.precision=auto", f"train.output_dir={tmp_path / 'fresh'}")
     dtypes.clear()
     fit(fresh, show_progress=False)  # a new run measures afresh
     assert dtypes == {None}
