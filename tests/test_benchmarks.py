@@ -18,7 +18,8 @@ def run_module(*argv: str) -> list[str]:
 
 def test_train_throughput_prints_every_variant_and_ends_with_the_speedup():
     lines = run_module("benchmarks.train_throughput", "--image-model", "test_convnext3", "--image-size", "32",
-                       "--batch-size", "4", "--steps", "1", "--without", "keep_cpu_memory")
+                       "--batch-size", "4", "--steps", "1", "--without", "keep_cpu_memory",
+                       "--workers", "1")  # each variant's process starts a loader worker of its own
     row = re.compile(r"(?P<name>\S.*?)\s{2,}(?P<rate>[\d.]+)\s+(?P<step>[\d.]+)\s+(?P<wait>[\d.]+)%"
                      r"\s+[\d.]+ GiB (RSS|GPU)")
     rows = {m["name"]: m for m in map(row.fullmatch, lines) if m}
