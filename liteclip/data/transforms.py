@@ -7,9 +7,13 @@ Horizontal flip is off by default: captions say "left" and "right".
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
-import albumentations as A
+# albumentations asks PyPI for its newest version on import: on an offline cluster node that is a warning in every
+# process (and a wait of up to 2 s). A user who sets the variable themselves keeps their choice.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
 import cv2
 import numpy as np
 import torch

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import numpy as np
 import torch
 
@@ -45,3 +49,23 @@ def test_no_horizontal_flip_by_default():
         torch.manual_seed(seed)
         out = train(image)
         assert out[:, :, :4].mean() > out[:, :, -4:].mean()  # left stays left
+
+
+IMPORT_AND_COUNT_REQUESTS = """
+import urllib.request
+requests = []
+urllib.request.OpenerDirector.open = lambda self, url, *args, **kwargs: requests.append(url) or 1 / 0
+import liteclip.data.transforms
+print(len(requests))
+"""
+
+
+def test_importing_the_transforms_asks_no_server_unless_the_user_allows_albumentations_update_check():
+    def requests_made(environment: dict[str, str]) -> int:
+        result = subprocess.run([sys.executable, "-c", IMPORT_AND_COUNT_REQUESTS], env=environment,
+                                capture_output=True, text=True, check=True, timeout=120)
+        return int(result.stdout.strip().splitlines()[-1])
+
+    environment = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    assert requests_made(environment) == 0
+    assert requests_made({**environment, "NO_ALBUMENTATIONS_UPDATE": "0"}) == 1  # the user's setting stands
