@@ -400,9 +400,10 @@ def main() -> None:
         else:
             print("open_clip: not installed, skipped (pip install open-clip-torch for the side-by-side)")
         context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no inherited allocator state
-        processes = []
+        processes: list[VariantProcess] = []
         try:
-            processes += [VariantProcess(name, levers, settings, context) for name, levers in variants]
+            for name, levers in variants:  # one at a time, so that a failed start still kills the ones before it
+                processes.append(VariantProcess(name, levers, settings, context))
             rates = run_side_by_side(processes, args, text_source)
         finally:
             for process in processes:  # after a failure the others would wait for their next step forever

@@ -123,7 +123,7 @@ def export_timm(model: CLIP, out_dir: str | Path) -> Path:
 def zero_shot_head(model: CLIP, labels: Sequence[str], templates: Sequence[str] | None = None) -> nn.Linear:
     """A bias-free linear classifier (D -> C) on normalised image embeddings: row c is label c's embedding
     (averaged over templates) times the model's logit scale, so its logits are ZeroShotPipeline's before softmax."""
-    class_embeds = encode_labels(model, labels, templates, device=next(model.parameters()).device)  # (C, D)
+    class_embeds = encode_labels(model, labels, templates)  # (C, D), on the model's device
     head = nn.Linear(class_embeds.shape[1], class_embeds.shape[0], bias=False)
     with torch.no_grad():
         head.weight.copy_(model.scale().detach() * class_embeds)
