@@ -46,19 +46,34 @@ def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256,
     """
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer; save it with save_pretrained from a built model")
-    texts, device = list(texts), model_device(model, device)
-    max_length = model.config.text.max_length
-    lengths = [len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
-    embeds = torch.empty(len(texts), model.config.projection.dim, device=device)
-    for start in range(0, len(texts), batch_size):
+    if model.tokenizer.pad_token_id is None:
+        raise InputError("this model's tokenizer has no padding token; set tokenizer.pad_token (for example to its "
+                         "end-of-text token) and save the model again")
+    device = model_device(model, device)
+    token_ids = model.tokenizer(list(texts), truncation=True, max_length=model.config.text.max_length)["input_ids"]
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    embeds = torch.empty(len(token_ids), model.config.projection.dim, device=device)
+    for start in range(0, len(token_ids), batch_size):
         rows = order[start:start + batch_size]
-        tokens = model.tokenizer([texts[i] for i in rows], padding="longest", truncation=True, max_length=max_length,
-                                 return_tensors="pt").to(device)
+        input_ids, attention_mask = pad_token_ids([token_ids[i] for i in rows], model.tokenizer.pad_token_id,
+                                                  model.tokenizer.padding_side)
         with autocast():
-            embeds[torch.tensor(rows, device=device)] = model.encode_text(tokens["input_ids"],
-                                                                          tokens["attention_mask"]).float()
+            embeds[torch.tensor(rows, device=device)] = model.encode_text(input_ids.to(device),
+                                                                          attention_mask.to(device)).float()
     return embeds
+
+
+def pad_token_ids(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) input_ids and attention_mask of tokenised texts, padded on `side` to the longest: what the tokenizer's
+    own padding gives, without tokenising the texts a second time."""
+    longest = max(map(len, rows))
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        span = slice(longest - len(ids), longest) if side == "left" else slice(0, len(ids))
+        input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, span] = 1
+    return input_ids, attention_mask
 
 
 def encode_labels(model: CLIP, labels: Sequence[str], templates: Sequence[str] | None = None,

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from liteclip import build_model
-from liteclip.embedding import encode_decodable_image_files, encode_texts, image_file_loader
+from liteclip.embedding import encode_decodable_image_files, encode_texts, image_file_loader, pad_token_ids
 from tests.conftest import SENTENCES, draw_image
 
 
@@ -23,6 +23,34 @@ def test_texts_batched_by_length_come_back_in_order_with_less_padding(tiny_confi
     lengths = [len(model.tokenizer(text, truncation=True, max_length=16)["input_ids"]) for text in texts]
     in_given_order = sum(len(texts[s:s + 4]) * max(lengths[s:s + 4]) for s in range(0, len(texts), 4))
     assert sum(padded_tokens) < in_given_order
+
+
+class CountingTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_texts_are_tokenised_once_and_padded_as_the_tokenizer_pads_them(tiny_config):
+    torch.manual_seed(0)
+    model = build_model(tiny_config.model).eval()
+    texts = [SENTENCES[i % len(SENTENCES)] * (1 + i % 3) for i in range(9)]
+    expected = torch.cat([encode_texts(model, [text]) for text in texts])
+    model.tokenizer = CountingTokenizer(model.tokenizer)
+    torch.testing.assert_close(encode_texts(model, texts, batch_size=4), expected, atol=1e-5, rtol=1e-4)
+    assert model.tokenizer.calls == 1  # lengths and batches from the same token ids
+    tokenizer = model.tokenizer.tokenizer
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        reference = tokenizer(texts, padding="longest", return_tensors="pt")
+        ids, mask = pad_token_ids(tokenizer(texts)["input_ids"], tokenizer.pad_token_id, side)
+        assert torch.equal(ids, reference["input_ids"]) and torch.equal(mask, reference["attention_mask"])
 
 
 def test_image_files_are_read_in_one_pass_of_the_loader_and_a_callers_loader_gives_the_same(tiny_config, tmp_path,
