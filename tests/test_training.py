@@ -373,9 +373,28 @@ def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start(tmp_path, mon
     monkeypatch.setattr(training, "cpu_bf16_is_measured", lambda: False)  # features decide: they are followed
     monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: True)
     dtypes.clear()
-    fit(tiny_config(tmp_path, "train.precision=auto", "train.epochs=3", f"train.output_dir={tmp_path / 'fresh'}"),
-        resume="auto", show_progress=False)
+    fit(tiny_config(tmp_path, "train.device=cpu", "train.precision=auto", "train.epochs=3",
+                    f"train.output_dir={tmp_path / 'fresh'}"), resume="auto", show_progress=False)
     assert dtypes == {torch.bfloat16}  # the checkpoint said fp32
+
+
+def test_an_fp16_run_resumes_with_its_gradient_scaler_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    # fp16 is what train.precision: auto takes on GPUs without bf16; the scaler's path runs on a CPU just the same
+    settings = ("train.device=cpu", "train.precision=fp16", "train.max_steps=6")
+    fit(tiny_config(tmp_path / "straight", *settings), show_progress=False)
+    straight = load_checkpoint(tmp_path / "straight" / "run" / "last.pt")
+    assert straight["precision"] == "fp16" and straight["scaler"]["scale"] < 2.0 ** 16  # it backed off: overflows
+
+    real_check = StepCheckpoints.check
+    monkeypatch.setattr(StepCheckpoints, "check", lambda self: (True, True))  # stop after the first step
+    with pytest.raises(TrainingStopped):
+        fit(tiny_config(tmp_path / "stopped", *settings), show_progress=False)
+    monkeypatch.setattr(StepCheckpoints, "check", real_check)
+    fit(tiny_config(tmp_path / "stopped", *settings), resume="auto", show_progress=False)
+    resumed = load_checkpoint(tmp_path / "stopped" / "run" / "last.pt")
+    assert resumed["scaler"] == straight["scaler"]
+    losses = [[r["loss"] for r in read_rows(tmp_path / name / "run" / "metrics.csv")] for name in ("straight", "stopped")]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
 
 
 def test_locked_image_tower_features_are_cached_and_reused(tmp_path, monkeypatch):
