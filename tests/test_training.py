@@ -393,7 +393,8 @@ def test_an_fp16_run_resumes_with_its_gradient_scaler_and_matches_an_uninterrupt
     fit(tiny_config(tmp_path / "stopped", *settings), resume="auto", show_progress=False)
     resumed = load_checkpoint(tmp_path / "stopped" / "run" / "last.pt")
     assert resumed["scaler"] == straight["scaler"]
-    losses = [[r["loss"] for r in read_rows(tmp_path / name / "run" / "metrics.csv")] for name in ("straight", "stopped")]
+    losses = [[r["loss"] for r in read_rows(tmp_path / name / "run" / "metrics.csv")]
+              for name in ("straight", "stopped")]
     assert len(losses[0]) == 6 and losses[0] == losses[1]
 
 
