@@ -101,12 +101,6 @@ def all_captions(sample: dict[str, Any]) -> list[str]:
     return captions
 
 
-def caption_of(sample: dict[str, Any], rng: random.Random) -> str | None:
-    """One of the sample's captions (all_captions), drawn at random, or None."""
-    captions = all_captions(sample)
-    return captions[rng.randrange(len(captions))] if captions else None
-
-
 def image_of(sample: dict[str, Any]) -> tuple[str, bytes] | None:
     """(extension, encoded bytes) of the sample's image, or None."""
     for key in IMAGE_KEYS:
@@ -119,13 +113,15 @@ def sample_name(sample: dict[str, Any]) -> str:
     return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
 
 
-def missing_part(sample: dict[str, Any]) -> str | None:
-    """Why a sample cannot train for want of an image or a caption; None when it has both."""
-    if image_of(sample) is None:
+def usable_parts(sample: dict[str, Any]) -> tuple[tuple[str, bytes], list[str]] | str:
+    """(image_of, all_captions) of a sample that can train, or why it cannot: no image, or no caption."""
+    image = image_of(sample)
+    if image is None:
         return f"no image ({', '.join(IMAGE_KEYS)}) in the sample"
-    if not all_captions(sample):
+    captions = all_captions(sample)
+    if not captions:
         return "no caption (a txt file, or json 'caption' / 'captions')"
-    return None
+    return image, captions
 
 
 # ---------------------------------------------------------------------------------------------------- stream
@@ -274,12 +270,13 @@ class ShardStream(IterableDataset):
 
     def decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any] | str:
         """The sample contract of one tar sample, or the reason it cannot be used."""
-        missing = missing_part(sample)
-        if missing is not None:
-            return missing
-        image, caption = image_of(sample), caption_of(sample, rng)
+        parts = usable_parts(sample)
+        if isinstance(parts, str):
+            return parts
+        (_, image), captions = parts
+        caption = captions[rng.randrange(len(captions))]
         try:
-            pixels = np.asarray(open_rgb(io.BytesIO(image[1]), self.decode_size, sample_name(sample)))
+            pixels = np.asarray(open_rgb(io.BytesIO(image), self.decode_size, sample_name(sample)))
         except UndecodableImageError as error:
             return error.reason
         return {"pixel_values": self.transform(pixels, rng.randrange(2**31 - 1)), "caption": caption,
@@ -305,10 +302,12 @@ def check_shards(pattern: str, show_progress: bool = True) -> list[BadRow]:
         samples = 0
         for sample in wds.tarfile_samples([{"url": url}], handler=keep_going):
             samples += 1
-            reason = missing_part(sample)
+            parts = usable_parts(sample)
+            reason = parts if isinstance(parts, str) else None
             if reason is None:
+                (_, image), _ = parts
                 try:
-                    open_rgb(io.BytesIO(image_of(sample)[1]), None, sample_name(sample))
+                    open_rgb(io.BytesIO(image), None, sample_name(sample))
                 except UndecodableImageError as error:
                     reason = f"image does not decode: {error.reason}"
             if reason is not None:
@@ -333,14 +332,14 @@ def extract_shards(pattern: str, cache_root: Path, key: str) -> list[CaptionedIm
     directory.mkdir(parents=True, exist_ok=True)
     entries = []
     for sample in webdataset().tarfile_samples([{"url": url} for url in urls]):
-        missing = missing_part(sample)
-        if missing is not None:
-            logger.warning("%s: left out of %s (%s)", sample_name(sample), key, missing)
+        parts = usable_parts(sample)
+        if isinstance(parts, str):
+            logger.warning("%s: left out of %s (%s)", sample_name(sample), key, parts)
             continue
-        extension, image = image_of(sample)
+        (extension, image), captions = parts
         name = f"{len(entries):08d}.{extension}"
         (directory / name).write_bytes(image)
-        entries.append((name, all_captions(sample)))
+        entries.append((name, captions))
     atomic_write_bytes(listing, json.dumps(entries).encode())  # last: its presence means the extraction finished
     logger.info("%s: %d images from %d shard(s) unpacked into %s", key, len(entries), len(urls), directory)
     return [CaptionedImage(directory / name, captions) for name, captions in entries]
