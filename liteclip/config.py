@@ -55,6 +55,9 @@ class ImageEncoderConfig:
     std: tuple[float, float, float] | None = None  # override the tower's normalisation std
     crop_pct: float | None = None  # override the evaluation center-crop fraction (1.0: keep the whole image)
     channels_last: bool = True  # NHWC memory format: faster convolutions on CPU and GPU
+    # more keyword arguments for timm.create_model, as timm's train.py --model-kwargs takes them: drop_path_rate,
+    # or an architecture's own (a ResNet's channels and stem_width); saved with the model, so it loads the same
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def locked(self) -> bool:
@@ -367,6 +370,10 @@ def _check_type(value: Any, hint: Any, dotted: str, source: str) -> Any:
             suggestion = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{source}: {dotted}={value!r} is not one of {list(args)}{suggestion}")
         return value
+    if origin is dict:  # dict[str, Any]: keyword arguments, passed on as they are
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise ConfigError(f"{source}: {dotted} must be a mapping of names to values, got {value!r}")
+        return dict(value)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: any length
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {dotted} must be a list, got {value!r}")
@@ -430,6 +437,9 @@ def validate(config: Config, source: str = "<config>") -> None:
          "must be fractions that leave some training images"),
     ]
     checks.extend(_stream_checks(config))
+    checks.append((config.model.image.source == "timm" or not config.model.image.model_kwargs,
+                   "model.image.model_kwargs", config.model.image.model_kwargs,
+                   "is for timm towers; a Hugging Face tower's architecture comes from its config.json"))
     checks.append((config.distill.weight >= 0, "distill.weight", config.distill.weight, "must be >= 0"))
     checks.append((config.distill.temperature > 0, "distill.temperature", config.distill.temperature, "must be > 0"))
     checks.append((config.loss.name != "siglip" or config.model.logit_bias_init is not None, "model.logit_bias_init",

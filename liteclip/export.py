@@ -7,7 +7,9 @@ plain timm checkpoint.
         tokenizer/, preprocessor_config.json (input size, mean, std, interpolation, crop_pct), export.json
     liteclip export model --format timm --out model_timm
         model.safetensors + config.json: timm.create_model(name, pretrained=True,
-        pretrained_cfg_overlay={"file": ".../model.safetensors"}, num_classes=0) loads it without liteclip
+        pretrained_cfg_overlay={"file": ".../model.safetensors"}, num_classes=0) loads it without liteclip, and so
+        does timm.create_model("local-dir:model_timm", pretrained=True, num_classes=0), which also applies the
+        tower's model.image.model_kwargs (config.json's model_args) itself
 
 zero_shot_head() turns label prompts into a linear classifier on the image embedding, so image tower, projection
 and head together are an ordinary classifier whose top-1 is ZeroShotPipeline's.
@@ -111,6 +113,8 @@ def export_timm(model: CLIP, out_dir: str | Path) -> Path:
                                       "std": list(data["std"]), "interpolation": data.get("interpolation", "bicubic"),
                                       "crop_pct": data.get("crop_pct", 1.0), "num_classes": 0},
                    "exported_by": "liteclip (the image tower of a CLIP model; add a head with zero_shot_head)"}
+    if model.config.image.model_kwargs:  # timm's hub layout: what create_model needs to rebuild this architecture
+        timm_config["model_args"] = dict(model.config.image.model_kwargs)
 
     def write_contents(staging: Path) -> None:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in tower.state_dict().items()}

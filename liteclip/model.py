@@ -64,7 +64,11 @@ class ImageEncoder(nn.Module):
             close = difflib.get_close_matches(architecture, timm.list_models(), n=5, cutoff=0.6)
             raise ConfigError(f"model.image.name={config.name!r} is not a timm model; close names: {close or 'none'} "
                               f"(timm.list_models('*pattern*') lists them all)")
-        self.model = timm.create_model(config.name, **kwargs)
+        reserved = sorted(set(config.model_kwargs) & {"num_classes", "pretrained", "pretrained_cfg_overlay"})
+        if reserved:
+            raise ConfigError(f"model.image.model_kwargs sets {reserved}, which liteclip sets itself (pretrained: "
+                              f"model.image.pretrained and weights_file; the classifier is always removed)")
+        self.model = timm.create_model(config.name, **config.model_kwargs, **kwargs)
         self.num_features: int = self.model.num_features
         data_config = timm.data.resolve_model_data_config(self.model)
         if config.image_size is not None:

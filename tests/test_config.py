@@ -44,6 +44,9 @@ def test_renamed_key_points_to_new_name(tmp_path):
     ("model:\n  text:\n    pooling: maen\n", "did you mean 'mean'"),
     ("model:\n  image:\n    pretrained: 1\n", "model.image.pretrained must be bool"),
     ("optim:\n  betas: [0.9]\n", "optim.betas must be a list of 2"),
+    ("model:\n  image:\n    model_kwargs: [16, 32]\n", "model.image.model_kwargs must be a mapping of names to values"),
+    ("model:\n  image:\n    source: hf\n    model_kwargs: {drop_path_rate: 0.1}\n",
+     "model.image.model_kwargs=.*is for timm towers"),
 ])
 def test_values_are_checked(tmp_path, text, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
@@ -66,7 +69,9 @@ def test_bad_override_format():
 
 
 def test_yaml_round_trip():
-    config = load_config(None, ["optim.lr=0.003", "model.projection.dim=64"])
+    config = load_config(None, ["optim.lr=0.003", "model.projection.dim=64",
+                                "model.image.model_kwargs={stem_width: 16, channels: [32, 64]}"])
+    assert config.model.image.model_kwargs == {"stem_width": 16, "channels": [32, 64]}
     path_text = config.to_yaml()
     import yaml
 

@@ -1,6 +1,7 @@
 """Exports run outside liteclip: the ONNX files in onnxruntime, the image tower in plain timm, the zero-shot head as
 an ordinary classifier; each compared with the PyTorch model it came from."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import timm
 import torch
 from PIL import Image
 
-from liteclip import CLIP
+from liteclip import CLIP, build_model
 from liteclip.cli import main
 from liteclip.export import ONNX_OPSET, ZeroShotClassifier, export_onnx, export_timm, zero_shot_head
 from liteclip.pipeline import ZeroShotPipeline
@@ -61,6 +62,18 @@ def test_onnx_export_of_a_demo_trained_model_matches_pytorch(demo_model_dir, tmp
 def test_onnx_export_of_a_hugging_face_clip_matches_pytorch(tmp_path):
     model = CLIP.from_pretrained(write_tiny_hf_clip(tmp_path / "hf_clip"))
     onnx_matches_pytorch(model, export_onnx(model, tmp_path / "onnx"), 30)
+
+
+def test_a_tower_built_with_timm_keyword_arguments_exports_them_for_timm_to_rebuild(tiny_config, tmp_path):
+    image = dataclasses.replace(tiny_config.model.image, model_kwargs={"dims": [8, 16, 24, 40]})
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(tiny_config.model, image=image)).eval()
+    out = export_timm(model, tmp_path / "timm")
+    assert json.loads((out / "config.json").read_text())["model_args"] == {"dims": [8, 16, 24, 40]}
+    tower = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0).eval()  # no kwargs given here
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixels), model.image_encoder(pixels))
 
 
 def test_the_image_tower_loads_in_plain_timm_and_the_zero_shot_head_classifies_as_the_pipeline(demo_model_dir,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from liteclip import CLIP, build_model
-from liteclip.errors import ModelLoadError
+from liteclip.errors import ConfigError, ModelLoadError
 from liteclip.config import ProjectionConfig
 from liteclip.model import ProjectionHead
 
@@ -163,6 +163,25 @@ def test_local_weights_file_for_the_image_tower(tiny_config, tmp_path):
         tiny_config.model.image, weights_file=str(tmp_path / "tiny.safetensors")))
     model = build_model(config)
     torch.testing.assert_close(model.image_encoder.model.stem[0].weight, source.stem[0].weight)
+
+
+def test_timm_keyword_arguments_shape_the_tower_and_are_saved_with_the_model(tiny_config, tmp_path):
+    image = dataclasses.replace(tiny_config.model.image, model_kwargs={"dims": [8, 16, 24, 40]})
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(tiny_config.model, image=image)).eval()
+    assert model.image_encoder.num_features == 40  # test_convnext3's own last width is 128
+    model.save_pretrained(tmp_path / "narrow")
+    loaded = CLIP.from_pretrained(tmp_path / "narrow")  # rebuilt from config.yaml: the same narrow tower
+    assert loaded.config.image.model_kwargs == {"dims": [8, 16, 24, 40]}
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(pixels), model.encode_image(pixels), rtol=0, atol=0)
+
+
+def test_timm_keyword_arguments_liteclip_sets_itself_are_refused(tiny_config):
+    image = dataclasses.replace(tiny_config.model.image, model_kwargs={"pretrained": True})
+    with pytest.raises(ConfigError, match=r"model.image.model_kwargs sets \['pretrained'\]"):
+        build_model(dataclasses.replace(tiny_config.model, image=image))
 
 
 def test_unknown_timm_name_suggests_close_ones(tiny_config):
