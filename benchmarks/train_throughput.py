@@ -6,8 +6,8 @@ same batches.
     python -m benchmarks.train_throughput --config configs/demo.yaml --batch-size 64
     python -m benchmarks.train_throughput --batch-size 16 --steps 4 --image-size 160
 
-With --config, the image tower (name, input size) comes from the config, and so does the text tower when it is a
-local directory; a hub text tower is replaced by a random one of bert-mini's shape (no downloads here).
+With --config, the image tower (name, input size, model_kwargs) comes from the config, and so does the text tower
+when it is a local directory; a hub text tower is replaced by a random one of bert-mini's shape (no downloads here).
 
 The levers, all off in the reference (as liteCLIP trains) and all on in liteclip's defaults:
     dynamic_padding    captions tokenised per batch and padded to its longest (reference: per sample in
@@ -45,7 +45,7 @@ import resource
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,7 @@ class Settings:
     batch_size: int
     steps: int
     workers: int
+    image_model_kwargs: dict = field(default_factory=dict)  # model.image.model_kwargs from --config
 
 
 def text_positions(text_dir: str) -> int:
@@ -158,7 +159,7 @@ class Variant:
         self.levers, self.device = levers, device
         config = config_from_dict({"model": {
             "image": {"name": settings.image_model, "pretrained": False, "image_size": settings.image_size,
-                      "channels_last": levers.channels_last},
+                      "channels_last": levers.channels_last, "model_kwargs": settings.image_model_kwargs},
             "text": {"name": settings.text_dir, "pretrained": False,
                      "max_length": min(128, text_positions(settings.text_dir))}}})
         torch.manual_seed(0)
@@ -354,7 +355,9 @@ def run_side_by_side(processes: list[VariantProcess], args: argparse.Namespace,
             process.step(measure=step > 0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads_text = "/".join(map(str, sorted(threads)))
-    print(f"device: {device}, {args.image_model} at {args.image_size} px + {text_source or 'bert-mini shape'}, "
+    kwargs_text = f" ({args.image_model_kwargs})" if args.image_model_kwargs else ""
+    print(f"device: {device}, {args.image_model}{kwargs_text} at {args.image_size} px + "
+          f"{text_source or 'bert-mini shape'}, "
           f"batch {args.batch_size}, {args.steps} measured steps each after 1 warm-up, threads {threads_text}, "
           f"one process per variant")
     print(f"{'variant':34s} {'samples/s':>9s} {'s/step':>8s} {'data wait':>10s}   peak memory")
@@ -374,13 +377,14 @@ def main() -> None:
                         help=f"also run liteclip's defaults minus this lever (repeatable): {', '.join(lever_names)}")
     parser.add_argument("--no-open-clip", action="store_true", help="leave out the open_clip variant")
     args = parser.parse_args()
-    text_source = None
+    text_source, args.image_model_kwargs = None, {}
     if args.config:
         from liteclip.config import load_config
 
         config = load_config(args.config)
         args.image_model = args.image_model or config.model.image.name.split(".")[0]
         args.image_size = args.image_size or config.model.image.image_size
+        args.image_model_kwargs = dict(config.model.image.model_kwargs)
         if Path(config.model.text.name).is_dir():
             text_source = Path(config.model.text.name)
     args.image_model = args.image_model or "convnext_tiny"
@@ -389,12 +393,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         text_dir = text_source or write_text_shape(Path(tmp) / "bert_mini_shape")
         settings = Settings(str(text_dir), args.image_model, args.image_size, args.batch_size, args.steps,
-                            args.workers)
+                            args.workers, args.image_model_kwargs)
         variants = [("reference", REFERENCE), ("liteclip", DEFAULTS)]
         variants += [(f"liteclip without {name}", dataclasses.replace(DEFAULTS, **{name: False}))
                      for name in args.without]
         if args.no_open_clip:
             pass
+        elif args.image_model_kwargs:
+            print("open_clip: skipped, as its timm tower is built by name alone and the config sets "
+                  f"model.image.model_kwargs={args.image_model_kwargs}")
         elif open_clip_installed():
             variants.append(("open_clip", None))
         else:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,15 @@ def test_train_throughput_prints_every_variant_and_ends_with_the_speedup():
     assert re.fullmatch(r"speedup_vs_open_clip=\d+\.\d{3}", lines[-2])
     assert re.fullmatch(r"speedup_vs_reference=\d+\.\d{3}", lines[-1])
     assert float(lines[-1].split("=")[1]) > 0
+
+
+def test_train_throughput_builds_the_configs_tower_with_its_timm_keyword_arguments(tiny_text_dir):
+    from benchmarks.train_throughput import DEFAULTS, REFERENCE, Settings, Variant
+
+    settings = Settings(str(tiny_text_dir), "test_convnext3", 32, 4, 1, 0, {"dims": [8, 16, 24, 40]})
+    for levers in (REFERENCE, DEFAULTS):
+        variant = Variant(levers, settings, torch.device("cpu"))
+        assert variant.model.image_encoder.num_features == 40  # test_convnext3's own: 128
 
 
 def test_image_tower_reports_throughput_and_fraction_of_peak():
