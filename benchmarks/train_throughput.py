@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks.image_tower import synchronize
 from liteclip.config import config_from_dict
 from liteclip.data.captions import CaptionCollator
 from liteclip.data.demo import write_text_tower
@@ -209,8 +210,7 @@ class Variant:
         if self.steps % self.read_every == 0:
             self.pending.item()  # the host-device sync; every step for the reference, rarely for the default
             self.pending.zero_()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()  # the timing needs the work finished; training itself does not wait here
+        synchronize(self.device)  # the timing needs the work finished; training itself does not wait here
         end = time.perf_counter()
         return len(batch["input_ids"]), loaded - start, end - loaded
 
@@ -271,8 +271,7 @@ class OpenClipVariant:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))  # as open_clip's train_one_epoch does every step
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(self.device)
         return len(images), loaded - start, time.perf_counter() - loaded
 
 

@@ -273,12 +273,16 @@ class ImageSearch:
         """Opens an index for search: its FAISS copy memory-mapped when there is one and faiss is installed, the
         embeddings read into memory otherwise."""
         index_path = Path(index_path)
-        meta, _ = read_index(index_path, embeddings=False)
+        # the header is parsed once; the embeddings are read with it unless a FAISS copy may stand in for them
+        meta, embeddings = read_index(index_path, embeddings=faiss_module() is None)
         if meta.get("model") != self.fingerprint:
             raise InputError(f"index {index_path} was built with another model; re-run `liteclip index`")
         self.paths = [Path(e["path"]) for e in meta["files"]]
         self.faiss_index = open_faiss(index_path, meta)
-        self.embeddings = read_index(index_path)[1] if self.faiss_index is None else torch.empty(0)
+        if self.faiss_index is not None:
+            self.embeddings = torch.empty(0)
+        else:  # no FAISS copy, or a stale one: search the embeddings themselves
+            self.embeddings = embeddings if embeddings is not None else read_index(index_path)[1]
 
     def _rank(self, query_embed: torch.Tensor, top_k: int) -> list[tuple[Path, float]]:
         if top_k < 1:

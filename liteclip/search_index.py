@@ -44,7 +44,8 @@ def read_index(path: Path, embeddings: bool = True) -> tuple[dict[str, Any], tor
 def write_index(path: Path, embeddings: torch.Tensor, meta: dict[str, Any]) -> None:
     from safetensors.torch import save
 
-    atomic_write_bytes(path, save({"embeddings": embeddings.contiguous()}, metadata={"liteclip_index": json.dumps(meta)}))
+    tensors, metadata = {"embeddings": embeddings.contiguous()}, {"liteclip_index": json.dumps(meta)}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def entries_of(meta: dict[str, Any], embeddings: torch.Tensor) -> Entries:

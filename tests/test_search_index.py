@@ -51,6 +51,23 @@ def test_a_faiss_file_the_index_did_not_record_is_not_used(model_dir, photos, tm
     assert "faiss" not in search_index.read_index(index_path, embeddings=False)[0]
 
 
+def test_loading_an_index_without_faiss_reads_the_file_once(model_dir, photos, tmp_path, monkeypatch):
+    index_path = tmp_path / "photos.index"
+    ImageSearch(ZeroShotPipeline(model_dir)).index(photos, index_path, show_progress=False)
+    monkeypatch.setattr(pipeline_module, "faiss_module", lambda: None)  # as without faiss-cpu installed
+    monkeypatch.setattr(search_index, "faiss_module", lambda: None)
+    reads = []
+
+    def counting_read_index(path, embeddings=True):
+        reads.append(embeddings)
+        return search_index.read_index(path, embeddings)
+
+    monkeypatch.setattr(pipeline_module, "read_index", counting_read_index)
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    search.load(index_path)
+    assert reads == [True] and search.embeddings.shape[0] == 12  # one read: the header and the embeddings
+
+
 def test_an_interrupted_index_keeps_its_chunks_and_the_next_run_encodes_only_the_rest(model_dir, photos, tmp_path,
                                                                                      monkeypatch):
     index_path = tmp_path / "photos.index"
