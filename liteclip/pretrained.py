@@ -138,7 +138,8 @@ def model_card(model_config: ModelConfig, full_config: Config | None = None,
              "datasets": [data.dataset] if data is not None and data.dataset != "demo" else None,
              "metrics": sorted(metrics) if metrics else None}
     front = {key: value for key, value in front.items() if value is not None}
-    recipe = [("image tower", f"{model_config.image.name} ({model_config.image.source}"
+    image_kwargs = "".join(f", {key}={value}" for key, value in model_config.image.model_kwargs.items())
+    recipe = [("image tower", f"{model_config.image.name} ({model_config.image.source}{image_kwargs}"
                               f"{', pretrained' if model_config.image.pretrained else ''}"
                               f"{', locked' if model_config.image.locked else ''})"),
               ("text tower", f"{model_config.text.name} ({model_config.text.pooling} pooling)"),

@@ -173,6 +173,8 @@ def test_timm_keyword_arguments_shape_the_tower_and_are_saved_with_the_model(tin
     model.save_pretrained(tmp_path / "narrow")
     loaded = CLIP.from_pretrained(tmp_path / "narrow")  # rebuilt from config.yaml: the same narrow tower
     assert loaded.config.image.model_kwargs == {"dims": [8, 16, 24, 40]}
+    card = (tmp_path / "narrow" / "README.md").read_text()
+    assert "| image tower | test_convnext3 (timm, dims=[8, 16, 24, 40]) |" in card
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(pixels), model.encode_image(pixels), rtol=0, atol=0)
