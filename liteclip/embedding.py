@@ -53,11 +53,11 @@ def encode_texts(model: CLIP, texts: Sequence[str], batch_size: int = 256,
     token_ids = model.tokenizer(list(texts), truncation=True, max_length=model.config.text.max_length)["input_ids"]
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
     embeds = torch.empty(len(token_ids), model.config.projection.dim, device=device)
-    for start in range(0, len(token_ids), batch_size):
-        rows = order[start:start + batch_size]
-        input_ids, attention_mask = pad_token_ids([token_ids[i] for i in rows], model.tokenizer.pad_token_id,
-                                                  model.tokenizer.padding_side)
-        with autocast():
+    with autocast():  # one context for every batch: autocast casts the weights once, then reuses them
+        for start in range(0, len(token_ids), batch_size):
+            rows = order[start:start + batch_size]
+            input_ids, attention_mask = pad_token_ids([token_ids[i] for i in rows], model.tokenizer.pad_token_id,
+                                                      model.tokenizer.padding_side)
             embeds[torch.tensor(rows, device=device)] = model.encode_text(input_ids.to(device),
                                                                           attention_mask.to(device)).float()
     return embeds

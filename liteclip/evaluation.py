@@ -72,8 +72,8 @@ def embed_image_features(model: CLIP, image_features: torch.Tensor, batch_size: 
                          autocast: Autocast) -> torch.Tensor:
     """(N, D) normalised image embeddings from (N, F) cached image-tower features."""
     chunks = []
-    for start in range(0, len(image_features), batch_size):
-        with autocast():
+    with autocast():  # one context: the head's weights are cast once
+        for start in range(0, len(image_features), batch_size):
             features = image_features[start:start + batch_size].to(device)  # (B, F)
             chunks.append(model.encode_image(image_features=features).float())  # (B, D)
     return torch.cat(chunks)

@@ -53,6 +53,21 @@ def test_texts_are_tokenised_once_and_padded_as_the_tokenizer_pads_them(tiny_con
         assert torch.equal(ids, reference["input_ids"]) and torch.equal(mask, reference["attention_mask"])
 
 
+def test_texts_in_many_batches_enter_one_autocast_context(tiny_config):
+    # autocast keeps the weights it cast until its outermost context exits: one context casts them once
+    model = build_model(tiny_config.model).eval()
+    entered = []
+
+    def counting_autocast():
+        entered.append(True)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    embeds = encode_texts(model, [SENTENCES[i % len(SENTENCES)] for i in range(10)], batch_size=3,
+                          autocast=counting_autocast)
+    assert embeds.shape == (10, model.config.projection.dim) and embeds.dtype == torch.float32
+    assert len(entered) == 1  # four batches
+
+
 def test_image_files_are_read_in_one_pass_of_the_loader_and_a_callers_loader_gives_the_same(tiny_config, tmp_path,
                                                                                                monkeypatch):
     torch.manual_seed(0)
