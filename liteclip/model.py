@@ -68,7 +68,13 @@ class ImageEncoder(nn.Module):
         if reserved:
             raise ConfigError(f"model.image.model_kwargs sets {reserved}, which liteclip sets itself (pretrained: "
                               f"model.image.pretrained and weights_file; the classifier is always removed)")
-        self.model = timm.create_model(config.name, **config.model_kwargs, **kwargs)
+        try:
+            self.model = timm.create_model(config.name, **config.model_kwargs, **kwargs)
+        except TypeError as error:  # the architecture's constructor does not take one of them
+            if not config.model_kwargs or "keyword argument" not in str(error):
+                raise
+            raise ConfigError(f"model.image.model_kwargs={config.model_kwargs}: {config.name} does not take them "
+                              f"({error}); see the model's constructor in timm") from None
         self.num_features: int = self.model.num_features
         data_config = timm.data.resolve_model_data_config(self.model)
         if config.image_size is not None:

@@ -28,8 +28,8 @@ from liteclip.embedding import (batches_with_progress, encode_decodable_image_fi
 from liteclip.errors import DataError, InputError
 from liteclip.model import CLIP
 from liteclip.pretrained import WEIGHTS_NAME
-from liteclip.search_index import (PartialIndex, entries_of, faiss_module, open_faiss, read_index, write_faiss,
-                                   write_index)
+from liteclip.search_index import (PartialIndex, entries_of, faiss_module, faiss_path, open_faiss, read_index,
+                                   write_faiss, write_index)
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,8 @@ class ImageSearch:
         embeddings read into memory otherwise."""
         index_path = Path(index_path)
         # the header is parsed once; the embeddings are read with it unless a FAISS copy may stand in for them
-        meta, embeddings = read_index(index_path, embeddings=faiss_module() is None)
+        faiss_copy = faiss_module() is not None and faiss_path(index_path).is_file()
+        meta, embeddings = read_index(index_path, embeddings=not faiss_copy)
         if meta.get("model") != self.fingerprint:
             raise InputError(f"index {index_path} was built with another model; re-run `liteclip index`")
         self.paths = [Path(e["path"]) for e in meta["files"]]

@@ -180,9 +180,13 @@ def test_timm_keyword_arguments_shape_the_tower_and_are_saved_with_the_model(tin
         torch.testing.assert_close(loaded.encode_image(pixels), model.encode_image(pixels), rtol=0, atol=0)
 
 
-def test_timm_keyword_arguments_liteclip_sets_itself_are_refused(tiny_config):
+def test_timm_keyword_arguments_liteclip_sets_itself_or_the_tower_does_not_take_are_refused(tiny_config):
     image = dataclasses.replace(tiny_config.model.image, model_kwargs={"pretrained": True})
     with pytest.raises(ConfigError, match=r"model.image.model_kwargs sets \['pretrained'\]"):
+        build_model(dataclasses.replace(tiny_config.model, image=image))
+    image = dataclasses.replace(tiny_config.model.image, model_kwargs={"stem_width": 16})  # a ResNet's, not ConvNeXt's
+    with pytest.raises(ConfigError, match=r"model.image.model_kwargs=\{'stem_width': 16\}: test_convnext3 does not "
+                                          r"take them \(.*stem_width"):
         build_model(dataclasses.replace(tiny_config.model, image=image))
 
 

@@ -51,11 +51,14 @@ def test_a_faiss_file_the_index_did_not_record_is_not_used(model_dir, photos, tm
     assert "faiss" not in search_index.read_index(index_path, embeddings=False)[0]
 
 
-def test_loading_an_index_without_faiss_reads_the_file_once(model_dir, photos, tmp_path, monkeypatch):
+@pytest.mark.parametrize("faiss_installed", [False, True])
+def test_loading_an_index_without_a_faiss_copy_reads_the_file_once(model_dir, photos, tmp_path, monkeypatch,
+                                                                  faiss_installed):
     index_path = tmp_path / "photos.index"
-    ImageSearch(ZeroShotPipeline(model_dir)).index(photos, index_path, show_progress=False)
-    monkeypatch.setattr(pipeline_module, "faiss_module", lambda: None)  # as without faiss-cpu installed
-    monkeypatch.setattr(search_index, "faiss_module", lambda: None)
+    ImageSearch(ZeroShotPipeline(model_dir)).index(photos, index_path, show_progress=False, faiss=False)
+    if not faiss_installed:
+        monkeypatch.setattr(pipeline_module, "faiss_module", lambda: None)  # as without faiss-cpu installed
+        monkeypatch.setattr(search_index, "faiss_module", lambda: None)
     reads = []
 
     def counting_read_index(path, embeddings=True):
