@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,15 +19,26 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from liteclip.errors import ModelLoadError
+from liteclip.errors import InputError, ModelLoadError
+
+
+def ordinary_mode(directory: bool = False) -> int:
+    """The permissions an ordinary write or mkdir gives under the current umask (0644 / 0755 under umask 022);
+    mkstemp and mkdtemp make private 0600 / 0700 entries, which another user or a web server cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    """Writes `data` to `path` so that readers see the old file or the whole new one, never a part. The file gets
+    the mode an ordinary write would give it: the old file's, or the umask's for a new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else ordinary_mode()
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, mode)
         with os.fdopen(handle, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -69,14 +81,16 @@ def replace_directory(directory: str | Path, write_contents: Callable[[Path], No
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         write_contents(staging)
-        for file in staging.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as handle:
+        # mkdtemp made the folder private, and some writers (safetensors) make private files: everything written
+        # gets the modes an ordinary write gives, so the directory reads like one copied into place
+        for entry in staging.rglob("*"):
+            if entry.is_file():
+                entry.chmod(ordinary_mode())
+                with open(entry, "rb") as handle:
                     os.fsync(handle.fileno())
-        # mkdtemp makes the folder private (0700); a saved directory gets the usual permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
+            elif entry.is_dir():
+                entry.chmod(ordinary_mode(directory=True))
+        staging.chmod(ordinary_mode(directory=True))
         previous = directory.with_name(f".{directory.name}.previous")
         if directory.exists():
             for entry in directory.iterdir():
@@ -91,6 +105,16 @@ def replace_directory(directory: str | Path, write_contents: Callable[[Path], No
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def refuse_overlap(output: str | Path, source: str | Path, what: str) -> None:
+    """Raises InputError when writing `output` would replace or reach into `source`: the same path, one inside the
+    other, or the same file under another name (a link)."""
+    out, src = Path(output).resolve(), Path(source).resolve()
+    same_file = out.exists() and src.exists() and os.path.samefile(out, src)
+    if same_file or out.is_relative_to(src) or src.is_relative_to(out):
+        raise InputError(f"{what}: the output {output} would overwrite its own input {source}; "
+                         f"write it somewhere else (a new folder beside it)")
 
 
 def file_stamp(path: str | Path) -> list[int]:
@@ -187,9 +211,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ModelLoadError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the unpickler's own errors are many and deep; the cause is what matters
+    except pickle.UnpicklingError as error:  # weights_only refused an object; its own messages are many and deep
         raise ModelLoadError(
             f"refused to load {path}: it is not a plain-tensor checkpoint that loads with weights_only=True "
             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). liteclip never unpickles arbitrary "
             f"objects; re-export the weights as safetensors.") from None
-
+    except Exception as error:  # a cut zip archive, an empty file, bytes that are no checkpoint at all
+        reason = ": ".join(filter(None, [type(error).__name__, *str(error).split(". ")[:1]]))[:160]
+        raise ModelLoadError(
+            f"{path} is truncated or damaged ({path.stat().st_size:,} bytes; {reason}). Checkpoints are written "
+            f"whole, so it was cut or changed afterwards (a full disk while copying, a partial download): resume from another copy, or "
+            f"from best.pt beside it (--resume RUN_DIR/best.pt).") from None

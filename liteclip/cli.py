@@ -13,20 +13,26 @@ import shlex
 import sys
 from pathlib import Path
 
-from liteclip.errors import LiteclipError
+from liteclip.errors import InputError, LiteclipError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
 
-def _positive_int(text: str) -> int:
-    """argparse type for counts: a clear usage error instead of a traceback later."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _count_at_least(minimum: int, meaning: str):
+    """An argparse type for whole numbers >= minimum: a clear usage error instead of a traceback later."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be {meaning}")
+        return value
+    return parse
+
+
+_positive_int = _count_at_least(1, "at least 1")
+_non_negative_int = _count_at_least(0, "0 (decode in this process) or more")
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -42,8 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from liteclip.training import fit
 
     config = load_config(args.config, args.set)
-    resume_command = shlex.join(["python", "train.py", "--config", args.config, *(["--set", *args.set] if args.set
-                                                                                  else []), "--resume", "auto"])
+    resume_command = shlex.join([*args.invoked_as, "--config", args.config, *(["--set", *args.set] if args.set
+                                                                              else []), "--resume", "auto"])
     try:
         fit(config, resume=args.resume, show_progress=not args.no_progress)
     except TrainingStopped as stopped:
@@ -60,7 +66,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace, templates: list[str] | None = None):
     from liteclip.pipeline import ZeroShotPipeline
 
-    return ZeroShotPipeline(args.model_dir, device=args.device, templates=templates)
+    return ZeroShotPipeline(args.model_dir, device=args.device, templates=templates,
+                            trust_remote_code=args.trust_remote_code)
 
 
 def _emit(args: argparse.Namespace, data, table_rows: list[tuple], header: tuple) -> None:
@@ -77,7 +84,12 @@ def _emit(args: argparse.Namespace, data, table_rows: list[tuple], header: tuple
 def _cmd_predict(args: argparse.Namespace) -> int:
     from liteclip.data.image_folder import list_images
 
-    images = [str(p) for item in args.images for p in (list_images(item) if Path(item).is_dir() else [item])]
+    images = []
+    for item in args.images:
+        found = [str(path) for path in list_images(item)] if Path(item).is_dir() else [item]
+        if not found:
+            raise InputError(f"{item}: no image files in this folder or below it")
+        images += found
     pipeline = _pipeline(args, args.template)
     if len(images) == 1:  # one image that does not decode is an error, not an empty table
         results = [pipeline.predict(images[0], args.labels, top_k=args.top_k)]
@@ -140,7 +152,10 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     from liteclip.pretrained import read_model_config
 
     pipeline = _pipeline(args)
-    data_config = (load_config(args.config, args.set) if args.config else read_model_config(args.model_dir)).data
+    if args.config or args.set:  # --set alone applies on top of the config the model was trained with
+        data_config = load_config(args.config or Path(args.model_dir) / "config.yaml", args.set).data
+    else:
+        data_config = read_model_config(args.model_dir).data
     split = load_splits(data_config, generate=False)[args.split]
     metrics = evaluate_retrieval(pipeline.model, split, args.batch_size, pipeline.device)
     rows = [(k, f"{v:.2f} %") for k, v in metrics.items() if k != "loss"]
@@ -153,7 +168,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from liteclip.export import export_onnx, export_timm
     from liteclip.model import CLIP
 
-    model = CLIP.from_pretrained(args.model_dir)
+    model = CLIP.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code)
     out = args.out or f"{str(args.model_dir).rstrip('/')}_{args.format}"
     written = export_onnx(model, out, args.opset) if args.format == "onnx" else export_timm(model, out)
     print(f"{args.format} export of {args.model_dir} written to {written}: "
@@ -253,8 +268,15 @@ def _add_inference_command(commands: argparse._SubParsersAction, name: str, help
     command.add_argument("--model-dir", default="model", help="model directory from save_pretrained (./model)")
     command.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     command.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_trust_remote_code(command)
     command.set_defaults(handler=handler)
     return command
+
+
+def _add_trust_remote_code(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--trust-remote-code", action="store_true",
+                         help="let a model folder that carries Python code of its own run it (only for folders "
+                              "you trust; without it such a folder is refused)")
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
@@ -266,7 +288,8 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--template", action="append", help="prompt template with {}, repeatable")
     predict.add_argument("--top-k", type=_positive_int, default=None, help="show only the k most likely labels")
     predict.add_argument("--batch-size", type=_positive_int, default=64)
-    predict.add_argument("--num-workers", type=int, default=0, help="processes decoding images (default 0)")
+    predict.add_argument("--num-workers", type=_non_negative_int, default=0,
+                         help="processes decoding images (default 0)")
 
 
 def _add_index(commands: argparse._SubParsersAction) -> None:
@@ -275,7 +298,8 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
     index.add_argument("folder")
     index.add_argument("--index", default="liteclip.index", help="index file (re-indexing reuses unchanged files)")
     index.add_argument("--batch-size", type=_positive_int, default=64)
-    index.add_argument("--num-workers", type=int, default=0, help="processes decoding images (default 0)")
+    index.add_argument("--num-workers", type=_non_negative_int, default=0,
+                       help="processes decoding images (default 0)")
     index.add_argument("--chunk-size", type=_positive_int, default=4096,
                        help="images encoded between writes of the unfinished index (default 4096)")
     index.add_argument("--no-faiss", action="store_true",
@@ -320,6 +344,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--format", required=True, choices=["onnx", "timm"])
     export.add_argument("--out", default=None, help="output directory (default MODEL_DIR_FORMAT)")
     export.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
+    _add_trust_remote_code(export)
     export.set_defaults(handler=_cmd_export)
 
 
@@ -376,12 +401,24 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
     shard.set_defaults(handler=_cmd_data_shard)
 
 
+def _invocation(command: str) -> list[str]:
+    """How this command was started, to print a command that repeats it: `python train.py`, `python -m liteclip
+    train`, or `liteclip train` (also when main() is called from Python)."""
+    started = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("liteclip")
+    if started.name == "train.py":
+        return ["python", str(started)]
+    if started.name == "__main__.py":
+        return ["python", "-m", "liteclip", command]
+    return ["liteclip", command]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "search" and not (args.query or args.image):
         parser.error("search needs a text query or --image PATH")
     _setup_logging(args.verbose)
+    args.invoked_as = _invocation(args.command)
     try:
         return args.handler(args)
     except (LiteclipError, OSError) as error:

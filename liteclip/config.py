@@ -120,6 +120,7 @@ class DistillConfig:
     teacher: str | None = None
     weight: float = 1.0  # the KL term's weight next to the contrastive loss
     temperature: float = 1.0  # both similarity distributions are softened by it
+    trust_remote_code: bool = False  # let a teacher folder that carries Python code of its own run it
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -278,16 +279,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        loaded = read_yaml(path, ConfigError)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, optim, train)")
         raw = loaded or {}
     for override in overrides or []:
         _apply_override(raw, override)
     return config_from_dict(raw, source)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error instead of the last one
+    silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one section (lines {seen[key]} and {line}); "
+                                f"keep one", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, error_type: type[Exception]) -> Any:
+    """A YAML file's data, read strictly (StrictLoader); text that is not UTF-8 or not YAML is `error_type`."""
+    data = path.read_bytes()
+    try:
+        # YAML allows UTF-16 with a byte-order mark (Windows editors write it); anything else must be UTF-8
+        text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else data.decode("utf-8-sig")
+        return yaml.load(text, Loader=StrictLoader)
+    except UnicodeDecodeError as error:
+        raise error_type(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                         f"save it as UTF-8, the encoding YAML configs use") from None
+    except yaml.YAMLError as error:
+        raise error_type(f"{path}: not valid YAML: {error}") from None
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
@@ -308,7 +338,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # an empty section in the YAML (`model:`) is an empty mapping
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is a value, not a section")
     node[parts[-1]] = value
@@ -327,7 +359,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         dotted = f"{prefix}{key}"
         if dotted in DEPRECATED_KEYS:
             key, (new_key, values) = DEPRECATED_KEYS[dotted][0], DEPRECATED_KEYS[dotted]
-            if value not in values:
+            if not isinstance(value, bool):
                 raise ConfigError(f"{source}: {dotted} must be true or false, got {value!r}")
             logger.warning("%s: %s is now %s%s; read as %s: %s", source, dotted, prefix, new_key, new_key,
                            values[value])
@@ -437,6 +469,12 @@ def validate(config: Config, source: str = "<config>") -> None:
          "must be fractions that leave some training images"),
     ]
     checks.extend(_stream_checks(config))
+    checks.extend(_optimiser_checks(config.optim))
+    for tower in ("image", "text"):
+        lora = getattr(config.model, tower).lora
+        checks += [(lora.rank >= 1, f"model.{tower}.lora.rank", lora.rank, "must be >= 1 (e.g. 8)"),
+                   (lora.alpha > 0, f"model.{tower}.lora.alpha", lora.alpha, "must be > 0 (e.g. 2 * rank)"),
+                   (0 <= lora.dropout < 1, f"model.{tower}.lora.dropout", lora.dropout, "must be in [0, 1)")]
     checks.append((config.model.image.source == "timm" or not config.model.image.model_kwargs,
                    "model.image.model_kwargs", config.model.image.model_kwargs,
                    "is for timm towers; a Hugging Face tower's architecture comes from its config.json"))
@@ -448,6 +486,17 @@ def validate(config: Config, source: str = "<config>") -> None:
     for ok, key, value, rule in checks:
         if not ok:
             raise ConfigError(f"{source}: {key}={value!r} {rule}")
+
+
+def _optimiser_checks(optim: OptimConfig) -> list[tuple[bool, str, Any, str]]:
+    """Adam's own ranges (torch.optim checks some of them only at the first step, with a traceback)."""
+    return [
+        (0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", optim.min_lr_ratio,
+         "must be in [0, 1]: the cosine floor as a fraction of the peak lr"),
+        (all(0 <= beta < 1 for beta in optim.betas), "optim.betas", list(optim.betas),
+         "must be two values in [0, 1), e.g. [0.9, 0.98]"),
+        (optim.eps > 0, "optim.eps", optim.eps, "must be > 0, e.g. 1e-6"),
+    ]
 
 
 def _stream_checks(config: Config) -> list[tuple[bool, str, Any, str]]:

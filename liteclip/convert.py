@@ -48,7 +48,7 @@ def image_processor_data_config(name_or_dir: str, image_size: int) -> dict:
     try:
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(name_or_dir)
+        processor = AutoImageProcessor.from_pretrained(name_or_dir, trust_remote_code=False)
     except (OSError, ValueError):
         logger.warning("%s has no image processor config; using OpenAI CLIP's preprocessing", name_or_dir)
         return data_config
@@ -96,7 +96,7 @@ def read_hf_clip(name_or_dir: str, base: ModelConfig | None = None) -> Converted
         learn_logit_scale=base.learn_logit_scale,
     )
     return ConvertedCLIP(config, hf_config.text_config, hf_config.vision_config,
-                         AutoTokenizer.from_pretrained(name_or_dir),
+                         AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=False),
                          image_processor_data_config(name_or_dir, hf_config.vision_config.image_size),
                          liteclip_state_dict(source))
 

@@ -80,9 +80,11 @@ def teacher_cache_key(teacher: CLIP, images: list[CaptionedImage]) -> str:
 
 @torch.no_grad()
 def teacher_embeddings(teacher_name: str, images: list[CaptionedImage], cache_dir: Path, device: torch.device,
-                       precision: Precision, num_workers: int = 0) -> TeacherEmbeddings:
-    """The teacher's embeddings of a split, computed once and then read from cache_dir."""
-    teacher = CLIP.from_pretrained(teacher_name, device=device)
+                       precision: Precision, num_workers: int = 0,
+                       trust_remote_code: bool = False) -> TeacherEmbeddings:
+    """The teacher's embeddings of a split, computed once and then read from cache_dir (a teacher folder that
+    carries code of its own loads only with trust_remote_code: distill.trust_remote_code)."""
+    teacher = CLIP.from_pretrained(teacher_name, device=device, trust_remote_code=trust_remote_code)
     offsets = caption_offsets(images)
     path = cache_dir / f"teacher_{teacher_cache_key(teacher, images)}.safetensors"
     if path.is_file():

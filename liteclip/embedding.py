@@ -76,6 +76,22 @@ def pad_token_ids(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right
     return input_ids, attention_mask
 
 
+def check_template(template: Any) -> None:
+    """A prompt template takes the label at its one `{}`; anything else is an InputError saying how to write it."""
+    advice = "write one {} where the label goes, and double any literal brace: {{ or }}"
+    if not isinstance(template, str):
+        raise InputError(f"template {template!r} is not a string; {advice}")
+    try:
+        filled = template.format("\0")
+    except (IndexError, KeyError, ValueError) as error:
+        raise InputError(f"template {template!r} cannot take a label ({type(error).__name__}: {error}); "
+                         f"{advice}") from None
+    places = filled.count("\0")
+    if places != 1:
+        raise InputError(f"template {template!r} has {places or 'no'} place{'s' if places else ''} for the label; "
+                         f"{advice}")
+
+
 def encode_labels(model: CLIP, labels: Sequence[str], templates: Sequence[str] | None = None,
                   device: torch.device | str | None = None,
                   autocast: Autocast = contextlib.nullcontext) -> torch.Tensor:
@@ -84,8 +100,7 @@ def encode_labels(model: CLIP, labels: Sequence[str], templates: Sequence[str] |
     if not templates:
         return encode_texts(model, list(labels), device=device, autocast=autocast)
     for template in templates:
-        if "{}" not in template:
-            raise InputError(f"template {template!r} has no '{{}}' where the label goes")
+        check_template(template)
     prompts = [template.format(label) for label in labels for template in templates]
     embeds = encode_texts(model, prompts, device=device, autocast=autocast)  # (C*T, D)
     embeds = embeds.view(len(labels), len(templates), -1).mean(dim=1)  # (C, D)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liteclip.checkpoint import replace_directory
+from liteclip.checkpoint import refuse_overlap, replace_directory
 from liteclip.data.transforms import image_size
 from liteclip.embedding import encode_labels
 from liteclip.errors import InputError
@@ -33,6 +33,7 @@ from liteclip.lora import merged_copy
 from liteclip.model import CLIP
 
 ONNX_OPSET = 17  # onnxruntime 1.16 and newer run it; LayerNormalization is a single op from opset 17
+MIN_OPSET, MAX_OPSET = 14, 20  # scaled dot-product attention needs 14; torch's TorchScript exporter stops at 20
 IMAGE_ONNX, TEXT_ONNX, EXPORT_INFO = "image_encoder.onnx", "text_encoder.onnx", "export.json"
 
 
@@ -58,11 +59,23 @@ class TextEmbedder(nn.Module):
         return self.model.encode_text(input_ids, attention_mask)
 
 
+def refuse_overwriting_source(model: CLIP, out_dir: str | Path, what: str) -> None:
+    """An export never writes into (or around) the directory its model was loaded from."""
+    source = getattr(model, "name_or_path", None)
+    if source is not None and Path(source).is_dir():
+        refuse_overlap(out_dir, source, what)
+
+
 def export_onnx(model: CLIP, out_dir: str | Path, opset: int = ONNX_OPSET) -> Path:
     """Writes the two ONNX files with a dynamic batch axis (and sequence length), the tokenizer and the
     preprocessing beside them; the directory appears complete or not at all."""
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer; export a model saved with save_pretrained")
+    refuse_overwriting_source(model, out_dir, "the ONNX export")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InputError(f"opset {opset} is outside what this export supports ({MIN_OPSET} to {MAX_OPSET}: the "
+                         f"attention and normalisation ops of the towers, and torch's TorchScript exporter); "
+                         f"the default {ONNX_OPSET} runs on onnxruntime 1.16 and newer")
     model = merged_copy(model).float().cpu().eval()  # LoRA adapters folded in (a plain model is copied as is)
     side = image_size(model.data_config)
     pixels = torch.zeros(2, 3, side, side)
@@ -105,6 +118,7 @@ def export_timm(model: CLIP, out_dir: str | Path) -> Path:
     if model.config.image.source != "timm":
         raise InputError(f"the image tower is the Hugging Face model {model.config.image.name}, not a timm model; "
                          f"use --format onnx, or save_pretrained for transformers")
+    refuse_overwriting_source(model, out_dir, "the timm export")
     tower = merged_copy(model).image_encoder.model
     architecture = model.config.image.name.split(".")[0]
     data = model.data_config

@@ -91,12 +91,14 @@ class ImageEncoder(nn.Module):
         """A Hugging Face vision tower (CLIPVisionModel, ViTModel, ...): pooled output, processor statistics."""
         from transformers import AutoConfig, AutoModel
 
+        # an image tower never runs code shipped with its checkpoint (no option asks for it)
         if hf_config is not None:
-            self.model = AutoModel.from_config(hf_config)
+            self.model = AutoModel.from_config(hf_config, trust_remote_code=False)
         elif config.pretrained:
-            self.model = AutoModel.from_pretrained(config.name)
+            self.model = AutoModel.from_pretrained(config.name, trust_remote_code=False)
         else:
-            self.model = AutoModel.from_config(AutoConfig.from_pretrained(config.name))
+            self.model = AutoModel.from_config(AutoConfig.from_pretrained(config.name, trust_remote_code=False),
+                                               trust_remote_code=False)
         self.num_features = self.model.config.hidden_size
         self.data_config = clip_data_config(getattr(self.model.config, "image_size", 224))
 
@@ -208,6 +210,7 @@ class CLIP(PretrainedMixin, nn.Module):
     Attributes:
         tokenizer: the text tower's tokenizer (saved with the model by save_pretrained).
         data_config: the image tower's timm data config (input size, mean, std, interpolation, crop_pct).
+        name_or_path: the directory or checkpoint name it was loaded from (None when built from a config).
     """
 
     def __init__(self, config: ModelConfig, tokenizer: Any = None, text_hf_config: Any | None = None,
@@ -226,6 +229,7 @@ class CLIP(PretrainedMixin, nn.Module):
         self.logit_bias = (nn.Parameter(torch.tensor(float(config.logit_bias_init)))
                            if config.logit_bias_init is not None else None)
         self.data_config = self.image_encoder.data_config
+        self.name_or_path: str | None = None
         if config.image.channels_last:
             self.image_encoder.to(memory_format=torch.channels_last)
         for tower, locked in ((self.image_encoder, config.image.locked), (self.text_encoder, config.text.locked)):

@@ -56,20 +56,27 @@ class ZeroShotPipeline:
         dtype: torch.bfloat16 or torch.float16 to run the model in half precision (GPUs; CPUs with AMX, or AVX-512
             BF16 where it is faster: see liteclip.precision); default: as loaded (float32). Similarities and
             probabilities are computed in float32 either way.
+        trust_remote_code: allow a model folder that carries Python code of its own to run it (off: such a folder is
+            refused, whatever its config.yaml says).
 
     `pipeline(image, labels)` is `pipeline.predict(image, labels)`.
     """
 
     def __init__(self, model_dir: str | Path = "model", device: str | torch.device | None = None,
                  templates: Sequence[str] | None = None, model: CLIP | None = None,
-                 dtype: torch.dtype | None = None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                 dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+        try:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except (RuntimeError, TypeError):
+            raise InputError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda', 'cuda:1' or "
+                             f"'mps'") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"device {device!r} asked for, but no CUDA device is visible here; use device='cpu'")
         if self.device.type == "mps" and not torch.backends.mps.is_available():
             raise InputError(f"device {device!r} asked for, but MPS is not available here; use device='cpu'")
         self.model_dir = Path(model_dir)
-        self.model = (model if model is not None else CLIP.from_pretrained(model_dir))
+        self.model = (model if model is not None
+                      else CLIP.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
         self.model = self.model.to(device=self.device, dtype=dtype).eval()
         self.dtype = next(self.model.parameters()).dtype
         self.templates = list(templates) if templates else None
@@ -144,6 +151,13 @@ class ZeroShotPipeline:
         if isinstance(labels, str):
             raise InputError(f"labels must be a list of label texts, got the single string {labels!r}; "
                              f"pass [{labels!r}, ...] with at least 2 labels")
+        try:
+            labels = list(labels)  # a generator or a tuple is as good as a list
+        except TypeError:
+            raise InputError(f"labels must be a list of label texts, got {type(labels).__name__}") from None
+        for label in labels:
+            if not isinstance(label, str) or not label.strip():
+                raise InputError(f"every label must be a non-empty text, got {label!r} among {labels}")
         if top_k is not None and top_k < 1:
             raise InputError(f"top_k={top_k}: ask for at least one label, or None for all")
         if batch_size < 1:
@@ -165,6 +179,19 @@ class ZeroShotPipeline:
         return [(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
 
+def unique_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """The paths as Path objects, each file once (the first mention of it kept, in order)."""
+    seen: set[Path] = set()
+    unique = []
+    for path in map(Path, paths):
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            unique.append(path)
+    if len(unique) < len(paths):
+        logger.info("%d repeated path(s) indexed once", len(paths) - len(unique))
+    return unique
+
+
 def to_array(image: ImageInput) -> np.ndarray:
     """An RGB uint8 array (H, W, 3) from a path, a PIL image or an array (grayscale and RGBA accepted)."""
     if isinstance(image, (str, Path)):
@@ -179,6 +206,8 @@ def to_array(image: ImageInput) -> np.ndarray:
             image = np.stack([image] * 3, axis=-1)
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise InputError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise InputError(f"image array of shape {image.shape} has no pixels")
         if image.dtype != np.uint8:
             raise InputError(f"image array must be uint8 (0-255), got {image.dtype}")
         return np.ascontiguousarray(image[..., :3])
@@ -217,7 +246,10 @@ class ImageSearch:
 
         faiss: write the FAISS copy (None: when faiss-cpu is installed).
         """
-        files = list_images(source) if isinstance(source, (str, Path)) else [Path(p) for p in source]
+        files = list_images(source) if isinstance(source, (str, Path)) else unique_paths(source)
+        if index_path is not None and Path(index_path).suffix.lower() in IMAGE_SUFFIXES:
+            raise InputError(f"the index path {index_path} names an image file; give the index a name of its own, "
+                             f"such as photos.index (nothing was written)")
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
         if faiss and faiss_module() is None:
@@ -273,6 +305,9 @@ class ImageSearch:
         """Opens an index for search: its FAISS copy memory-mapped when there is one and faiss is installed, the
         embeddings read into memory otherwise."""
         index_path = Path(index_path)
+        if index_path.suffix.lower() in IMAGE_SUFFIXES:
+            raise InputError(f"{index_path} is an image file, not an index; pass the file `liteclip index` wrote "
+                             f"(--index NAME)")
         # the header is parsed once; the embeddings are read with it unless a FAISS copy may stand in for them
         faiss_copy = faiss_module() is not None and faiss_path(index_path).is_file()
         meta, embeddings = read_index(index_path, embeddings=not faiss_copy)
@@ -286,11 +321,26 @@ class ImageSearch:
             self.embeddings = embeddings if embeddings is not None else read_index(index_path)[1]
 
     def _rank(self, query_embed: torch.Tensor, top_k: int) -> list[tuple[Path, float]]:
+        """The top_k existing files: one deleted since indexing is passed over (with a warning) for the next."""
         if top_k < 1:
             raise InputError(f"top_k={top_k}: ask for at least one image")
         if not self.paths:
             raise InputError("the index is empty: call index(folder) or load(index_path) first")
         k = min(top_k, len(self.paths))
+        while True:
+            hits = self._nearest(query_embed, k)
+            found = [(path, score) for path, score in hits if path.is_file()][:top_k]
+            if len(found) == top_k or k == len(self.paths):
+                break
+            k = min(len(self.paths), 2 * k)
+        last = hits.index(found[-1]) if found else len(hits) - 1
+        gone = [path for path, _ in hits[:last + 1] if not path.is_file()]
+        if gone:
+            logger.warning("%d indexed file(s) among the nearest no longer exist (first: %s) and were passed over; "
+                           "re-run `liteclip index` to drop them", len(gone), gone[0])
+        return found
+
+    def _nearest(self, query_embed: torch.Tensor, k: int) -> list[tuple[Path, float]]:
         if self.faiss_index is not None:
             scores, rows = self.faiss_index.search(query_embed.float()[None].numpy(), k)
             values, indices = scores[0], rows[0]

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from liteclip.checkpoint import load_weights, read_safetensors, replace_directory
-from liteclip.config import Config, ConfigError, ModelConfig, config_from_dict
+from liteclip.config import Config, ConfigError, ModelConfig, config_from_dict, read_yaml
 from liteclip.convert import ConvertedCLIP, is_hf_clip, read_hf_clip
 from liteclip.errors import ModelLoadError
 from liteclip.lora import merged_copy
@@ -62,10 +62,14 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None):
+                        dtype: torch.dtype | None = None, trust_remote_code: bool = False):
         """Loads a directory written by save_pretrained (offline, no pickle), or a Hugging Face CLIP checkpoint
         (a directory in the transformers layout, or a hub name such as openai/clip-vit-base-patch32), onto
-        `device`, in `dtype` if given (torch.bfloat16, torch.float16), in eval mode."""
+        `device`, in `dtype` if given (torch.bfloat16, torch.float16), in eval mode.
+
+        A folder whose towers or tokenizer come with their own Python code (an `auto_map` in their config) is
+        refused unless `trust_remote_code=True` is passed here: what the folder's own files say never decides it.
+        """
         if not (Path(name_or_dir) / CONFIG_NAME).is_file() and is_hf_clip(name_or_dir):
             try:
                 converted = read_hf_clip(str(name_or_dir))
@@ -75,7 +79,7 @@ class PretrainedMixin:
                     f"name could be loaded ({str(error).splitlines()[0]}). Train one with `python train.py "
                     f"--config configs/demo.yaml`, or check the name and the network.") from None
             return from_converted(cls, converted).to(device=device, dtype=dtype).eval()
-        return load_model_dir(cls, name_or_dir).to(device=device, dtype=dtype).eval()
+        return load_model_dir(cls, name_or_dir, trust_remote_code).to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, directory: str | Path, full_config: Config | None = None,
                         metrics: dict[str, float] | None = None) -> Path:
@@ -90,6 +94,7 @@ def from_converted(cls: type, converted: ConvertedCLIP):
                 image_hf_config=converted.vision_hf_config)
     load_weights(model, converted.state_dict, str(converted.config.image.name))
     model.data_config = converted.data_config
+    model.name_or_path = str(converted.config.image.name)
     return model
 
 
@@ -167,14 +172,51 @@ def model_card(model_config: ModelConfig, full_config: Config | None = None,
 def read_model_config(directory: str | Path) -> Config:
     """The resolved config stored in a model directory (the data section says what it was trained on)."""
     path = Path(directory) / CONFIG_NAME
+    raw = read_yaml(path, ModelLoadError)
+    if raw is not None and not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: the top level must be a mapping of sections (model, data, ...), got {raw!r}")
     try:
-        return config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+        return config_from_dict(raw or {}, str(path))
     except ConfigError as error:
         raise ModelLoadError(f"{path} does not describe a liteclip model this version can build: {error}") from None
 
 
-def load_model_dir(cls: type, directory: str | Path):
-    """Rebuilds a model of class `cls` from a directory written by save_model_dir, offline and without pickle."""
+def remote_code_in(directory: str | Path) -> list[str]:
+    """What in a model directory would make transformers import Python code shipped with it: every `auto_map`
+    entry of the towers' and the tokenizer's configs, as "file: Auto class -> module.Class"."""
+    directory = Path(directory)
+    found = []
+    for sub in (TEXT_CONFIG_DIR, VISION_CONFIG_DIR, TOKENIZER_DIR):
+        for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+            path = directory / sub / name
+            if not path.is_file():
+                continue
+            try:
+                auto_map = json.loads(path.read_text()).get("auto_map")
+            except (ValueError, AttributeError):
+                continue  # not a JSON object: transformers' own loading names the file
+            if isinstance(auto_map, dict):
+                found += [f"{sub}/{name}: {key} -> {value}" for key, value in auto_map.items()]
+            elif auto_map:
+                found.append(f"{sub}/{name}: auto_map {auto_map}")
+    return found
+
+
+def refuse_remote_code(directory: str | Path, trust_remote_code: bool) -> None:
+    """Raises ModelLoadError when the directory carries code of its own and the caller did not allow it."""
+    found = remote_code_in(directory)
+    if found and not trust_remote_code:
+        raise ModelLoadError(
+            f"{directory} asks to run Python code that it carries ({'; '.join(found)}), and liteclip never runs a "
+            f"model folder's code on the folder's own say-so. If you trust where it came from, allow it: "
+            f"CLIP.from_pretrained(..., trust_remote_code=True), ZeroShotPipeline(..., trust_remote_code=True), "
+            f"`--trust-remote-code` on the command line, or distill.trust_remote_code: true for a teacher.")
+
+
+def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = False):
+    """Rebuilds a model of class `cls` from a directory written by save_model_dir, offline and without pickle.
+    Code shipped in the directory runs only with trust_remote_code=True (model.text.trust_remote_code as saved in
+    its config.yaml is ignored: the caller decides)."""
     from transformers import AutoConfig, AutoTokenizer
 
     directory = Path(directory)
@@ -184,19 +226,22 @@ def load_model_dir(cls: type, directory: str | Path):
             f"`python train.py --config configs/demo.yaml`, which writes ./model, or put a directory written by "
             f"CLIP.save_pretrained there.")
     config = read_model_config(directory).model
+    refuse_remote_code(directory, trust_remote_code)
     # the weights come from the directory, so the towers are built empty and never touch the network
     config = dataclasses.replace(
         config,
         image=dataclasses.replace(config.image, pretrained=False, weights_file=None),
-        text=dataclasses.replace(config.text, pretrained=False, name=str(directory / TEXT_CONFIG_DIR)),
+        text=dataclasses.replace(config.text, pretrained=False, name=str(directory / TEXT_CONFIG_DIR),
+                                 trust_remote_code=trust_remote_code),
     )
-    text_hf_config = AutoConfig.from_pretrained(directory / TEXT_CONFIG_DIR)
+    text_hf_config = AutoConfig.from_pretrained(directory / TEXT_CONFIG_DIR, trust_remote_code=trust_remote_code)
     image_hf_config = None
     if config.image.source == "hf":
-        image_hf_config = AutoConfig.from_pretrained(directory / VISION_CONFIG_DIR)
+        image_hf_config = AutoConfig.from_pretrained(directory / VISION_CONFIG_DIR,
+                                                     trust_remote_code=trust_remote_code)
     tokenizer = None
     if (directory / TOKENIZER_DIR).is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR), trust_remote_code=trust_remote_code)
     model = cls(config, tokenizer=tokenizer, text_hf_config=text_hf_config, image_hf_config=image_hf_config)
     if (directory / PREPROCESSOR_NAME).is_file():
         saved = json.loads((directory / PREPROCESSOR_NAME).read_text())
@@ -204,4 +249,5 @@ def load_model_dir(cls: type, directory: str | Path):
     weights, _ = read_safetensors(directory / WEIGHTS_NAME, "the model's weights: copy the model directory again, "
                                                            "or export it again from a training checkpoint")
     load_weights(model, weights, str(directory / WEIGHTS_NAME))
+    model.name_or_path = str(directory)  # where it came from (Hugging Face's name): exports refuse to write there
     return model

@@ -2,6 +2,7 @@
 made before any training starts.
 
     config.yaml          the resolved config
+    config.until_step_N.yaml   the config a run used before it was resumed at step N with changed settings
     metrics.csv          one row every train.log_every optimiser steps: loss, lr, samples/s
     epochs.csv           one row per epoch: train loss, and validation loss and recall on evaluation epochs
     tensorboard/         the same rows, when the tensorboard package is installed
@@ -32,11 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from liteclip.checkpoint import atomic_link, atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
 from liteclip.config import Config
 from liteclip.ema import WeightAverage
-from liteclip.errors import DiskSpaceError, ModelLoadError, OutputDirectoryError, RunInUseError
+from liteclip.errors import ConfigError, DiskSpaceError, ModelLoadError, OutputDirectoryError, RunInUseError
 
 logger = logging.getLogger(__name__)
 
@@ -183,12 +185,17 @@ class RunDirectory:
             finally:
                 _rewrite(handle, "")  # a clean exit leaves no holder behind; closing releases the flock
 
-    def prepare(self, config: Config) -> None:
-        """Checks that the run and model directories can take checkpoints, then writes config.yaml."""
+    def prepare(self, config: Config, replaced: tuple[int, dict[str, Any]] | None = None) -> None:
+        """Checks that the run and model directories can take checkpoints, then writes config.yaml; `replaced`
+        (step, config dict) is the config a resumed run used until then, kept as config.until_step_N.yaml."""
         model_dir = Path(config.train.model_dir)
         for directory in (self.path, model_dir.parent):
             check_writable(directory)
             remove_stale_temporaries(directory)
+        if replaced is not None:
+            step, old = replaced
+            atomic_write_bytes(self.path / f"config.until_step_{step}.yaml",
+                               yaml.safe_dump(old, sort_keys=False).encode())
         atomic_write_bytes(self.path / "config.yaml", config.to_yaml().encode())
 
     def check_free_space(self, model_dir: Path, checkpoint_size: int, model_size: int) -> None:
@@ -307,13 +314,54 @@ def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     }
 
 
+# what a checkpoint cannot be resumed under when it changes: the weights' shapes and which of them train (the
+# optimiser's state is per trainable tensor), and whether a weight average is kept
+UNRESUMABLE = ("model.", "train.ema_decay")
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-4}} -> {"optim.lr": 1e-4}."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value and key != "model_kwargs":
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resumed_config_changes(saved: dict[str, Any], config: Config, path: Path) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between a checkpoint's config and the one resuming it, {key: (saved, now)}.
+
+    A change the checkpoint cannot be resumed under (UNRESUMABLE) is a ConfigError naming every such key; the
+    others are logged as a warning, key by key, and take effect from the resumed step."""
+    before, now = flatten(saved), flatten(config.to_dict())
+    changes = {key: (before[key], now[key]) for key in now if key in before and before[key] != now[key]}
+    fatal = {key: change for key, change in changes.items() if key.startswith(UNRESUMABLE)
+             and not (key == "train.ema_decay" and None not in change)}
+    if fatal:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in fatal.items())
+        raise ConfigError(f"cannot resume {path} under a changed model or weight average ({listed}); resume it with "
+                          f"the config it was trained with ({path.parent / 'config.yaml'}), or start a new run with "
+                          f"another train.output_dir")
+    if changes:
+        logger.warning("resuming %s with changed settings, which take effect from its step on: %s", path,
+                       "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()))
+    return changes
+
+
 def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler | None, state: TrainState, rank: int = 0,
             ema: WeightAverage | None = None) -> None:
     """Loads a checkpoint written by checkpoint_state into the model, optimiser, scaler and state."""
     checkpoint = load_checkpoint(path)
     load_weights(model, checkpoint["model"], str(path))
+    # the config's learning rates, weight decay, betas and eps win over the checkpoint's (a resumed run may change
+    # them: resumed_config_changes warns), while the moments and step counts come from the checkpoint
+    configured = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
     if ema is not None:

@@ -47,7 +47,7 @@ from liteclip.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.precision import Precision, cpu_bf16_is_measured, resolve_precision
 from liteclip.preemption import StepCheckpoints
 from liteclip.run_directory import (BEST, LAST, RunDirectory, TrainState, checkpoint_bytes, checkpoint_state,
-                                    restore)
+                                    restore, resumed_config_changes)
 from liteclip.runtime import keep_freed_memory_for
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     if config.distill.teacher:
         teacher = teacher_embeddings(config.distill.teacher, datasets["train"].images,
                                      Path(config.data.root) / ".liteclip_cache", ctx.device, precision,
-                                     config.data.num_workers)
+                                     config.data.num_workers, config.distill.trust_remote_code)
         datasets["train"] = WithTeacherEmbeddings(datasets["train"], teacher)
         distill = DistillTerm(config.distill.weight, config.distill.temperature, teacher.scale)
     loaders = build_dataloaders(config.data, model.tokenizer, config.model.text.max_length, model.data_config,
@@ -437,6 +437,16 @@ def train_epochs(setup: TrainingSetup, state: TrainState, config: Config, run: R
 
 
 
+def replaced_config(resume_path: Path | None, config: Config) -> tuple[int, dict] | None:
+    """(step, config) of the checkpoint being resumed when its config differs from `config` (see
+    resumed_config_changes: an unresumable change is an error), else None."""
+    if resume_path is None:
+        return None
+    checkpoint = load_checkpoint(resume_path)
+    saved = checkpoint.get("config") or {}
+    return (checkpoint.get("step", 0), saved) if resumed_config_changes(saved, config, resume_path) else None
+
+
 def fit(config: Config, resume: str | None = None, show_progress: bool = True) -> dict[str, float]:
     """Trains a CLIP model as the config says; returns the final metrics (test split of the best model).
 
@@ -450,8 +460,10 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
     # without it a CPU step can spend two fifths of its time faulting freed activations back in (liteclip.runtime)
     with keep_freed_memory_for(ctx.device, config.train.keep_cpu_memory), \
             run.locked() if ctx.is_main else contextlib.nullcontext():
+        resume_path = run.resume_path(resume)
         if ctx.is_main:
-            run.prepare(config)  # before the data and the model: a bad output directory fails at once
+            # the checkpoint's config is compared first: a run that cannot resume fails before anything is written
+            run.prepare(config, replaced_config(resume_path, config))
             splits = load_splits(config.data)  # the demo data is generated here, once, by rank 0
         distributed.barrier()
         if not ctx.is_main:
@@ -460,7 +472,6 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
         if ctx.is_main:
             run.check_free_space(Path(config.train.model_dir), *checkpoint_bytes(setup.model, setup.optimizer))
         state = TrainState()
-        resume_path = run.resume_path(resume)
         if resume_path is not None:
             restore(resume_path, setup.model, setup.optimizer, setup.scaler, state, ctx.rank, setup.ema)
             keep_the_started_precision(setup, state, config.train.precision)

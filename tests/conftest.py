@@ -74,3 +74,19 @@ def draw_image(path: Path, color: tuple[int, int, int], size: int = 40) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
+
+
+def upright_picture():
+    """48 wide, 32 high, with a red block on the left: which way is up is visible in the pixels."""
+    pixels = np.full((32, 48, 3), 230, dtype=np.uint8)
+    pixels[8:24, 2:18] = (200, 20, 20)
+    return pixels
+
+
+def save_as_phone_photo(pixels, path):
+    """What a phone camera writes for a photo taken in portrait: the sensor's pixels, turned a quarter anticlockwise,
+    and EXIF orientation 6 (display rotated 90 degrees clockwise)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif)
+    return path

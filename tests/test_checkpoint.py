@@ -75,3 +75,62 @@ def test_a_kept_checkpoint_stays_as_it_was_when_its_source_is_saved_again(tmp_pa
     atomic_link(tmp_path / "last.pt", tmp_path / "best.pt")  # over an existing best
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # nothing staged left behind
+
+
+# ------------------------------------------------------------------------- file modes and damaged files (issue 26)
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path):
+    return oct(path.stat().st_mode & 0o777)
+
+
+def test_atomic_writes_give_the_modes_an_ordinary_write_would(tmp_path, umask_022):
+    atomic_write_bytes(tmp_path / "new.yaml", b"x")
+    (tmp_path / "plain.yaml").write_bytes(b"x")  # the reference: what open(..., "w") gives under this umask
+    assert mode(tmp_path / "new.yaml") == mode(tmp_path / "plain.yaml") == oct(0o644)
+    (tmp_path / "private.pt").write_bytes(b"old")
+    (tmp_path / "private.pt").chmod(0o600)
+    save_checkpoint(tmp_path / "private.pt", {"step": 1})  # a file the user made private stays private
+    assert mode(tmp_path / "private.pt") == oct(0o600)
+    os.umask(0o077)
+    atomic_write_bytes(tmp_path / "strict.yaml", b"x")
+    assert mode(tmp_path / "strict.yaml") == oct(0o600)
+
+
+def test_a_saved_model_a_run_directory_and_an_index_are_readable_by_others(model_dir, tiny_config, tmp_path,
+                                                                           umask_022):
+    from liteclip import build_model
+    from liteclip.pipeline import ImageSearch, ZeroShotPipeline
+    from liteclip.run_directory import RunDirectory
+    from tests.conftest import draw_image
+
+    build_model(tiny_config.model).save_pretrained(tmp_path / "saved")
+    assert mode(tmp_path / "saved") == oct(0o755)
+    assert {mode(p) for p in (tmp_path / "saved").rglob("*") if p.is_file()} == {oct(0o644)}
+    run = RunDirectory(tmp_path / "run")
+    run.prepare(tiny_config)
+    run.write_final_metrics({"test_mean_recall": 1.0})
+    assert mode(tmp_path / "run" / "config.yaml") == mode(tmp_path / "run" / "final_metrics.csv") == oct(0o644)
+    draw_image(tmp_path / "photos" / "a.png", (1, 2, 3))
+    ImageSearch(ZeroShotPipeline(model_dir, device="cpu")).index(tmp_path / "photos", tmp_path / "p.index",
+                                                                  show_progress=False)
+    assert {mode(p) for p in tmp_path.glob("p.index*")} == {oct(0o644)}
+
+
+def test_a_truncated_checkpoint_is_called_truncated_not_a_pickle(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.randn(64, 64)}, "step": 3})
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ModelLoadError, match=r"last.pt is truncated or damaged \(.*\)\. .*best.pt") as error:
+        load_checkpoint(tmp_path / "last.pt")
+    assert "pickle" not in str(error.value) and "safetensors" not in str(error.value)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"empty.pt is truncated or damaged \(0 bytes"):
+        load_checkpoint(tmp_path / "empty.pt")

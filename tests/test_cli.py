@@ -95,3 +95,71 @@ def test_predict_takes_folders_and_index_can_skip_the_faiss_copy(model_dir, tmp_
     assert main(["index", str(tmp_path / "photos"), "--index", str(tmp_path / "p.index"), "--model-dir",
                  str(model_dir), "--no-faiss"]) == 0
     assert (tmp_path / "p.index").is_file() and not (tmp_path / "p.index.faiss").exists()
+
+
+# ------------------------------------------------------------------------- messy command lines (issue 26)
+
+
+def test_eval_retrieval_applies_set_to_the_models_own_config_without_config(model_dir, tmp_path, capsys):
+    missing = tmp_path / "no_such_data"
+    assert main(["eval-retrieval", "--model-dir", str(model_dir), "--device", "cpu", "--set", "data.dataset=csv",
+                 f"data.root={missing}", "data.captions_file=c.csv"]) == 2
+    assert f"data.root={missing} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("started_as, resume", [
+    ("/home/me/.venv/bin/liteclip", "liteclip train --config c.yaml --resume auto"),
+    ("train.py", "python train.py --config c.yaml --resume auto"),
+    ("/site-packages/liteclip/__main__.py", "python -m liteclip train --config c.yaml --resume auto"),
+])
+def test_an_interrupted_run_prints_the_command_that_was_run_to_resume(started_as, resume, tmp_path, capsys,
+                                                                      monkeypatch):
+    import liteclip.training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    (tmp_path / "c.yaml").write_text("train:\n  epochs: 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(liteclip.training, "fit", interrupted)
+    monkeypatch.setattr("sys.argv", [started_as])
+    assert main(["train", "--config", "c.yaml"]) == 130
+    assert f"resume: {resume}" in capsys.readouterr().err
+
+
+def test_predict_on_a_folder_without_images_names_the_folder(model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--labels", "a", "b", "--model-dir", str(model_dir)]) == 2
+    assert f"{tmp_path / 'empty'}: no image files in this folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "gpu0"], "device 'gpu0' is not a device torch knows"),
+    (["--template", "a {} and {}"], "template 'a {} and {}' cannot take a label (IndexError"),
+    (["--template", 'json {"k": {}}'], "cannot take a label (KeyError"),
+    (["--template", "no placeholder"], "has no place for the label"),
+    (["--labels", "a", ""], "every label must be a non-empty text"),
+])
+def test_bad_inference_arguments_are_one_line_errors(model_dir, tmp_path, capsys, extra, message):
+    image = draw_image(tmp_path / "x.png", (0, 0, 200))
+    labels = [] if "--labels" in extra else ["--labels", "a", "b"]
+    assert main(["predict", str(image), *labels, "--model-dir", str(model_dir), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_negative_worker_count_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "x.png", "--labels", "a", "b", "--num-workers", "-1"])
+    assert exit_info.value.code == 2 and "-1 must be 0 (decode in this process) or more" in capsys.readouterr().err
+
+
+def test_an_index_path_naming_an_image_is_refused_and_the_image_kept(model_dir, tmp_path, capsys):
+    photo = draw_image(tmp_path / "photos" / "0.png", (1, 2, 3))
+    before = photo.read_bytes()
+    assert main(["index", str(tmp_path / "photos"), "--index", str(photo), "--model-dir", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "names an image file" in err and "delete" not in err
+    assert photo.read_bytes() == before
+    assert main(["search", "x", "--index", str(photo), "--model-dir", str(model_dir)]) == 2
+    assert "is an image file, not an index" in capsys.readouterr().err

@@ -101,3 +101,44 @@ def test_the_old_locked_key_is_read_as_tune_locked_with_a_warning(tmp_path, capl
     assert "model.image.locked is now model.image.tune" in caplog.text
     with pytest.raises(ConfigError, match="model.image.locked must be true or false"):
         load_config(None, ["model.image.locked=sometimes"])
+
+
+# ------------------------------------------------------------------------- messy configs (issue 26)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.min_lr_ratio=-5", "optim.min_lr_ratio"), ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio"),
+    ("optim.betas=[1.5, 0.9]", "optim.betas"), ("optim.betas=[0.9, -0.1]", "optim.betas"),
+    ("optim.eps=-1", "optim.eps"), ("optim.eps=0", "optim.eps"),
+    ("model.image.lora.rank=0", "model.image.lora.rank"), ("model.text.lora.rank=0", "model.text.lora.rank"),
+    ("model.text.lora.alpha=0", "model.text.lora.alpha"), ("model.text.lora.dropout=1", "model.text.lora.dropout"),
+])
+def test_optimiser_and_adapter_ranges_are_checked_with_the_key_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + "=.*must be"):
+        load_config(None, [override])
+
+
+def test_a_deprecated_boolean_key_given_a_list_is_a_config_error_not_a_type_error():
+    with pytest.raises(ConfigError, match=r"model.image.locked must be true or false, got \[1\]"):
+        load_config(None, ["model.image.locked=[1]"])
+
+
+def test_an_override_fills_an_empty_section(tmp_path):
+    config = load_config(write(tmp_path, "model:\ntrain:\n  epochs: 2\n"), ["model.projection.dim=64"])
+    assert config.model.projection.dim == 64 and config.train.epochs == 2
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.yaml: .*key 'epochs' appears twice in one section \(lines 2 and 4\)"):
+        load_config(write(tmp_path, "train:\n  epochs: 3\n  seed: 1\n  epochs: 5\n"))
+    # the same key in two sections is no repeat
+    assert load_config(write(tmp_path, "train:\n  seed: 3\ndata:\n  split_seed: 3\n")).train.seed == 3
+
+
+def test_a_utf16_config_is_read_and_a_binary_one_is_a_config_error(tmp_path):
+    path = tmp_path / "windows.yaml"
+    path.write_bytes("optim:\n  lr: 1.0e-4\n".encode("utf-16"))  # with its byte-order mark, as Notepad writes it
+    assert load_config(path).optim.lr == 1e-4
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match=r"windows.yaml: not UTF-8 text"):
+        load_config(path)

@@ -109,3 +109,32 @@ def test_export_command(demo_model_dir, tmp_path, capsys):
     assert (tmp_path / "t" / "model.safetensors").is_file()
     assert main(["export", str(demo_model_dir), "--format", "onnx", "--out", str(tmp_path / "o")]) == 0
     assert "image_encoder.onnx, preprocessor_config.json, text_encoder.onnx" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- an export never eats its model (issue 26)
+
+
+@pytest.mark.parametrize("out", [".", "inner", ".."])
+@pytest.mark.parametrize("export_format", ["timm", "onnx"])
+def test_an_export_into_or_around_its_own_model_is_refused_and_the_model_is_untouched(model_dir, capsys, out,
+                                                                                    export_format):
+    from liteclip.checkpoint import sha256_of
+    from liteclip.errors import InputError
+
+    weights = sha256_of(model_dir / "model.safetensors")
+    target = (model_dir / out) if out != "." else model_dir
+    assert main(["export", str(model_dir), "--format", export_format, "--out", str(target)]) == 2
+    assert "would overwrite its own input" in capsys.readouterr().err
+    exporter = export_timm if export_format == "timm" else export_onnx
+    with pytest.raises(InputError, match="would overwrite its own input"):  # the library refuses too
+        exporter(CLIP.from_pretrained(model_dir), target)
+    assert sha256_of(model_dir / "model.safetensors") == weights
+    assert ZeroShotPipeline(model_dir, device="cpu").predict(draw_image(model_dir.parent / "x.png", (9, 9, 9)),
+                                                             ["a", "b"])
+
+
+def test_an_opset_outside_the_supported_range_is_one_line(model_dir, tmp_path, capsys):
+    assert main(["export", str(model_dir), "--format", "onnx", "--opset", "5", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "opset 5 is outside what this export supports (14 to 20" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

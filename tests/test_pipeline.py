@@ -278,3 +278,42 @@ def test_a_long_list_is_classified_a_batch_at_a_time_with_the_same_results(model
             single = pipeline.predict(item, LABELS)
             assert [l for l, _ in result] == [l for l, _ in single]
             assert [p for _, p in result] == pytest.approx([p for _, p in single], abs=1e-5)
+
+
+# ------------------------------------------------------------------------- messy Python calls (issue 26)
+
+
+def test_labels_from_a_generator_are_taken_and_non_texts_or_empty_ones_refused(model_dir, images):
+    from liteclip.errors import InputError
+
+    pipeline = ZeroShotPipeline(model_dir, device="cpu")
+    assert pipeline.predict(images[0], (label for label in LABELS)) == pipeline.predict(images[0], LABELS)
+    for bad in ([1, 2], ["a cat", None], ["a cat", "  "]):
+        with pytest.raises(InputError, match="every label must be a non-empty text"):
+            pipeline.predict(images[0], bad)
+    with pytest.raises(InputError, match="has no pixels"):
+        pipeline.predict(np.zeros((0, 0, 3), dtype=np.uint8), LABELS)
+
+
+def test_a_path_given_twice_is_indexed_once(model_dir, tmp_path):
+    paths = [draw_image(tmp_path / f"{i}.png", (60 * i, 9, 9)) for i in range(3)]
+    search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
+    search.index([paths[0], paths[1], paths[0], str(paths[2]), tmp_path / "." / "1.png"], tmp_path / "i.index",
+                 show_progress=False)
+    assert search.paths == [p.resolve() for p in paths] and search.embeddings.shape[0] == 3
+
+
+def test_search_passes_over_files_deleted_since_indexing_and_says_so(model_dir, tmp_path, caplog):
+    folder = tmp_path / "photos"
+    for i in range(6):
+        draw_image(folder / f"{i}.png", (40 * i, 100, 9))
+    search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
+    search.index(folder, tmp_path / "p.index", show_progress=False)
+    full = search.search("a red circle", top_k=6)
+    for path, _ in full[:2]:  # the two best hits are gone
+        path.unlink()
+    search.load(tmp_path / "p.index")
+    with caplog.at_level("WARNING", logger="liteclip.pipeline"):
+        hits = search.search("a red circle", top_k=3)
+    assert hits == [(path, pytest.approx(score, abs=1e-5)) for path, score in full[2:5]]
+    assert "2 indexed file(s) among the nearest no longer exist" in caplog.text and "liteclip index" in caplog.text

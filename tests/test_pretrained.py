@@ -45,3 +45,65 @@ def test_the_card_names_real_datasets(tiny_config, tmp_path, dataset, expected):
     model = build_model(tiny_config.model)
     model.save_pretrained(tmp_path / "m", full_config=Config(model=tiny_config.model, data=DataConfig(dataset=dataset)))
     assert front_matter(tmp_path / "m" / CARD_NAME)[0].get("datasets") == expected
+
+
+# ------------------------------------------------------------------------- folders users did not make (issue 26)
+
+
+def plant_remote_code(model_dir, marker):
+    """The three edits of a model folder that carries code: its config asks for remote code, its text tower's
+    config maps AutoModel to a module beside it, and that module leaves `marker` behind when it is imported."""
+    import json
+    import shutil
+
+    planted = model_dir.parent / "planted"
+    shutil.copytree(model_dir, planted)
+    config = yaml.safe_load((planted / "config.yaml").read_text())
+    config["model"]["text"]["trust_remote_code"] = True
+    (planted / "config.yaml").write_text(yaml.safe_dump(config))
+    text_config = json.loads((planted / "text_config" / "config.json").read_text())
+    text_config["auto_map"] = {"AutoModel": "evil.EvilModel"}
+    (planted / "text_config" / "config.json").write_text(json.dumps(text_config))
+    (planted / "text_config" / "evil.py").write_text(
+        f"from pathlib import Path\nfrom transformers import BertModel\n\nPath({str(marker)!r}).write_text('ran')\n\n\n"
+        f"class EvilModel(BertModel):\n    pass\n")
+    return planted
+
+
+def test_a_model_folder_never_runs_its_own_code_unless_the_caller_allows_it(model_dir, tmp_path, capsys):
+    from liteclip import CLIP, ZeroShotPipeline
+    from liteclip.cli import main
+    from liteclip.distill import teacher_embeddings
+    from liteclip.errors import ModelLoadError
+    from liteclip.precision import resolve_precision
+    from tests.conftest import draw_image
+
+    marker = tmp_path / "the_folder_ran_code"
+    planted = plant_remote_code(model_dir, marker)
+    with pytest.raises(ModelLoadError, match=r"text_config/config.json: AutoModel -> evil.EvilModel.*"
+                                             r"trust_remote_code=True"):
+        CLIP.from_pretrained(planted)
+    with pytest.raises(ModelLoadError, match="carries"):
+        ZeroShotPipeline(planted, device="cpu")
+    with pytest.raises(ModelLoadError, match="distill.trust_remote_code"):
+        cpu = torch.device("cpu")
+        teacher_embeddings(str(planted), [], tmp_path, cpu, resolve_precision("fp32", cpu))
+    image = draw_image(tmp_path / "x.png", (200, 0, 0))
+    assert main(["predict", str(image), "--model-dir", str(planted), "--labels", "a", "b", "--device", "cpu"]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert not marker.exists()
+    # the caller's word, and only it, lets the code run: what transformers then does with the folder is its own
+    model = CLIP.from_pretrained(planted, trust_remote_code=True)
+    assert marker.read_text() == "ran" and type(model.text_encoder.model).__name__ == "EvilModel"
+
+
+def test_a_model_folder_whose_config_is_not_yaml_is_one_clear_error(model_dir):
+    from liteclip import CLIP
+    from liteclip.errors import ModelLoadError
+
+    (model_dir / "config.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ModelLoadError, match=r"config.yaml: not valid YAML"):
+        CLIP.from_pretrained(model_dir)
+    (model_dir / "config.yaml").write_text("just a sentence\n")
+    with pytest.raises(ModelLoadError, match=r"config.yaml: the top level must be a mapping"):
+        CLIP.from_pretrained(model_dir)

@@ -563,3 +563,26 @@ def test_with_a_weight_average_the_average_is_evaluated_kept_and_exported(tmp_pa
     for name, tensor in exported.items():
         assert torch.equal(tensor, best["ema"][f"module.{name}"]), name  # the export is the average, not the raw
     assert any(not torch.equal(best["model"][name], tensor) for name, tensor in exported.items())
+
+
+def test_a_resumed_run_compares_its_config_before_writing_refuses_a_new_model_and_names_what_changed(
+        tmp_path, monkeypatch, caplog):
+    import yaml
+
+    from liteclip.config import ConfigError
+
+    crash_in_second_epoch(monkeypatch, tiny_config(tmp_path))
+    run = tmp_path / "run"
+    written, step = (run / "config.yaml").read_text(), load_checkpoint(run / "last.pt")["step"]
+    with pytest.raises(ConfigError, match=r"cannot resume .*last.pt .*model.projection.dim: 32 -> 64"):
+        fit(tiny_config(tmp_path, "model.projection.dim=64"), resume="auto", show_progress=False)
+    assert (run / "config.yaml").read_text() == written  # refused before anything was written
+
+    with caplog.at_level("WARNING", logger="liteclip.run_directory"):
+        fit(tiny_config(tmp_path, "optim.lr=5e-4", "optim.weight_decay=0.2"), resume="auto", show_progress=False)
+    assert "optim.lr: 0.001 -> 0.0005" in caplog.text and "optim.weight_decay: 0.05 -> 0.2" in caplog.text
+    assert yaml.safe_load((run / f"config.until_step_{step}.yaml").read_text())["optim"]["lr"] == 1e-3
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 5e-4
+    groups = load_checkpoint(run / "last.pt")["optimizer"]["param_groups"]
+    assert {group["base_lr"] for group in groups} == {5e-4}  # the new settings took effect
+    assert {group["weight_decay"] for group in groups} == {0.2, 0.0}

@@ -17,6 +17,7 @@ import csv
 import io
 import itertools
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,10 +110,12 @@ def read_captions_text(path: Path, encoding: str = "utf-8") -> io.StringIO:
 
 
 def resolve_image_path(image_root: Path, name: str) -> Path | None:
-    """The image's path under image_root, or None when the name escapes it (`../`, absolute paths elsewhere)."""
-    root = image_root.resolve()
-    path = (root / name).resolve()
-    return path if path.is_relative_to(root) else None
+    """The image's path under image_root (links resolved), or None when the name escapes it (`../`, absolute paths
+    elsewhere). The name is judged as written, not where links lead: a root that is a symlink, or image files
+    linked in from elsewhere, are the dataset's own layout, while `../` in a captions file is not."""
+    root = Path(os.path.abspath(image_root))
+    path = Path(os.path.normpath(root / name))
+    return path.resolve() if path.is_relative_to(root) else None
 
 
 def group_captions(rows: Iterable[tuple[int, Any, Any]], image_root: Path, source: Path,
@@ -139,7 +142,8 @@ def group_captions(rows: Iterable[tuple[int, Any, Any]], image_root: Path, sourc
                 continue
             if not path.is_file():
                 if name not in missing:
-                    policy.report(source, line, f"missing image {path}")
+                    policy.report(source, line, f"{path} is a folder, not an image file" if path.is_dir()
+                                  else f"missing image {path}")
                 missing.add(name)
                 continue
             images[name] = CaptionedImage(path, [])
@@ -156,6 +160,31 @@ def split_by_image(names: list[str], val_fraction: float, test_fraction: float, 
     return {"test": order[:num_test], "val": order[num_test:num_test + num_val], "train": order[num_test + num_val:]}
 
 
+def csv_records(handle: Iterable[str], delimiter: str) -> Iterable[tuple[int, list[str]]]:
+    """(line, fields) of every non-empty record, `line` being the 1-based line it starts on: a quoted caption
+    that spans several lines does not shift the numbers of the rows after it."""
+    reader = csv.reader(handle, delimiter=delimiter)
+    start = 1
+    for fields in reader:
+        line, start = start, reader.line_num + 1
+        if fields and any(field.strip() for field in fields):
+            yield line, fields
+
+
+def caption_row(fields: list[str], header: list[str], caption_column: str, delimiter: str) -> dict[str, str] | str:
+    """One record as {column: value}, or the reason it cannot be read. More fields than the header has are an
+    unquoted delimiter inside the caption when the caption is the last column (they are joined back into it);
+    anywhere else it cannot be told which column they belong to."""
+    if len(fields) > len(header):
+        if header[-1] != caption_column:
+            return (f"{len(fields)} fields where the header has {len(header)}; quote captions that contain "
+                    f"{'a tab' if delimiter == chr(9) else 'commas'}: \"a dog, running\"")
+        fields = fields[:len(header) - 1] + [delimiter.join(fields[len(header) - 1:])]
+    if len(fields) < len(header):
+        return f"{len(fields)} fields where the header has {len(header)} ({', '.join(header)})"
+    return dict(zip(header, fields))
+
+
 def read_caption_csv(csv_path: Path, image_root: Path, image_column: str, caption_column: str,
                      split_column: str | None, val_fraction: float, test_fraction: float, seed: int,
                      policy: BadRowPolicy, encoding: str = "utf-8") -> dict[str, list[CaptionedImage]]:
@@ -164,15 +193,22 @@ def read_caption_csv(csv_path: Path, image_root: Path, image_column: str, captio
         raise DataError(f"captions file {csv_path} does not exist (data.captions_file is relative to data.root)")
     delimiter = "\t" if csv_path.suffix.lower() in (".tsv", ".tab") else ","
     with read_captions_text(csv_path, encoding) as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        header = reader.fieldnames or []
+        records = csv_records(handle, delimiter)
+        header_line, header = next(records, (1, []))
         needed = [c for c in (image_column, caption_column, split_column) if c]
         absent = [c for c in needed if c not in header]
         if absent:
             raise DataError(f"{csv_path}: missing column(s) {absent}; the header has {header}. Set "
                             f"data.image_column / data.caption_column / data.split_column to the right names.")
-        rows = [(number, row[image_column], row[caption_column], row.get(split_column) if split_column else None)
-                for number, row in enumerate(reader, start=2)]
+        rows = []
+        for line, fields in records:
+            row = caption_row(fields, header, caption_column, delimiter)
+            if isinstance(row, str):
+                policy.report(csv_path, line, row)
+                continue
+            rows.append((line, row[image_column], row[caption_column], row.get(split_column) if split_column else None))
+    if not rows:
+        policy.report(csv_path, header_line, "no caption rows below the header")
     images = group_captions(((n, name, cap) for n, name, cap, _ in rows), image_root, csv_path, policy)
     if split_column:
         split_of: dict[str, str] = {}

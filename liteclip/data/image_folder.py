@@ -3,21 +3,51 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
+
+from PIL import Image
 
 from liteclip.data.captions import LabelledImage, ZeroShotTask
 from liteclip.errors import DataError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+logger = logging.getLogger(__name__)
+
+# the formats liteclip reads from a folder; AVIF, HEIC and JPEG XL too where the installed Pillow (or a plugin such
+# as pillow-heif) registers them
+IMAGE_SUFFIXES = ({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+                  | {suffix for suffix in (".avif", ".heic", ".heif", ".jxl")
+                     if suffix in Image.registered_extensions()})
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Every image file under `folder`, recursively, sorted."""
+    """Every image file under `folder`, recursively (symlinked folders followed, each real folder once), sorted.
+    Files left out for their format are counted in a warning by suffix, hidden files aside."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images, left_out, seen = [], Counter(), set()
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            subfolders.clear()
+            continue
+        seen.add(real)
+        for name in names:
+            path = Path(directory) / name
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                images.append(path)
+            elif not name.startswith("."):
+                left_out[path.suffix.lower() or "(no suffix)"] += 1
+    if left_out:
+        counts = ", ".join(f"{count} {suffix}" for suffix, count in left_out.most_common())
+        logger.warning("%s: left out %d file(s) that are not images liteclip reads (%s); it reads %s, so convert "
+                       "any photos among them to JPEG (or install pillow-heif for HEIC)", folder,
+                       sum(left_out.values()), counts, " ".join(sorted(IMAGE_SUFFIXES)))
+    return sorted(images)
 
 
 def read_image_folder(root: str | Path, templates: Sequence[str] | None = None) -> ZeroShotTask:

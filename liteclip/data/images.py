@@ -10,6 +10,10 @@ transparency to whatever colour hides under it. Here every mode is mapped on pur
                            composited onto white (a transparent logo is a logo on white, not on black)
     everything else        PIL's own conversion (L, 1, P, CMYK, YCbCr, LAB, HSV, RGB)
 
+Every image is turned upright first: phone cameras store photos sideways with an EXIF orientation tag, which
+PIL's decoder does not apply (ImageOps.exif_transpose does). Without it a portrait photo trains and predicts as its
+raw, sideways pixels.
+
 Images larger than PIL's decompression-bomb limit (MAX_PIXELS) are refused with a message naming the file, before
 any memory is spent on them; `python -m liteclip.data prepare` writes a smaller copy of a dataset.
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from liteclip.errors import DataError
 
@@ -30,6 +34,7 @@ MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 0)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 ADVICE = "run `python -m liteclip.data check` on the dataset, or remove the file"
+EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 is upright, 2-8 name a flip and/or a rotation
 
 
 class UndecodableImageError(DataError):
@@ -44,8 +49,16 @@ class UndecodableImageError(DataError):
         return cls(f"{path}: {reason}; {advice}", Path(path), reason)
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """The image as its EXIF orientation tag says it is seen (a new image), or the image itself when untagged."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of a PIL image in any mode (see the module docstring for how each mode maps)."""
+    """An upright 8-bit RGB copy of a PIL image in any mode (see the module docstring for how each mode maps)."""
+    image = upright(image)
     if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         values = np.asarray(image).astype(np.float64)
         if image.mode == "F":

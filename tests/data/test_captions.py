@@ -189,3 +189,56 @@ def test_a_training_sample_that_does_not_decode_is_replaced_by_the_next_and_repo
     assert "cannot decode" in sample["skipped"][0][1] and "skipped" not in dataset[0]
     with pytest.raises(DataError, match="1.png: cannot decode"):
         ImageCaptionDataset(images, transform, "first")[1]
+
+
+# ------------------------------------------------------------------------- messy captions files (issue 26)
+
+
+def test_an_unquoted_comma_in_the_last_column_stays_part_of_the_caption(csv_root):
+    (csv_root / "caps.csv").write_text("path,text\nimg/0.png,an orange circle in the middle, with a comma\n"
+                                       "img/1.png,\"a quoted, caption\"\n")
+    splits = read_caption_csv(csv_root / "caps.csv", csv_root, "path", "text", None, 0, 0, 0, BadRowPolicy())
+    captions = {im.image_path.name: im.captions for im in splits["train"]}
+    assert captions == {"0.png": ["an orange circle in the middle, with a comma"], "1.png": ["a quoted, caption"]}
+
+
+def test_extra_fields_before_the_last_column_are_a_bad_row_with_its_line(csv_root):
+    # the caption is not the last column, so the extra field could belong to either: reported, not guessed
+    write_csv(csv_root / "caps.csv", [("img/2.png", "fine", "train")])
+    with open(csv_root / "caps.csv", "a") as handle:
+        handle.write("img/0.png,an orange circle, with a comma,train\n")
+    with pytest.raises(DataError, match=r"caps.csv:3: 4 fields where the header has 3; quote captions"):
+        read(csv_root, "caps.csv")
+
+
+def test_line_numbers_count_lines_not_records_after_a_quoted_newline(csv_root):
+    (csv_root / "caps.csv").write_text('path,text,split\nimg/0.png,"a caption\nover two lines",train\n'
+                                       "img/missing.png,a caption,train\n")
+    with pytest.raises(DataError, match=r"caps.csv:4: missing image"):
+        read(csv_root, "caps.csv")
+
+
+def test_a_folder_named_like_an_image_is_called_a_folder(csv_root):
+    (csv_root / "img" / "folder.png").mkdir()
+    write_csv(csv_root / "caps.csv", [("img/folder.png", "a caption", "train")])
+    with pytest.raises(DataError, match=r"caps.csv:2: .*folder.png is a folder, not an image file"):
+        read(csv_root, "caps.csv")
+
+
+def test_an_image_root_that_is_a_symlink_and_images_linked_in_from_elsewhere_are_read(csv_root, tmp_path):
+    (tmp_path / "linked_root").symlink_to(csv_root, target_is_directory=True)
+    elsewhere = draw_image(tmp_path / "library" / "photo.png", (0, 200, 0))
+    (csv_root / "img" / "linked.png").symlink_to(elsewhere)
+    write_csv(csv_root / "caps.csv", [("img/0.png", "zero", "train"), ("img/linked.png", "linked", "train")])
+    root = tmp_path / "linked_root"
+    splits = read_caption_csv(root / "caps.csv", root, "path", "text", "split", 0, 0, 0, BadRowPolicy())
+    assert [im.captions for im in splits["train"]] == [["zero"], ["linked"]]
+    write_csv(csv_root / "caps.csv", [("img/../../library/photo.png", "escapes", "train")])
+    with pytest.raises(DataError, match="escapes the image root"):
+        read_caption_csv(root / "caps.csv", root, "path", "text", "split", 0, 0, 0, BadRowPolicy())
+
+
+def test_a_csv_with_a_header_and_no_rows_is_a_bad_file(csv_root):
+    write_csv(csv_root / "caps.csv", [])
+    with pytest.raises(DataError, match=r"caps.csv:1: no caption rows below the header"):
+        read(csv_root, "caps.csv")

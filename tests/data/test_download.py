@@ -14,7 +14,7 @@ from liteclip.cli import main
 from liteclip.data.captions import DataError
 from liteclip.data.download import (Archive, check_dataset, download_dataset, download_file, prepare_images)
 from liteclip.data.flickr8k import read_flickr8k
-from tests.conftest import draw_image
+from tests.conftest import draw_image, save_as_phone_photo, upright_picture
 from tests.data.conftest import write_original
 
 
@@ -185,3 +185,23 @@ def test_prepare_finishes_the_rest_and_lists_what_it_skipped(tmp_path):
     assert sorted(p.name for p in (tmp_path / "dst" / "Images").iterdir()) == ["0.png", "1.png", "deep.png"]
     with Image.open(tmp_path / "dst" / "Images" / "deep.png") as copy:
         assert np.asarray(copy.convert("L")).mean() < 200  # tones kept; PIL's own conversion gives all white
+
+
+def test_prepare_writes_phone_photos_upright_so_the_copy_needs_no_orientation_tag(tmp_path):
+    source = tmp_path / "src"
+    (source / "Images").mkdir(parents=True)
+    save_as_phone_photo(upright_picture(), source / "Images" / "phone.jpg")
+    prepare_images(source, tmp_path / "dst", size=256, show_progress=False)
+    with Image.open(tmp_path / "dst" / "Images" / "phone.jpg") as copy:
+        assert copy.size == (48, 32) and copy.getexif().get(0x0112, 1) == 1
+        assert np.asarray(copy)[16, 10, 0] > 150  # the red block is on the left, where it is in the photo
+
+
+def test_check_reports_a_captions_file_without_rows_and_keeps_commas_in_the_last_column(tmp_path, capsys):
+    draw_image(tmp_path / "img" / "a.png", (200, 100, 0))
+    (tmp_path / "empty.csv").write_text("image,caption\n")
+    assert [str(row) for row in check_dataset(tmp_path, "empty.csv", show_progress=False)] == [
+        f"{tmp_path / 'empty.csv'}:1: no caption rows below the header"]
+    assert main(["data", "check", str(tmp_path), "--captions-file", "empty.csv"]) == 1
+    (tmp_path / "commas.csv").write_text("image,caption\nimg/a.png,an orange circle in the middle, with a comma\n")
+    assert check_dataset(tmp_path, "commas.csv", show_progress=False) == []

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from liteclip.data.images import UndecodableImageError, load_image
+from tests.conftest import save_as_phone_photo, upright_picture
 
 GRADIENT16 = np.array([[0, 257, 1000, 32768], [40000, 60000, 65534, 65535]], dtype=np.uint16)
 
@@ -100,3 +101,31 @@ def test_broken_and_truncated_files_name_the_file(tmp_path):
     for name in ("broken.jpg", "cut.jpg"):
         with pytest.raises(UndecodableImageError, match=f"{name}: cannot decode image"):
             load_image(tmp_path / name)
+
+
+# ------------------------------------------------------------------------- EXIF orientation (issue 26)
+
+
+def test_a_phone_photo_with_an_orientation_tag_decodes_upright(tmp_path):
+    upright = upright_picture()
+    photo = save_as_phone_photo(upright, tmp_path / "phone.jpg")
+    with Image.open(photo) as raw:
+        assert raw.size == (32, 48)  # stored sideways: PIL alone reads it so
+    decoded = load_image(photo)
+    assert decoded.shape == upright.shape
+    assert np.abs(decoded.astype(int) - upright.astype(int)).mean() < 4  # JPEG's loss only
+    assert decoded[16, 10, 1] < 100 and decoded[16, 38, 1] > 150  # the red block is on the left, not the right
+
+
+def test_orientation_is_applied_to_bytes_and_to_pil_images_as_well(tmp_path):
+    import io
+
+    from liteclip.data.images import open_rgb, to_rgb
+
+    upright = upright_picture()
+    photo = save_as_phone_photo(upright, tmp_path / "phone.jpg")
+    from_bytes = np.asarray(open_rgb(io.BytesIO(photo.read_bytes()), name="shard/phone.jpg"))  # a shard's member
+    with Image.open(photo) as opened:  # what a user passes to the pipeline
+        from_pil = np.asarray(to_rgb(opened))
+    assert from_bytes.shape == from_pil.shape == upright.shape
+    assert np.array_equal(from_bytes, load_image(photo)) and np.array_equal(from_pil, load_image(photo))
