@@ -17,7 +17,7 @@ from liteclip.data.captions import CaptionedImage, ZeroShotTask, caption_offsets
 from liteclip.embedding import Autocast, encode_decodable_image_files, encode_labels, encode_texts, model_device
 from liteclip.errors import DataError
 from liteclip.loss import LOSSES, clip_loss
-from liteclip.metrics import retrieval_recall, zero_shot_accuracy
+from liteclip.metrics import caption_groups_of, retrieval_recall, zero_shot_accuracy, zero_shot_ranks
 from liteclip.model import CLIP
 
 
@@ -28,6 +28,8 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
                        image_features: torch.Tensor | None = None, loss_name: str = "clip",
                        image_loader: DataLoader | None = None) -> dict[str, float]:
     """Retrieval recall R@1/5/10 both ways over a whole split (all captions of each image), and its contrastive loss.
+    A caption text several images share is correct for each of them, and ties count against the model
+    (liteclip.metrics).
 
     Args:
         images: the split.
@@ -61,7 +63,8 @@ def evaluate_retrieval(model: CLIP, images: list[CaptionedImage], batch_size: in
     captions = [caption for image in images for caption in image.captions]
     text_to_image = torch.tensor([i for i, image in enumerate(images) for _ in image.captions])
     text_embeds = encode_texts(model, captions, batch_size, device, autocast)
-    metrics = retrieval_recall(image_embeds.cpu(), text_embeds.cpu(), text_to_image)
+    metrics = retrieval_recall(image_embeds.cpu(), text_embeds.cpu(), text_to_image,
+                               caption_groups=caption_groups_of(captions))
     first_captions = torch.tensor(caption_offsets(images))  # (N,) each image's first caption
     metrics["loss"] = paired_loss(image_embeds, text_embeds[first_captions.to(text_embeds.device)],
                                   model.scale().float(), batch_size, model.logit_bias, LOSSES[loss_name])
@@ -114,9 +117,9 @@ def evaluate_zero_shot(model: CLIP, task: ZeroShotTask, batch_size: int = 64, de
     ks = (1, min(5, len(task.labels)))
     result: dict[str, Any] = zero_shot_accuracy(image_embeds, class_embeds, targets, ks)
     result["chance"] = 100.0 / len(task.labels)
-    predictions = (image_embeds @ class_embeds.t()).argmax(dim=1)
+    first = zero_shot_ranks(image_embeds, class_embeds, targets) == 0  # (N,) top-1 hits, ties counted as misses
     result["per_class"] = {task.labels[c]: {"count": int((targets == c).sum()),
-                                            "top1": 100.0 * float((predictions[targets == c] == c).float().mean())}
+                                            "top1": 100.0 * float(first[targets == c].float().mean())}
                            for c in range(len(task.labels)) if (targets == c).any()}
     groups = [item.group for item in items]
     result["per_group"] = {}

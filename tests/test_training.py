@@ -586,3 +586,25 @@ def test_a_resumed_run_compares_its_config_before_writing_refuses_a_new_model_an
     groups = load_checkpoint(run / "last.pt")["optimizer"]["param_groups"]
     assert {group["base_lr"] for group in groups} == {5e-4}  # the new settings took effect
     assert {group["weight_decay"] for group in groups} == {0.2, 0.0}
+
+
+def test_an_epoch_whose_embeddings_collapse_is_never_kept_as_best(tmp_path, monkeypatch):
+    real_epoch = training.train_one_epoch
+    calls = {"n": 0}
+
+    def collapsing_second_epoch(setup, *args, **kwargs):
+        loss = real_epoch(setup, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # both heads now map every input to one point: all similarities tie
+            with torch.no_grad():
+                for head in (setup.model.image_projection, setup.model.text_projection):
+                    head.projection.weight.zero_()
+                    head.projection.bias.zero_()
+        return loss
+
+    monkeypatch.setattr(training, "train_one_epoch", collapsing_second_epoch)
+    # 24 validation images, so that a collapsed model's ranks (23 wrong images tied with the right one) miss at K=10
+    fit(tiny_config(tmp_path, "train.zero_shot_eval=false", "data.demo_num_images=240"), show_progress=False)
+    epochs = read_rows(tmp_path / "run" / "epochs.csv")
+    assert float(epochs[1]["mean_recall"]) == 0.0 < float(epochs[0]["mean_recall"])
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["best_epoch"] == 1
