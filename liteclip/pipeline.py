@@ -181,9 +181,10 @@ class ZeroShotPipeline:
 
 def unique_paths(paths: Sequence[str | Path]) -> list[Path]:
     """The paths as Path objects, each file once (the first mention of it kept, in order)."""
+    paths = [Path(path) for path in paths]
     seen: set[Path] = set()
     unique = []
-    for path in map(Path, paths):
+    for path in paths:
         if path.resolve() not in seen:
             seen.add(path.resolve())
             unique.append(path)

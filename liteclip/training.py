@@ -436,7 +436,6 @@ def train_epochs(setup: TrainingSetup, state: TrainState, config: Config, run: R
             distributed.barrier()
 
 
-
 def replaced_config(resume_path: Path | None, config: Config) -> tuple[int, dict] | None:
     """(step, config) of the checkpoint being resumed when its config differs from `config` (see
     resumed_config_changes: an unresumable change is an error), else None."""
