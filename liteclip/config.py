@@ -111,6 +111,9 @@ class LossConfig:
     # clip: symmetric cross-entropy (Radford et al. 2021); siglip: pairwise sigmoid (Zhai et al. 2023), which needs
     # model.logit_bias_init (the paper: -10, with model.logit_scale_init: 2.302585)
     name: Literal["clip", "siglip"] = "clip"
+    # two captions of one image in a batch (data.train_captions: all) are not each other's negatives: such pairs
+    # are left out of the loss (liteclip.loss). false: every off-diagonal pair is a negative, as liteCLIP trained
+    mask_same_image: bool = True
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,10 @@ class TrainConfig:
     ema_evaluate_raw: bool = False  # with ema_decay: also evaluate the raw weights (raw_* columns in epochs.csv)
     compile: bool = False  # torch.compile both towers; whatever dynamo cannot compile runs eagerly instead
     cache_image_features: bool = False  # locked image tower: compute its features once and keep them on disk
+    # with cache_image_features: 1 caches each training image once through the evaluation transform (no
+    # augmentation); K > 1 caches K augmented views of it, and every epoch each sample takes one of them at random
+    # (MobileCLIP's stored augmentations), so a locked tower trains with augmentation at cached cost
+    cached_views: int = 1
     # CPU: keep memory freed by one step for the next instead of faulting it back in (glibc, liteclip.runtime):
     # 1.2-1.7x faster convnext_tiny training on the 2-core development VM, for up to ~15% higher resident peak
     keep_cpu_memory: bool = True
@@ -470,11 +477,7 @@ def validate(config: Config, source: str = "<config>") -> None:
     ]
     checks.extend(_stream_checks(config))
     checks.extend(_optimiser_checks(config.optim))
-    for tower in ("image", "text"):
-        lora = getattr(config.model, tower).lora
-        checks += [(lora.rank >= 1, f"model.{tower}.lora.rank", lora.rank, "must be >= 1 (e.g. 8)"),
-                   (lora.alpha > 0, f"model.{tower}.lora.alpha", lora.alpha, "must be > 0 (e.g. 2 * rank)"),
-                   (0 <= lora.dropout < 1, f"model.{tower}.lora.dropout", lora.dropout, "must be in [0, 1)")]
+    checks.extend(_adapter_and_cache_checks(config))
     checks.append((config.model.image.source == "timm" or not config.model.image.model_kwargs,
                    "model.image.model_kwargs", config.model.image.model_kwargs,
                    "is for timm towers; a Hugging Face tower's architecture comes from its config.json"))
@@ -497,6 +500,21 @@ def _optimiser_checks(optim: OptimConfig) -> list[tuple[bool, str, Any, str]]:
          "must be two values in [0, 1), e.g. [0.9, 0.98]"),
         (optim.eps > 0, "optim.eps", optim.eps, "must be > 0, e.g. 1e-6"),
     ]
+
+
+def _adapter_and_cache_checks(config: Config) -> list[tuple[bool, str, Any, str]]:
+    """LoRA's ranges on each tower, and cached views only where features are cached."""
+    checks = []
+    for tower in ("image", "text"):
+        lora = getattr(config.model, tower).lora
+        checks += [(lora.rank >= 1, f"model.{tower}.lora.rank", lora.rank, "must be >= 1 (e.g. 8)"),
+                   (lora.alpha > 0, f"model.{tower}.lora.alpha", lora.alpha, "must be > 0 (e.g. 2 * rank)"),
+                   (0 <= lora.dropout < 1, f"model.{tower}.lora.dropout", lora.dropout, "must be in [0, 1)")]
+    views = config.train.cached_views
+    checks += [(views >= 1, "train.cached_views", views, "must be >= 1 (1: no augmentation)"),
+               (views == 1 or config.train.cache_image_features, "train.cached_views", views,
+                "needs train.cache_image_features: true (and a locked image tower)")]
+    return checks
 
 
 def _stream_checks(config: Config) -> list[tuple[bool, str, Any, str]]:

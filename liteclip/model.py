@@ -11,7 +11,9 @@ liteclip.pretrained's mixin, as Hugging Face models get them from PreTrainedMode
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,31 @@ from liteclip.pretrained import PretrainedMixin
 
 
 # ------------------------------------------------------------------------------------------------- image tower
+
+
+@contextlib.contextmanager
+def timm_load_report():
+    """Collects the tensor names timm reports missing while it loads pretrained weights: with the classifier
+    removed it loads non-strictly and only logs them, so a file of another architecture would leave the tower at
+    random init without an error."""
+    missing: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("Missing keys ("):
+                names = message[len("Missing keys ("):message.index(")")].split(", ")
+                missing.extend(name for name in names if not name.endswith("num_batches_tracked"))
+
+    timm_logger = logging.getLogger("timm.models._builder")
+    handler, level = Collect(level=logging.INFO), timm_logger.level
+    timm_logger.addHandler(handler)
+    timm_logger.setLevel(logging.INFO)
+    try:
+        yield missing
+    finally:
+        timm_logger.removeHandler(handler)
+        timm_logger.setLevel(level)
 
 
 class ImageEncoder(nn.Module):
@@ -69,12 +96,25 @@ class ImageEncoder(nn.Module):
             raise ConfigError(f"model.image.model_kwargs sets {reserved}, which liteclip sets itself (pretrained: "
                               f"model.image.pretrained and weights_file; the classifier is always removed)")
         try:
-            self.model = timm.create_model(config.name, **config.model_kwargs, **kwargs)
+            with timm_load_report() as missing:
+                self.model = timm.create_model(config.name, **config.model_kwargs, **kwargs)
         except TypeError as error:  # the architecture's constructor does not take one of them
             if not config.model_kwargs or "keyword argument" not in str(error):
                 raise
             raise ConfigError(f"model.image.model_kwargs={config.model_kwargs}: {config.name} does not take them "
                               f"({error}); see the model's constructor in timm") from None
+        except RuntimeError as error:  # load_state_dict: the file holds another architecture's weights
+            if not config.weights_file:
+                raise
+            detail = " ".join(str(error).split())[:300]
+            raise ConfigError(f"model.image.weights_file={config.weights_file} does not fit the timm tower "
+                              f"{config.name} ({detail}); set model.image.name to the architecture the file was "
+                              f"saved from") from None
+        if config.weights_file and missing:  # timm loads without strictness once the classifier is dropped
+            raise ConfigError(f"model.image.weights_file={config.weights_file} does not fit the timm tower "
+                              f"{config.name}: {len(missing)} of its tensors are not in the file (first: "
+                              f"{', '.join(missing[:3])}); set model.image.name to the architecture the file was "
+                              f"saved from")
         self.num_features: int = self.model.num_features
         data_config = timm.data.resolve_model_data_config(self.model)
         if config.image_size is not None:

@@ -38,6 +38,9 @@ VISION_CONFIG_DIR = "vision_config"  # only for Hugging Face image towers; timm 
 TOKENIZER_DIR = "tokenizer"
 OWNED_NAMES = {CONFIG_NAME, WEIGHTS_NAME, PREPROCESSOR_NAME, TEXT_CONFIG_DIR, TOKENIZER_DIR, VISION_CONFIG_DIR}
 CARD_NAME = "README.md"
+# the files any Hugging Face tokenizer is read from: one of them must be in a local text tower's folder
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
 CARD_MARKER = "<!-- written by liteclip's save_pretrained -->"
 
 
@@ -52,8 +55,21 @@ class PretrainedMixin:
         if config.init_from:
             return from_converted(cls, read_hf_clip(config.init_from, base=config))
         model = cls(config)  # the towers first: their errors name a wrong model name most clearly
-        model.tokenizer = AutoTokenizer.from_pretrained(config.text.name,
-                                                        trust_remote_code=config.text.trust_remote_code)
+        text_dir = Path(config.text.name)
+        if text_dir.is_dir() and not any((text_dir / name).is_file() for name in TOKENIZER_FILES):
+            # transformers would build a tokenizer of special tokens alone from the config and read every word as
+            # [UNK], without an error
+            raise ConfigError(f"model.text.name={text_dir}: the folder holds a text tower but no tokenizer (none of "
+                              f"{', '.join(TOKENIZER_FILES)}); put the tokenizer files that came with the model "
+                              f"there")
+        try:
+            model.tokenizer = AutoTokenizer.from_pretrained(config.text.name,
+                                                            trust_remote_code=config.text.trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model.text.name={config.text.name}: the text tower loaded, but no tokenizer could be "
+                              f"read from it ({str(error).splitlines()[0][:200]}); put the tokenizer files that came "
+                              f"with the model (tokenizer.json or vocab.txt, tokenizer_config.json) in that folder"
+                              ) from None
         num_params = sum(p.numel() for p in model.parameters())
         num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info("built CLIP %s + %s: %.2fM parameters, %.2fM trainable", config.image.name, config.text.name,

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 def contrastive_step(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], precision: Precision,
                      scaler: torch.amp.GradScaler | None, loss_name: str = "clip",
-                     distill: DistillTerm | None = None) -> torch.Tensor:
+                     distill: DistillTerm | None = None, mask_same_image: bool = True) -> torch.Tensor:
     """Forward and backward for one optimiser step; returns the (detached) loss over the whole global batch.
 
     With one micro-batch this is the plain CLIP step on embeddings gathered across ranks. With k micro-batches it
@@ -67,16 +67,21 @@ def contrastive_step(model: nn.Module, micro_batches: list[dict[str, torch.Tenso
     loss_name: "clip" (clip_loss) or "siglip" (siglip_loss, on logits with the model's learned bias).
     distill: adds the distillation term on the same global logits, against the teacher embeddings the
     micro-batches carry ("teacher_image_embeds", "teacher_text_embeds").
+    mask_same_image: pairs of one image's image and another of its captions (batches that carry "image_index")
+    are left out of the loss instead of being negatives (loss.mask_same_image).
     """
     contrastive = clip_loss if loss_name == "clip" else siglip_loss
     if distill is not None:  # the teacher's embeddings in the same global order as the student's logits
         teacher = [torch.cat([distributed.all_gather_no_grad(batch[key].float()) for batch in micro_batches])
                    for key in ("teacher_image_embeds", "teacher_text_embeds")]  # (k*W*B, D_teacher) each
+    exclude = same_image_pairs(micro_batches) if mask_same_image else None
 
     def objective(logits: torch.Tensor) -> torch.Tensor:
-        return contrastive(logits) if distill is None else contrastive(logits) + distill(logits, *teacher)
+        loss = contrastive(logits, exclude)
+        return loss if distill is None else loss + distill(logits, *teacher)
 
-    micro_batches = [{k: v for k, v in batch.items() if not k.startswith("teacher_")} for batch in micro_batches]
+    micro_batches = [{k: v for k, v in batch.items() if not k.startswith("teacher_") and k != "image_index"}
+                     for batch in micro_batches]
     if len(micro_batches) == 1:
         with precision.autocast():
             out = model(**micro_batches[0])
@@ -110,6 +115,17 @@ def contrastive_step(model: nn.Module, micro_batches: list[dict[str, torch.Tenso
     return loss.detach()
 
 
+def same_image_pairs(micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """(N, N) bool over the global batch, in the logits' order: off-diagonal pairs whose image is the same image;
+    None when there are none (or the batches carry no image_index), so the usual batch takes the plain loss."""
+    if any("image_index" not in batch for batch in micro_batches):
+        return None
+    ids = torch.cat([distributed.all_gather_no_grad(batch["image_index"]) for batch in micro_batches])  # (k*W*B,)
+    same = ids[:, None] == ids[None, :]
+    same.fill_diagonal_(False)
+    return same if bool(same.any()) else None
+
+
 def pair_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """(N, N) logits of every image against every text: scale * cosine similarity (+ bias, SigLIP)."""
@@ -137,7 +153,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     inputs = {k: v for k, v in batch.items() if k in ("pixel_values", "image_features", "input_ids", "attention_mask",
-                                                       "teacher_image_embeds", "teacher_text_embeds")}
+                                                       "teacher_image_embeds", "teacher_text_embeds", "image_index")}
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
@@ -158,6 +174,7 @@ class TrainingSetup:
     device: torch.device
     total_steps: int
     loss_name: str = "clip"  # loss.name
+    mask_same_image: bool = True  # loss.mask_same_image
     distill: DistillTerm | None = None  # distill.teacher: the term added to the loss
     ema: WeightAverage | None = None  # train.ema_decay: the averaged weights, evaluated and exported when on
     skipped_images: SkippedImages = field(default_factory=SkippedImages)  # training images that did not decode
@@ -181,8 +198,9 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
         raise ConfigError("train.cache_image_features and distill.teacher need a list of training images; they "
                           "do not work with data.dataset: webdataset yet")
     if config.train.cache_image_features:
+        augmentation = f"{config.data.augment}:{config.data.crop_scale}:{config.data.horizontal_flip}"
         datasets = use_feature_cache(model, datasets, Path(config.data.root) / ".liteclip_cache", ctx.device,
-                                     precision, config.data.num_workers)
+                                     precision, config.data.num_workers, config.train.cached_views, augmentation)
     distill = None
     if config.distill.teacher:
         teacher = teacher_embeddings(config.distill.teacher, datasets["train"].images,
@@ -207,7 +225,7 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
     return TrainingSetup(model, model, datasets, loaders["train"], optimizer, scaler, precision, ctx.device,
-                         total_steps, config.loss.name, distill, ema,
+                         total_steps, config.loss.name, config.loss.mask_same_image, distill, ema,
                          val_image_loader=validation_image_loader(config.data, model, datasets["val"]))
 
 
@@ -284,7 +302,7 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
         micro_batches = [to_device(batch, device) for batch in batches]
         set_lr(optimizer, lr_multiplier(state.step, setup.total_steps, optim_config))
         loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler, setup.loss_name,
-                                setup.distill)
+                                setup.distill, setup.mask_same_image)
         optimizer_step(setup.train_model, optimizer, setup.scaler, optim_config.grad_clip)
         if setup.ema is not None:
             setup.ema.update(setup.model)

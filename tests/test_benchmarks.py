@@ -98,3 +98,23 @@ def test_bf16_kernels_reports_each_workload_and_auto_precision():
     assert len(speedups) == 3 and all(value > 0 for value in speedups)  # the matmul, the MLP block, the conv
     assert lines[0].startswith("CPU: ")
     assert re.fullmatch(r"auto_precision=(bf16|fp32)", lines[-1])
+
+
+def test_flickr8k_trains_liteclip_and_open_clip_on_the_same_towers_and_prints_one_table(tmp_path, tiny_text_dir):
+    import timm
+    from safetensors.torch import save_file
+
+    from tests.data.conftest import write_kaggle
+
+    root = write_kaggle(tmp_path / "flickr8k", count=20)
+    weights = tmp_path / "tower.safetensors"
+    save_file(timm.create_model("test_convnext3", num_classes=0).state_dict(), str(weights))
+    lines = run_module("benchmarks.flickr8k", "--root", str(root), "--image-tower", "test_convnext3",
+                       "--image-weights", str(weights), "--text-tower", str(tiny_text_dir), "--epochs", "1",
+                       "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "out"), "--no-progress",
+                       "--set", "model.image.image_size=32", "model.text.max_length=16", "optim.warmup_steps=1")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines if line.startswith("| ")}
+    assert set(rows) >= {"liteclip", "open_clip"}
+    for name in ("liteclip", "open_clip"):
+        recalls = [float(cell) for cell in rows[name][:12]]
+        assert all(0 <= value <= 100 for value in recalls) and re.match(r" [\d.]+ \(", rows[name][12])

@@ -133,3 +133,35 @@ def test_siglip_needs_a_bias_in_the_config():
     with pytest.raises(ConfigError, match="model.logit_bias_init.*loss.name: siglip"):
         load_config(None, ["loss.name=siglip"])
     assert load_config(None, ["loss.name=siglip", "model.logit_bias_init=-10"]).loss.name == "siglip"
+
+
+# ------------------------------------------------------------------------- two captions of one image (issue 28)
+
+
+def naive_masked_losses(logits, exclude):
+    """Both losses written out pair by pair, leaving the excluded pairs out of every sum."""
+    n = len(logits)
+    rows = -sum(logits[i][i] - math.log(sum(math.exp(logits[i][j]) for j in range(n) if not exclude[i][j]))
+                for i in range(n)) / n
+    cols = -sum(logits[i][i] - math.log(sum(math.exp(logits[j][i]) for j in range(n) if not exclude[j][i]))
+                for i in range(n)) / n
+    sigmoid = sum(math.log(1 + math.exp(-(1.0 if i == j else -1.0) * logits[i][j]))
+                  for i in range(n) for j in range(n) if not exclude[i][j]) / n
+    return (rows + cols) / 2, sigmoid
+
+
+def test_excluded_pairs_leave_both_losses_and_get_no_gradient():
+    from liteclip.loss import siglip_loss
+
+    torch.manual_seed(0)
+    logits = (torch.randn(6, 6, dtype=torch.float64) * 4).requires_grad_()
+    image_of = torch.tensor([0, 0, 1, 2, 2, 2])  # samples 0-1 and 3-5 are captions of one image each
+    exclude = (image_of[:, None] == image_of[None, :]) & ~torch.eye(6, dtype=torch.bool)
+    clip_reference, siglip_reference = naive_masked_losses(logits.detach().tolist(), exclude.tolist())
+    assert clip_loss(logits, exclude).item() == pytest.approx(clip_reference, abs=1e-9)
+    assert siglip_loss(logits, exclude).item() == pytest.approx(siglip_reference, abs=1e-9)
+    assert clip_loss(logits, exclude).item() != pytest.approx(clip_loss(logits).item(), abs=1e-3)
+    for loss in (clip_loss, siglip_loss):
+        logits.grad = None
+        loss(logits, exclude).backward()
+        assert logits.grad[exclude].abs().max() == 0 and logits.grad[~exclude].abs().min() > 0

@@ -235,3 +235,16 @@ def test_a_max_length_beyond_the_text_towers_positions_fails_at_build_time(tiny_
                                    text=dataclasses.replace(tiny_config.model.text, max_length=positions + 1))
     with pytest.raises(ValueError, match=f"model.text.max_length={positions + 1} exceeds the {positions} positions"):
         build_model(too_long)
+
+
+def test_a_weights_file_of_another_architecture_is_a_config_error_naming_the_file(tmp_path):
+    import timm
+
+    from liteclip.config import ImageEncoderConfig
+    from liteclip.model import ImageEncoder
+
+    other = tmp_path / "resnet.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=0).state_dict(), str(other))
+    with pytest.raises(ConfigError, match=r"model.image.weights_file=.*resnet.safetensors does not fit the timm "
+                                          r"tower test_convnext3: \d+ of its tensors are not in the file"):
+        ImageEncoder(ImageEncoderConfig(name="test_convnext3", weights_file=str(other)))

@@ -107,3 +107,19 @@ def test_a_model_folder_whose_config_is_not_yaml_is_one_clear_error(model_dir):
     (model_dir / "config.yaml").write_text("just a sentence\n")
     with pytest.raises(ModelLoadError, match=r"config.yaml: the top level must be a mapping"):
         CLIP.from_pretrained(model_dir)
+
+
+def test_a_text_tower_folder_without_a_tokenizer_is_a_config_error(tiny_config, tiny_text_dir, tmp_path):
+    import dataclasses
+    import shutil
+
+    from liteclip import CLIP
+    from liteclip.config import ConfigError
+
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_text_dir / name, bare / name)
+    config = dataclasses.replace(tiny_config.model, text=dataclasses.replace(tiny_config.model.text, name=str(bare)))
+    with pytest.raises(ConfigError, match=r"no_tokenizer: the folder holds a text tower but no tokenizer"):
+        CLIP.from_config(config)

@@ -21,7 +21,7 @@ from liteclip import training
 from liteclip.errors import NonFiniteLossError
 from liteclip.precision import Precision
 from liteclip.preemption import StepCheckpoints, TrainingStopped
-from liteclip.training import contrastive_step, fit, optimizer_step
+from liteclip.training import contrastive_step, fit, optimizer_step, to_device
 
 FP32 = Precision(None, "cpu")
 
@@ -608,3 +608,44 @@ def test_an_epoch_whose_embeddings_collapse_is_never_kept_as_best(tmp_path, monk
     epochs = read_rows(tmp_path / "run" / "epochs.csv")
     assert float(epochs[1]["mean_recall"]) == 0.0 < float(epochs[0]["mean_recall"])
     assert load_checkpoint(tmp_path / "run" / "best.pt")["best_epoch"] == 1
+
+
+def test_every_caption_sampling_never_makes_two_captions_of_one_image_negatives(tmp_path):
+    from liteclip.training import same_image_pairs
+
+    config = tiny_config(tmp_path, "data.train_captions=all", "data.batch_size=16")
+    load_splits(config.data)  # generates the demo data, its text tower included
+    model = build_model(config.model)
+    loader = build_dataloaders(config.data, model.tokenizer, 16, model.data_config, seed=0)["train"]
+    loader.sampler.set_epoch(0)
+    repeated = 0
+    for batch in loader:
+        ids = batch["image_index"].tolist()
+        exclude = same_image_pairs([batch])
+        expected = [[i != j and ids[i] == ids[j] for j in range(len(ids))] for i in range(len(ids))]
+        repeated += sum(map(sum, expected))
+        assert (exclude.tolist() if exclude is not None else [[False] * len(ids)] * len(ids)) == expected
+    assert repeated > 0  # the demo's images have several captions, so all-caption batches do repeat images
+    # the step leaves exactly those pairs out: its loss is the masked loss of the same logits
+    model.eval()
+    batch = next(iter(loader))
+    exclude = same_image_pairs([batch])
+    step_loss = contrastive_step(model, [to_device(batch, torch.device("cpu"))], FP32, None)
+    with torch.no_grad():
+        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(step_loss, clip_loss(out.logits_per_image, exclude), atol=1e-5, rtol=1e-5)
+    plain = contrastive_step(model, [to_device(batch, torch.device("cpu"))], FP32, None, mask_same_image=False)
+    torch.testing.assert_close(plain, clip_loss(out.logits_per_image), atol=1e-5, rtol=1e-5)
+
+
+def test_an_every_caption_run_with_masking_resumes_with_the_same_weights(tmp_path, monkeypatch):
+    overrides = ("train.epochs=3", "data.train_captions=all", "data.demo_num_images=24")
+    fit(tiny_config(tmp_path / "straight", *overrides), show_progress=False)
+    crash_in_second_epoch(monkeypatch, tiny_config(tmp_path / "resumed", *overrides))
+    fit(tiny_config(tmp_path / "resumed", *overrides), resume="auto", show_progress=False)
+    straight = load_checkpoint(tmp_path / "straight" / "run" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "run" / "last.pt")
+    assert straight["step"] == resumed["step"]
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name

@@ -1,0 +1,98 @@
+"""Cached features of a locked image tower, and the K augmented views that keep augmentation at cached cost."""
+
+import pytest
+import torch
+
+from liteclip import build_model
+from liteclip.config import ConfigError
+from liteclip.data import build_datasets, load_splits
+from liteclip.data.captions import SeededSampler
+from liteclip.feature_cache import check_views_fit, use_feature_cache
+from liteclip.precision import Precision
+from liteclip.training import fit
+from tests.test_training import crash_in_second_epoch, tiny_config
+
+FP32 = Precision(None, "cpu")
+LOCKED = ("model.image.tune=locked", "train.cache_image_features=true")
+
+
+@pytest.fixture
+def cached_views(tmp_path):
+    """A locked tiny tower's datasets with 3 cached views of each training image."""
+    config = tiny_config(tmp_path, *LOCKED, "train.cached_views=3", "data.demo_num_images=40")
+    splits = load_splits(config.data)  # generates the demo data, its text tower included
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    datasets = build_datasets(config.data, model.data_config, splits)
+    cached = use_feature_cache(model, datasets, tmp_path / "cache", torch.device("cpu"), FP32, views=3,
+                               transform_key="test")
+    return model, datasets, cached
+
+
+def test_each_training_image_has_k_different_views_and_evaluation_one(cached_views):
+    _, datasets, cached = cached_views
+    views = cached["train"].features
+    assert views.shape[:2] == (3, len(datasets["train"].images))
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert (views[a] - views[b]).abs().amax(dim=1).min() > 0  # every image's views differ
+    assert cached["val"].features.shape == (len(datasets["val"].images), views.shape[2])  # one, untransformed
+    assert cached["test"].features.ndim == 2
+
+
+def test_the_views_are_the_training_transform_seeded_per_view_and_image(cached_views, tmp_path):
+    from liteclip.data.images import load_image
+    from liteclip.feature_cache import view_seed
+
+    model, datasets, cached = cached_views
+    train = datasets["train"]
+    image = load_image(train.images[4].image_path)
+    with torch.no_grad():
+        expected = model.image_features(train.transform(image, view_seed(2, 4))[None])[0]
+    torch.testing.assert_close(cached["train"].features[2, 4], expected, atol=1e-5, rtol=1e-5)
+    # a second call reads the cache instead of encoding again
+    again = use_feature_cache(model, datasets, tmp_path / "cache", torch.device("cpu"), FP32, views=3,
+                              transform_key="test")
+    assert torch.equal(again["train"].features, cached["train"].features)
+
+
+def test_every_view_is_used_over_epochs_and_each_epoch_draws_the_same_for_the_same_seed(cached_views):
+    _, _, cached = cached_views
+    train = cached["train"]
+    sampler = SeededSampler(range(len(train)), seed=0)
+    used = set()
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        for key in sampler:
+            features = train[key]["image_features"]
+            image = train[key]["image_index"]
+            (view,) = [v for v in range(3) if torch.equal(train.features[v, image], features)]
+            used.add(view)
+    assert used == {0, 1, 2}
+    sampler.set_epoch(1)
+    first = [train[key]["image_features"] for key in sampler]
+    assert all(torch.equal(a, train[key]["image_features"]) for a, key in zip(first, sampler))
+
+
+def test_a_run_over_cached_views_resumes_with_the_same_weights(tmp_path, monkeypatch):
+    overrides = (*LOCKED, "train.cached_views=2", "train.epochs=3", "data.demo_num_images=40")
+    fit(tiny_config(tmp_path / "straight", *overrides), show_progress=False)
+    crash_in_second_epoch(monkeypatch, tiny_config(tmp_path / "resumed", *overrides))
+    fit(tiny_config(tmp_path / "resumed", *overrides), resume="auto", show_progress=False)
+    from liteclip.checkpoint import load_checkpoint
+
+    straight = load_checkpoint(tmp_path / "straight" / "run" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "run" / "last.pt")
+    assert straight["step"] == resumed["step"]
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+
+
+def test_more_views_than_memory_holds_and_views_without_the_cache_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.cached_views=100000 needs .* GiB .* lower train.cached_views to "
+                                          r"at most \d+"):
+        check_views_fit(100_000, 6000, 1280)
+    check_views_fit(4, 6000, 1280)  # Flickr8K's training images with Lite0 features: 123 MB
+    with pytest.raises(ConfigError, match="train.cached_views=2 needs train.cache_image_features: true"):
+        tiny_config(tmp_path, "train.cached_views=2")
+    with pytest.raises(ConfigError, match="train.cached_views=0 must be >= 1"):
+        tiny_config(tmp_path, *LOCKED, "train.cached_views=0")
