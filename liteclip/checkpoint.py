@@ -220,5 +220,5 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         reason = ": ".join(filter(None, [type(error).__name__, *str(error).split(". ")[:1]]))[:160]
         raise ModelLoadError(
             f"{path} is truncated or damaged ({path.stat().st_size:,} bytes; {reason}). Checkpoints are written "
-            f"whole, so it was cut or changed afterwards (a full disk while copying, a partial download): resume from another copy, or "
-            f"from best.pt beside it (--resume RUN_DIR/best.pt).") from None
+            f"whole, so it was cut or changed afterwards (a full disk while copying, a partial download): resume "
+            f"from another copy, or from best.pt beside it (--resume RUN_DIR/best.pt).") from None

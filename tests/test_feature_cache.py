@@ -9,8 +9,7 @@ from liteclip.data import build_datasets, load_splits
 from liteclip.data.captions import SeededSampler
 from liteclip.feature_cache import check_views_fit, use_feature_cache
 from liteclip.precision import Precision
-from liteclip.training import fit
-from tests.test_training import crash_in_second_epoch, tiny_config
+from tests.test_training import assert_a_crashed_run_resumes_to_the_same_weights, tiny_config
 
 FP32 = Precision(None, "cpu")
 LOCKED = ("model.image.tune=locked", "train.cache_image_features=true")
@@ -74,17 +73,8 @@ def test_every_view_is_used_over_epochs_and_each_epoch_draws_the_same_for_the_sa
 
 
 def test_a_run_over_cached_views_resumes_with_the_same_weights(tmp_path, monkeypatch):
-    overrides = (*LOCKED, "train.cached_views=2", "train.epochs=3", "data.demo_num_images=40")
-    fit(tiny_config(tmp_path / "straight", *overrides), show_progress=False)
-    crash_in_second_epoch(monkeypatch, tiny_config(tmp_path / "resumed", *overrides))
-    fit(tiny_config(tmp_path / "resumed", *overrides), resume="auto", show_progress=False)
-    from liteclip.checkpoint import load_checkpoint
-
-    straight = load_checkpoint(tmp_path / "straight" / "run" / "last.pt")
-    resumed = load_checkpoint(tmp_path / "resumed" / "run" / "last.pt")
-    assert straight["step"] == resumed["step"]
-    for name, tensor in straight["model"].items():
-        assert torch.equal(tensor, resumed["model"][name]), name
+    assert_a_crashed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, *LOCKED, "train.cached_views=2",
+                                                     "train.epochs=3", "data.demo_num_images=40")
 
 
 def test_more_views_than_memory_holds_and_views_without_the_cache_are_config_errors(tmp_path):
