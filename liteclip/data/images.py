@@ -51,7 +51,11 @@ class UndecodableImageError(DataError):
 
 def upright(image: Image.Image) -> Image.Image:
     """The image as its EXIF orientation tag says it is seen (a new image), or the image itself when untagged."""
-    if image.getexif().get(EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block (PIL raises several kinds): the pixels are still good
+        return image
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
         return ImageOps.exif_transpose(image)
     return image
 

@@ -129,3 +129,14 @@ def test_orientation_is_applied_to_bytes_and_to_pil_images_as_well(tmp_path):
         from_pil = np.asarray(to_rgb(opened))
     assert from_bytes.shape == from_pil.shape == upright.shape
     assert np.array_equal(from_bytes, load_image(photo)) and np.array_equal(from_pil, load_image(photo))
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+@pytest.mark.filterwarnings("ignore:Tag data larger than file")
+def test_a_malformed_exif_block_costs_the_orientation_not_the_photo(tmp_path):
+    pixels = upright_picture()
+    # an orientation tag whose value points past the end of the block
+    corrupt = b"Exif\x00\x00II\x2a\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\xff\xff\xff\x0f\x06\x00\x00\x00"
+    Image.fromarray(pixels).save(tmp_path / "odd.jpg", quality=95, exif=corrupt)
+    decoded = load_image(tmp_path / "odd.jpg")
+    assert decoded.shape == pixels.shape and np.abs(decoded.astype(int) - pixels.astype(int)).mean() < 4
