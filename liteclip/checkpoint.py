@@ -83,14 +83,15 @@ def replace_directory(directory: str | Path, write_contents: Callable[[Path], No
         write_contents(staging)
         # mkdtemp made the folder private, and some writers (safetensors) make private files: everything written
         # gets the modes an ordinary write gives, so the directory reads like one copied into place
+        file_mode, folder_mode = ordinary_mode(), ordinary_mode(directory=True)
         for entry in staging.rglob("*"):
             if entry.is_file():
-                entry.chmod(ordinary_mode())
+                entry.chmod(file_mode)
                 with open(entry, "rb") as handle:
                     os.fsync(handle.fileno())
             elif entry.is_dir():
-                entry.chmod(ordinary_mode(directory=True))
-        staging.chmod(ordinary_mode(directory=True))
+                entry.chmod(folder_mode)
+        staging.chmod(folder_mode)
         previous = directory.with_name(f".{directory.name}.previous")
         if directory.exists():
             for entry in directory.iterdir():

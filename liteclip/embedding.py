@@ -204,11 +204,12 @@ def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size:
 def encode_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64,
                        device: torch.device | str | None = None, autocast: Autocast = contextlib.nullcontext,
                        show_progress: bool = False, num_workers: int = 0,
-                       tower_features: bool = False) -> torch.Tensor:
+                       tower_features: bool = False, loader: DataLoader | None = None) -> torch.Tensor:
     """(N, D) normalised image embeddings of image files (or (N, F) tower features), one row per file; a file that
-    does not decode is an UndecodableImageError naming it (encode_decodable_image_files skips such files)."""
+    does not decode is an UndecodableImageError naming it (encode_decodable_image_files skips such files, and
+    says what `loader` may be)."""
     encoded = encode_decodable_image_files(model, paths, batch_size, device, autocast, show_progress, num_workers,
-                                           tower_features)
+                                           tower_features, loader=loader)
     if encoded.skipped:
         bad = encoded.skipped[0]
         raise UndecodableImageError(f"{bad.file}: {bad.reason}; {ADVICE}", bad.file, bad.reason)

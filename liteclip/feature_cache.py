@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 
 from liteclip.checkpoint import atomic_write_bytes, digest_tensors
 from liteclip.data.captions import CaptionedImage, ImageCaptionDataset, unpack_sample_key
-from liteclip.data.images import ADVICE, UndecodableImageError, load_image
+from liteclip.data.images import UndecodableImageError, load_image
 from liteclip.data.transforms import image_size
-from liteclip.embedding import encode_decodable_image_files, encode_image_files, stack_decoded
+from liteclip.embedding import encode_image_files, stack_decoded
 from liteclip.errors import ConfigError
 from liteclip.model import CLIP
 from liteclip.precision import Precision
@@ -127,13 +127,9 @@ def cached_augmented_features(model: CLIP, paths: list[Path], views: int, transf
     model.eval()
     dataset = AugmentedViews(paths, views, transform, image_size(model.data_config))
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, collate_fn=stack_decoded)
-    encoded = encode_decodable_image_files(model, [paths[i % len(paths)] for i in range(len(dataset))], 64, device,
-                                           precision.autocast, show_progress=True, tower_features=True,
-                                           loader=loader)
-    if encoded.skipped:
-        bad = encoded.skipped[0]
-        raise UndecodableImageError(f"{bad.file}: {bad.reason}; {ADVICE}", bad.file, bad.reason)
-    features = encoded.embeds.cpu().reshape(views, len(paths), -1)
+    features = encode_image_files(model, [paths[i % len(paths)] for i in range(len(dataset))], 64, device,
+                                  precision.autocast, show_progress=True, tower_features=True, loader=loader)
+    features = features.cpu().reshape(views, len(paths), -1)
     atomic_write_bytes(path, save({"features": features.contiguous()}))
     logger.info("cached %d augmented views of %d images in %s", views, len(paths), path)
     return features

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from liteclip.checkpoint import ordinary_mode
 from liteclip.data.captions import LabelledImage, ZeroShotTask
 from liteclip.data.flickr8k import SPLIT_FILES
 
@@ -118,9 +119,7 @@ def ensure_demo_data(root: str | Path, num_images: int = 3000, image_size: int =
     try:
         _generate(staging, num_images, image_size, seed)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
-        umask = os.umask(0)  # mkdtemp made the folder private; a dataset gets the permissions mkdir would give
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
+        staging.chmod(ordinary_mode(directory=True))  # mkdtemp made the folder private
         (staging / MARKER).write_text(json.dumps({**settings, "files": files}))
         if root.exists():
             owned = set(recorded.get("files", ())) if "files" in recorded else None
