@@ -17,8 +17,12 @@ import platform
 from pathlib import Path
 from typing import Callable
 
+import sys
 import torch
 from torch import nn
+
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repository root holds `benchmarks`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.image_tower import timed
 from liteclip.precision import (BF16_CPU_FEATURES, cpu_bf16_feature, measure_cpu_bf16, onednn_isa_limit,

@@ -13,6 +13,7 @@ cache already holds: this is the per-sample CPU cost; what shards save on a netw
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repository root holds `benchmarks`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from liteclip.data.captions import CaptionedImage, ImageCaptionDataset, load_image
 from liteclip.data.download import prepare_images

@@ -18,6 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repository root holds `benchmarks`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 REPO = Path(__file__).resolve().parent.parent
 SIGLIP = ["loss.name=siglip", "model.logit_scale_init=2.302585", "model.logit_bias_init=-10"]
 VARIANTS: dict[str, list[str]] = {

@@ -45,6 +45,9 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repository root holds `benchmarks`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 REPO = Path(__file__).resolve().parent.parent
 RECALL_KEYS = [f"{direction}_R@{k}" for direction in ("text_to_image", "image_to_text") for k in (1, 5, 10)]
 

@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
+from pathlib import Path
 
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repository root holds `benchmarks`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from liteclip.runtime import keep_freed_memory_for
 from liteclip.precision import resolve_precision

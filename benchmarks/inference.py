@@ -28,6 +28,10 @@ import torch
 from PIL import Image
 
 from liteclip.config import config_from_dict
+
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repository root holds `benchmarks`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks.train_throughput import write_text_shape
 from liteclip.model import build_model
 from liteclip.pipeline import ImageSearch, ZeroShotPipeline

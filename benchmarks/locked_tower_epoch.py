@@ -16,12 +16,16 @@ Text towers are random-init with the named shape and a 30,522-token vocabulary, 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repository root holds `benchmarks`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.image_tower import device_name, synchronize
 from benchmarks.train_throughput import TEXT_SHAPES, captions, write_text_shape

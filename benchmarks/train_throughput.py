@@ -42,6 +42,7 @@ import importlib.util
 import math
 import multiprocessing
 import resource
+import sys
 import tempfile
 import time
 import traceback
@@ -51,6 +52,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repository root holds `benchmarks`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.image_tower import synchronize
 from liteclip.config import config_from_dict

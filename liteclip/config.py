@@ -94,8 +94,8 @@ class ModelConfig:
     logit_scale_init: float = math.log(1 / 0.07)  # the paper's initial temperature 0.07
     logit_scale_max: float = math.log(100.0)  # the paper clips the scale at 100
     learn_logit_scale: bool = True  # false: fixed temperature (the Simple-CLIP recipe uses 1.0)
-    # a learned bias added to every logit (SigLIP: -10, with logit_scale_init: 2.302585 = log 10); null: none (CLIP,
-    # whose softmax would ignore it)
+    # a learned bias added to every logit; null: none (CLIP, whose softmax would ignore it). With loss.name: siglip
+    # and neither set, both take the SigLIP paper's values (SIGLIP_INIT); a value given explicitly wins
     logit_bias_init: float | None = None
     # start from a Hugging Face CLIP checkpoint (hub name or directory, e.g. openai/clip-vit-base-patch32): its towers,
     # linear heads, temperature, tokenizer and preprocessing replace image/text/projection above, except the
@@ -108,8 +108,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    # clip: symmetric cross-entropy (Radford et al. 2021); siglip: pairwise sigmoid (Zhai et al. 2023), which needs
-    # model.logit_bias_init (the paper: -10, with model.logit_scale_init: 2.302585)
+    # clip: symmetric cross-entropy (Radford et al. 2021); siglip: pairwise sigmoid (Zhai et al. 2023), which adds a
+    # learned bias to the logits (model.logit_bias_init, the paper's init unless set)
     name: Literal["clip", "siglip"] = "clip"
     # two captions of one image in a batch (data.train_captions: all) are not each other's negatives: such pairs
     # are left out of the loss (liteclip.loss). false: every off-diagonal pair is a negative, as liteCLIP trained
@@ -330,8 +330,26 @@ def read_yaml(path: Path, error_type: type[Exception]) -> Any:
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Builds a Config from nested plain data, with the same strict checks as load_config."""
     config = _build(Config, raw, prefix="", source=source)
+    config = with_siglip_init(config, raw)
     validate(config, source)
     return config
+
+
+# the SigLIP paper's initialisation (Zhai et al. 2023, section 3.2): temperature t = 10 (log t = log 10), bias -10,
+# so the loss starts near the all-negative pairs' value; open_clip's SigLIP configs start there too
+SIGLIP_INIT = {"logit_scale_init": math.log(10.0), "logit_bias_init": -10.0}
+
+
+def with_siglip_init(config: Config, raw: dict[str, Any]) -> Config:
+    """With loss.name: siglip and no logit bias given, the paper's initialisation: the bias, and the temperature
+    unless `raw` sets model.logit_scale_init itself (an explicit value always wins)."""
+    if config.loss.name != "siglip" or config.model.logit_bias_init is not None:
+        return config
+    given = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    updates = {key: value for key, value in SIGLIP_INIT.items() if given.get(key) is None}
+    logger.info("loss.name: siglip with the paper's initialisation: %s",
+                ", ".join(f"model.{key}={value:.6g}" for key, value in updates.items()))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **updates))
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -483,9 +501,6 @@ def validate(config: Config, source: str = "<config>") -> None:
                    "is for timm towers; a Hugging Face tower's architecture comes from its config.json"))
     checks.append((config.distill.weight >= 0, "distill.weight", config.distill.weight, "must be >= 0"))
     checks.append((config.distill.temperature > 0, "distill.temperature", config.distill.temperature, "must be > 0"))
-    checks.append((config.loss.name != "siglip" or config.model.logit_bias_init is not None, "model.logit_bias_init",
-                   config.model.logit_bias_init, "must be set for loss.name: siglip (the paper: -10, with "
-                   "model.logit_scale_init: 2.302585)"))
     for ok, key, value, rule in checks:
         if not ok:
             raise ConfigError(f"{source}: {key}={value!r} {rule}")

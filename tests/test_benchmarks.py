@@ -1,11 +1,13 @@
 """The benchmark scripts run end to end on tiny settings and print figures in their documented form (their numbers
 are for benchmarks/README.md, not for assertions)."""
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +18,16 @@ def run_module(*argv: str) -> list[str]:
                             check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in (REPO / "benchmarks").glob("[a-z]*.py")))
+def test_every_benchmark_runs_by_its_path_as_well_as_with_dash_m(script, tmp_path):
+    """`python benchmarks/x.py` is what people try first; the other tests here run each with -m."""
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, check=False, env=environment)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage:")
 
 
 def test_train_throughput_prints_every_variant_and_ends_with_the_speedup():

@@ -1,3 +1,4 @@
+import logging
 import math
 
 import pytest
@@ -127,12 +128,21 @@ def test_the_siglip_bias_is_in_the_models_logits_and_gets_a_gradient(tiny_config
     assert model.logit_scale.grad.abs() > 0
 
 
-def test_siglip_needs_a_bias_in_the_config():
-    from liteclip.config import ConfigError, load_config
+def test_siglip_alone_takes_the_papers_initialisation_and_an_explicit_value_wins(tmp_path, caplog):
+    from liteclip.config import load_config
 
-    with pytest.raises(ConfigError, match="model.logit_bias_init.*loss.name: siglip"):
-        load_config(None, ["loss.name=siglip"])
-    assert load_config(None, ["loss.name=siglip", "model.logit_bias_init=-10"]).loss.name == "siglip"
+    with caplog.at_level(logging.INFO, logger="liteclip.config"):
+        paper = load_config(None, ["loss.name=siglip"]).model
+    assert (paper.logit_scale_init, paper.logit_bias_init) == pytest.approx((math.log(10), -10.0))
+    assert "paper's initialisation" in caplog.text  # the choice is logged
+    scale_given = load_config(None, ["loss.name=siglip", "model.logit_scale_init=1.5"]).model
+    assert (scale_given.logit_scale_init, scale_given.logit_bias_init) == pytest.approx((1.5, -10.0))
+    recipe = tmp_path / "lit.yaml"  # big_vision's LiT init written in a file: both values as given
+    recipe.write_text("loss: {name: siglip}\nmodel: {logit_scale_init: 2.302585, logit_bias_init: -2.71}\n")
+    lit = load_config(recipe).model
+    assert (lit.logit_scale_init, lit.logit_bias_init) == pytest.approx((2.302585, -2.71))
+    clip = load_config(None).model  # the CLIP loss keeps its own temperature and no bias
+    assert (clip.logit_scale_init, clip.logit_bias_init) == (pytest.approx(math.log(1 / 0.07)), None)
 
 
 # ------------------------------------------------------------------------- two captions of one image (issue 28)
