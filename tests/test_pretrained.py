@@ -38,6 +38,24 @@ def test_a_readme_the_user_wrote_is_kept(tiny_config, tmp_path):
     assert "| test_loss | 1.5 |" in (tmp_path / "fresh" / CARD_NAME).read_text()
 
 
+def test_the_default_model_directory_of_a_fresh_clone_gets_the_model_card(tiny_config, tmp_path):
+    """A fresh clone's ./model must not hold a README of its own: one would be kept in place of the card."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from liteclip.pretrained import CARD_MARKER
+
+    repo = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(["git", "ls-files", "model"], cwd=repo, capture_output=True, text=True, check=True)
+    clone_model_dir = tmp_path / "model"
+    clone_model_dir.mkdir()
+    for name in tracked.stdout.split():  # what a clone's ./model holds before the first training
+        shutil.copy(repo / name, clone_model_dir / Path(name).name)
+    build_model(tiny_config.model).save_pretrained(clone_model_dir, metrics={"test_mean_recall": 42.5})
+    assert CARD_MARKER in (clone_model_dir / CARD_NAME).read_text()
+
+
 @pytest.mark.parametrize("dataset, expected", [("flickr8k", ["flickr8k"]), ("demo", None)])
 def test_the_card_names_real_datasets(tiny_config, tmp_path, dataset, expected):
     from liteclip.config import DataConfig
