@@ -215,7 +215,7 @@ class TrainConfig:
     # (MobileCLIP's stored augmentations), so a locked tower trains with augmentation at cached cost
     cached_views: int = 1
     # CPU: keep memory freed by one step for the next instead of faulting it back in (glibc, liteclip.runtime):
-    # 1.2-1.7x faster convnext_tiny training on the 2-core development VM, for up to ~15% higher resident peak
+    # page faults on every step's fresh activations cost more than the memory kept (benchmarks/README.md measures it)
     keep_cpu_memory: bool = True
     zero_shot_eval: bool = True  # datasets that define zero-shot labels (the demo): accuracy on the test split
 

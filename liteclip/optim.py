@@ -56,7 +56,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     kwargs = {"betas": config.betas, "eps": config.eps}
     try:
         # one pass over each tensor for the whole update (CUDA, and CPUs from torch 2.4). On a CPU, foreach loops
-        # over the tensors op by op: a LiT step's update took 65 ms that way and 21 ms fused (benchmarks/README.md)
+        # over the tensors op by op, and the update of a text tower's large word embeddings shows it
+        # (benchmarks/README.md has the step times)
         return optimizer_class(groups, fused=True, **kwargs)
     except RuntimeError:  # a device (or torch) without the fused kernel
         return optimizer_class(groups, foreach=True, **kwargs)

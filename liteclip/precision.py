@@ -42,16 +42,12 @@ class Precision:
 
 # Whether bf16 autocast trains faster than fp32 on a CPU depends on two things: bf16 instructions (without AVX-512
 # BF16 or AMX, bf16 is emulated by conversions around fp32 kernels and is always slower) and how fast the same
-# machine already is in fp32, which differs by vendor and core. Measured on quiet machines, 2 cores, torch 2.14.1
-# (matmul: 512x1024 @ 1024x1024, what measure_cpu_bf16 times; python -m benchmarks.bf16_kernels):
-#   amx_tile + avx512_bf16    Intel Xeon (Sapphire Rapids on): matmul 2136 vs 322 GFLOP/s (6.6x); convnext_tiny
-#                             224 px training step 1.36-1.40x
-#   avx512_bf16 without AMX   AMD EPYC Zen 4: 2048^2 matmul 182 vs 65 GFLOP/s (2.8x); resnet18 64 px step 1.55x
-#                             the same Xeon with oneDNN held to AVX-512 BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16,
-#                             an Intel CPU without AMX): matmul 204 vs 316 GFLOP/s (0.64x); convnext_tiny step 0.67x
+# machine already is in fp32, which differs by vendor and core. With AMX tiles bf16 wins by a wide margin; with
+# AVX-512 BF16 alone it wins on some chips (AMD Zen 4, whose fp32 is slow) and loses on others (an Intel core, whose
+# fp32 is fast); `python -m benchmarks.bf16_kernels` measures a machine, and benchmarks/README.md keeps the figures.
 # So `auto` takes bf16 with AMX, fp32 without bf16 instructions, and in between (AVX-512 BF16 alone, or AMX that
 # oneDNN is told not to use) times the matmul in both formats and takes bf16 from BF16_MIN_SPEEDUP. A whole step gains
-# less than the matmul (the table above), hence the margin.
+# less than the matmul (it also runs elementwise work and memory traffic that bf16 barely speeds up), hence the margin.
 BF16_CPU_FEATURES = {"amx": "AMX tiles", "avx512_bf16": "AVX-512 BF16"}
 BF16_MIN_SPEEDUP = 1.5
 ONEDNN_ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's own switch: may turn AMX off
@@ -87,7 +83,7 @@ class Bf16Measurement:
 @functools.lru_cache(maxsize=1)
 def measure_cpu_bf16(rows: int = 512, width: int = 1024, repeats: int = 5) -> Bf16Measurement:
     """Times a (rows x width) @ (width x width) matmul in bf16 and in fp32, best of `repeats` after one warm-up
-    each (the best is what the hardware does when nothing interrupts it). 0.02 to 0.2 s; once per process."""
+    each (the best is what the hardware does when nothing interrupts it). A fraction of a second, once per process."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
     left, right = torch.randn(rows, width, generator=generator), torch.randn(width, width, generator=generator)

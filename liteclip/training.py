@@ -231,7 +231,7 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
 
 def validation_image_loader(data: DataConfig, model: CLIP, val: Any) -> DataLoader | None:
     """The val split's image files in a loader whose workers persist between the per-epoch evaluations (a fresh
-    loader forked new workers from the trainer every epoch: 0.85-1.0 s per demo evaluation against 0.35 s). None
+    loader would fork new workers from the trainer every epoch, which costs more than a small split's decoding). None
     where there are no workers or no files to decode (an empty split, cached features)."""
     if data.num_workers == 0 or len(val) == 0 or isinstance(val, CachedFeatureDataset):
         return None

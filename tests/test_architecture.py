@@ -4,8 +4,11 @@ the library never reaches the trainer, functions stay short, and the command lin
 from __future__ import annotations
 
 import ast
+import io
+import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -133,3 +136,29 @@ def test_command_line_help_does_not_import_torch(argv):
     assert result.returncode == 0, result.stderr
     assert "usage: liteclip" in result.stdout
     assert "HEAVY []" in result.stdout
+
+
+# a measured figure: a number with a unit of time or throughput, or a speed-up ratio ("6.6x")
+MEASURED_FIGURE = re.compile(r"\b\d+(\.\d+)?\s?(ms|s|seconds?|min|minutes?|GFLOP/s|samples/s|steps/s)(?![\w/])"
+                             r"|\b\d+(\.\d+)?x(?!\w)")
+
+
+def comments_and_docstrings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every comment and docstring of a Python file."""
+    source = path.read_text()
+    found = [(token.start[0], token.string) for token in tokenize.generate_tokens(io.StringIO(source).readline)
+             if token.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            docstring = ast.get_docstring(node, clean=False)
+            if docstring:
+                found.append((node.body[0].lineno, docstring))
+    return found
+
+
+def test_code_comments_say_why_and_leave_measured_figures_to_the_benchmarks():
+    """Timings from one machine age; they belong in benchmarks/README.md, where the machine is named."""
+    offenders = [f"{path.relative_to(PACKAGE.parent)}:{line}: {match.group(0)!r}"
+                 for path in [*sorted(PACKAGE.rglob("*.py")), PACKAGE.parent / "train.py"]
+                 for line, text in comments_and_docstrings(path) for match in MEASURED_FIGURE.finditer(text)]
+    assert not offenders, "\n".join(offenders)

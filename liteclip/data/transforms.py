@@ -11,7 +11,7 @@ import os
 from typing import Any, Callable
 
 # albumentations asks PyPI for its newest version on import: on an offline cluster node that is a warning in every
-# process (and a wait of up to 2 s). A user who sets the variable themselves keeps their choice.
+# process, and a wait for a network timeout. A user who sets the variable themselves keeps their choice.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 import cv2
