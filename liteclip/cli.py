@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -60,7 +61,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
         where = f"the last checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
         print(f"liteclip train: interrupted; {where}\nresume: {resume_command}", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process says it
+        print(_next_steps(config))
     return 0
+
+
+def _next_steps(config) -> str:
+    """What the end of a training run prints: where the model went, one command that uses it, the notebook."""
+    model_dir = config.train.model_dir
+    image, labels = _example_query(config)
+    predict = shlex.join(["liteclip", "predict", image, "--model-dir", str(model_dir), "--labels", *labels])
+    return "\n".join([
+        f"\nDone: the best model is in {model_dir}/ (config, weights, tokenizer, model card).",
+        f"Try it:     {predict}",
+        "In Python:  ZeroShotPipeline(" + repr(str(model_dir)) + ").predict(image, labels)",
+        "Notebook:   jupyter lab notebooks/inference.ipynb   (zero-shot bars, search, neighbours; "
+        "pip install jupyterlab)",
+    ])
+
+
+def _example_query(config) -> tuple[str, list[str]]:
+    """A test image and its own label among two others where the dataset has labels (the demo), else a
+    placeholder; a training that finished is never failed by its closing message."""
+    from liteclip.data import zero_shot_task
+
+    try:
+        task = zero_shot_task(config.data, "test")
+    except (OSError, ValueError):
+        task = None
+    if task is None or not task.items:
+        return "path/to/photo.jpg", ["a photo of a dog", "a photo of a cat", "a photo of a beach"]
+    item = task.items[0]
+    right = task.labels[item.label]
+    return str(item.image_path), [right, *[label for label in task.labels if label != right][:2]]
 
 
 def _pipeline(args: argparse.Namespace, templates: list[str] | None = None):

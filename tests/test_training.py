@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,8 +101,15 @@ def test_bf16_autocast_trains_on_the_cpu_and_keeps_fp32_weights(tmp_path):
         assert model.image_encoder.model.stem(batch["pixel_values"]).dtype == torch.bfloat16
 
 
-def test_train_command_writes_logs_checkpoints_and_model(tmp_path):
+def test_train_command_writes_logs_checkpoints_and_model(tmp_path, capsys):
     assert main(["train", "--config", "configs/demo.yaml", "--no-progress", "--set", *tiny_overrides(tmp_path)]) == 0
+    next_steps = capsys.readouterr().out  # the first-run message: where the model is, and a command that uses it
+    assert f"{tmp_path / 'model'}/" in next_steps and "notebooks/inference.ipynb" in next_steps
+    predict = shlex.split(next(line for line in next_steps.splitlines() if "liteclip predict" in line).split(":", 1)[1])
+    assert predict[:2] == ["liteclip", "predict"] and Path(predict[2]).is_file()
+    assert main(predict[1:]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and any(label in table[1] for label in predict[predict.index("--labels") + 1:])
     run = tmp_path / "run"
     steps = read_rows(run / "metrics.csv")
     assert [int(r["step"]) for r in steps] == list(range(1, len(steps) + 1))
