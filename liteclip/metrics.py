@@ -1,7 +1,9 @@
 """Retrieval recall and zero-shot accuracy, computed from the embeddings of a whole split (never per batch).
 
-Image -> text: a hit at K if any of the image's correct captions ranks in the top K.
-Text -> image: a hit at K if any of the caption's correct images ranks in the top K.
+Image -> text (`image_to_text_R@K`): a hit at K if any of the image's correct captions ranks in the top K; the
+field's text retrieval, CLIP_benchmark's `text_retrieval_recall@K`.
+Text -> image (`text_to_image_R@K`): a hit at K if any of the caption's correct images ranks in the top K; image
+retrieval, CLIP_benchmark's `image_retrieval_recall@K`. Every figure liteclip prints uses these names.
 
 Ties never count in the model's favour: an item's rank is the number of wrong items that score at least as high as
 the best correct one (a pessimistic rank), so a model whose embeddings have collapsed to one point ranks every
