@@ -45,7 +45,9 @@ class LoraConfig:
 @dataclass(frozen=True)
 class ImageEncoderConfig:
     name: str = "convnext_tiny"  # any timm model name, optionally with a pretrained tag: "convnext_tiny.fb_in1k"
-    source: Literal["timm", "hf"] = "timm"  # hf: a Hugging Face vision model (its pooler output), e.g. CLIP's ViT
+    # hf: a Hugging Face vision model (its pooler output), e.g. CLIP's ViT; open_clip: an open_clip model's own image
+    # tower (set by model.init_from: open_clip:...)
+    source: Literal["timm", "hf", "open_clip"] = "timm"
     pretrained: bool = True  # load timm's pretrained weights (needs the hub or its cache)
     weights_file: str | None = None  # local .safetensors/.pth for users who downloaded weights by hand
     tune: Literal["full", "locked", "lora"] = "full"  # locked: frozen (LiT), eval mode; lora: adapters only
@@ -67,6 +69,7 @@ class ImageEncoderConfig:
 @dataclass(frozen=True)
 class TextEncoderConfig:
     name: str = "google/bert_uncased_L-4_H-256_A-4"  # Hugging Face hub name or local directory (bert-mini)
+    source: Literal["hf", "open_clip"] = "hf"  # open_clip: an open_clip model's text tower (model.init_from)
     pretrained: bool = True  # false: same architecture from its config, random init
     pooling: Literal["mean", "cls", "eos"] = "mean"  # mean: attention-masked mean (liteCLIP); eos: last real token
     max_length: int = 128  # captions are truncated here; batches are padded only to their longest caption
@@ -81,7 +84,7 @@ class TextEncoderConfig:
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    kind: Literal["residual", "residual_mlp", "linear"] = "residual"  # see ProjectionHead
+    kind: Literal["residual", "residual_mlp", "linear", "identity"] = "residual"  # see ProjectionHead
     dim: int = 256  # shared embedding size
     dropout: float = 0.1
 

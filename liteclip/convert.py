@@ -70,7 +70,9 @@ class ConvertedCLIP:
     vision_hf_config: Any
     tokenizer: Any
     data_config: dict[str, Any]
-    state_dict: dict[str, torch.Tensor]  # under liteclip's parameter names
+    state_dict: dict[str, torch.Tensor] | None  # under liteclip's parameter names; None: the towers hold them
+    open_clip_model: Any = None  # an open_clip checkpoint: the model open_clip built, weights loaded
+    open_clip_config: dict[str, Any] | None = None  # its model and preprocessing configs, saved with the model
 
 
 def read_hf_clip(name_or_dir: str, base: ModelConfig | None = None) -> ConvertedCLIP:

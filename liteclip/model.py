@@ -25,6 +25,7 @@ from torch import nn
 
 from liteclip.config import ImageEncoderConfig, ModelConfig, ProjectionConfig, TextEncoderConfig
 from liteclip.convert import clip_data_config
+from liteclip.convert_open_clip import data_config_of
 from liteclip.errors import ConfigError
 from liteclip.lora import add_lora
 from liteclip.pretrained import PretrainedMixin
@@ -65,11 +66,13 @@ class ImageEncoder(nn.Module):
     pipeline normalises with the tower's own statistics.
     """
 
-    def __init__(self, config: ImageEncoderConfig, hf_config: Any | None = None):
+    def __init__(self, config: ImageEncoderConfig, hf_config: Any | None = None, open_clip_model: Any = None):
         super().__init__()
         self.config = config
         if config.source == "hf":
             self._init_hf(config, hf_config)
+        elif config.source == "open_clip":
+            self._init_open_clip(config, open_clip_model)
         else:
             self._init_timm(config)
         if config.tune == "lora":
@@ -142,6 +145,16 @@ class ImageEncoder(nn.Module):
         self.num_features = self.model.config.hidden_size
         self.data_config = clip_data_config(getattr(self.model.config, "image_size", 224))
 
+    def _init_open_clip(self, config: ImageEncoderConfig, open_clip_model: Any) -> None:
+        """An open_clip model's image tower (`visual`): its output is already in the shared space."""
+        if open_clip_model is None:
+            raise ConfigError(f"model.image.source=open_clip ({config.name}) is built from an open_clip checkpoint: "
+                              f"set model.init_from: open_clip:{config.name}@TAG_OR_FILE")
+        self.model = open_clip_model.visual
+        self.num_features = int(open_clip_model.liteclip_embed_dim)  # set by liteclip.convert_open_clip
+        preprocess = getattr(self.model, "preprocess_cfg", None)
+        self.data_config = data_config_of(preprocess) if preprocess else clip_data_config(224)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.config.source == "hf":
             return self.model(pixel_values=pixel_values).pooler_output  # (B, hidden_size)
@@ -158,11 +171,34 @@ class TextEncoder(nn.Module):
     `eos` (the last real token, for causally-masked towers where only it has seen the whole caption).
     """
 
-    def __init__(self, config: TextEncoderConfig, hf_config: Any | None = None):
+    def __init__(self, config: TextEncoderConfig, hf_config: Any | None = None, open_clip_model: Any = None):
         super().__init__()
+        self.config = config
+        if config.source == "open_clip":
+            self._init_open_clip(config, open_clip_model)
+        else:
+            self._init_hf(config, hf_config)
+        if config.tune == "lora":
+            self.model = add_lora(self.model, config.lora, "model.text", is_hf=config.source == "hf")
+
+    def _init_open_clip(self, config: TextEncoderConfig, open_clip_model: Any) -> None:
+        """An open_clip model's text side (everything but `visual`, which the image tower holds), run through its
+        own encode_text: the pooling and projection are the checkpoint's."""
+        if open_clip_model is None:
+            raise ConfigError(f"model.text.source=open_clip ({config.name}) is built from an open_clip checkpoint: "
+                              f"set model.init_from: open_clip:{config.name}@TAG_OR_FILE")
+        open_clip_model.visual = None  # held by the image tower; one owner per parameter
+        for name in ("logit_scale", "logit_bias"):  # the CLIP model holds the temperature and bias
+            if isinstance(getattr(open_clip_model, name, None), nn.Parameter):
+                delattr(open_clip_model, name)
+                setattr(open_clip_model, name, None)
+        self.model = open_clip_model
+        self.num_features = int(open_clip_model.liteclip_embed_dim)
+
+    def _init_hf(self, config: TextEncoderConfig, hf_config: Any | None) -> None:
+        """A Hugging Face AutoModel, pretrained or from its config; a BERT pooler is dropped (never used)."""
         from transformers import AutoConfig, AutoModel
 
-        self.config = config
         remote = config.trust_remote_code
         try:
             if hf_config is not None:  # rebuilding a saved model: architecture from the saved config, weights follow
@@ -188,10 +224,10 @@ class TextEncoder(nn.Module):
             # gradient, and DDP would wait for them forever instead of averaging the other gradients
             self.model.pooler = None
         self.num_features: int = self.model.config.hidden_size
-        if config.tune == "lora":
-            self.model = add_lora(self.model, config.lora, "model.text", is_hf=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.config.source == "open_clip":
+            return self.model.encode_text(input_ids)  # (B, L) -> (B, embed_dim), projected; open_clip takes no mask
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
         if self.config.pooling == "cls":
             return hidden[:, 0]  # (B, H)
@@ -212,11 +248,17 @@ class ProjectionHead(nn.Module):
         residual: Linear -> GELU -> Dropout, added back to the projection, then LayerNorm (liteCLIP).
         residual_mlp: Linear -> GELU -> Linear -> Dropout, residual, LayerNorm (the Simple-CLIP recipe).
         linear: one bias-free Linear (OpenAI CLIP).
+        identity: none; the tower projects itself (open_clip and SigLIP checkpoints).
     """
 
     def __init__(self, in_features: int, config: ProjectionConfig):
         super().__init__()
         self.kind = config.kind
+        if config.kind == "identity":
+            if in_features != config.dim:
+                raise ConfigError(f"model.projection.kind=identity needs towers that output model.projection.dim="
+                                  f"{config.dim} features; this one outputs {in_features}")
+            return
         self.projection = nn.Linear(in_features, config.dim, bias=config.kind != "linear")
         if config.kind != "linear":
             self.fc = nn.Linear(config.dim, config.dim) if config.kind == "residual_mlp" else nn.Identity()
@@ -224,6 +266,8 @@ class ProjectionHead(nn.Module):
             self.layer_norm = nn.LayerNorm(config.dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.kind == "identity":
+            return features  # (B, D)
         projected = self.projection(features)  # (B, F) -> (B, D)
         if self.kind == "linear":
             return projected
@@ -254,12 +298,13 @@ class CLIP(PretrainedMixin, nn.Module):
     """
 
     def __init__(self, config: ModelConfig, tokenizer: Any = None, text_hf_config: Any | None = None,
-                 image_hf_config: Any | None = None):
+                 image_hf_config: Any | None = None, open_clip_model: Any = None):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
-        self.image_encoder = ImageEncoder(config.image, hf_config=image_hf_config)
-        self.text_encoder = TextEncoder(config.text, hf_config=text_hf_config)
+        # an open_clip checkpoint's model: its image tower goes to one, the rest to the other
+        self.image_encoder = ImageEncoder(config.image, hf_config=image_hf_config, open_clip_model=open_clip_model)
+        self.text_encoder = TextEncoder(config.text, hf_config=text_hf_config, open_clip_model=open_clip_model)
         self.image_projection = ProjectionHead(self.image_encoder.num_features, config.projection)
         self.text_projection = ProjectionHead(self.text_encoder.num_features, config.projection)
         # log of the inverse temperature, learned in log space as in the paper
@@ -270,6 +315,7 @@ class CLIP(PretrainedMixin, nn.Module):
                            if config.logit_bias_init is not None else None)
         self.data_config = self.image_encoder.data_config
         self.name_or_path: str | None = None
+        self.open_clip_config: dict[str, Any] | None = None  # an open_clip checkpoint's architecture, saved with it
         if config.image.channels_last:
             self.image_encoder.to(memory_format=torch.channels_last)
         for tower, locked in ((self.image_encoder, config.image.locked), (self.text_encoder, config.text.locked)):

@@ -24,6 +24,7 @@ import yaml
 
 from liteclip.checkpoint import load_weights, read_safetensors, replace_directory
 from liteclip.config import Config, ConfigError, ModelConfig, config_from_dict, read_yaml
+from liteclip import convert_open_clip
 from liteclip.convert import ConvertedCLIP, is_hf_clip, read_hf_clip
 from liteclip.errors import ModelLoadError
 from liteclip.lora import merged_copy
@@ -36,7 +37,8 @@ PREPROCESSOR_NAME = "preprocessor_config.json"
 TEXT_CONFIG_DIR = "text_config"
 VISION_CONFIG_DIR = "vision_config"  # only for Hugging Face image towers; timm towers rebuild from their name
 TOKENIZER_DIR = "tokenizer"
-OWNED_NAMES = {CONFIG_NAME, WEIGHTS_NAME, PREPROCESSOR_NAME, TEXT_CONFIG_DIR, TOKENIZER_DIR, VISION_CONFIG_DIR}
+OWNED_NAMES = {CONFIG_NAME, WEIGHTS_NAME, PREPROCESSOR_NAME, TEXT_CONFIG_DIR, TOKENIZER_DIR, VISION_CONFIG_DIR,
+               convert_open_clip.CONFIG_FILE}
 CARD_NAME = "README.md"
 # the files any Hugging Face tokenizer is read from: one of them must be in a local text tower's folder
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
@@ -52,6 +54,8 @@ class PretrainedMixin:
         """Builds the model and its tokenizer from the model section of a config (`init_from`: a HF CLIP)."""
         from transformers import AutoTokenizer
 
+        if convert_open_clip.is_open_clip(config.init_from):
+            return from_converted(cls, convert_open_clip.read_open_clip(config.init_from, base=config))
         if config.init_from:
             return from_converted(cls, read_hf_clip(config.init_from, base=config))
         model = cls(config)  # the towers first: their errors name a wrong model name most clearly
@@ -86,6 +90,9 @@ class PretrainedMixin:
         A folder whose towers or tokenizer come with their own Python code (an `auto_map` in their config) is
         refused unless `trust_remote_code=True` is passed here: what the folder's own files say never decides it.
         """
+        if convert_open_clip.is_open_clip(str(name_or_dir)):  # "open_clip:ARCH@TAG_OR_FILE"
+            converted = convert_open_clip.read_open_clip(str(name_or_dir))
+            return from_converted(cls, converted).to(device=device, dtype=dtype).eval()
         if not (Path(name_or_dir) / CONFIG_NAME).is_file() and is_hf_clip(name_or_dir):
             try:
                 converted = read_hf_clip(str(name_or_dir))
@@ -107,9 +114,11 @@ class PretrainedMixin:
 def from_converted(cls: type, converted: ConvertedCLIP):
     """A model of class `cls` holding the weights of a converted Hugging Face CLIP."""
     model = cls(converted.config, tokenizer=converted.tokenizer, text_hf_config=converted.text_hf_config,
-                image_hf_config=converted.vision_hf_config)
-    load_weights(model, converted.state_dict, str(converted.config.image.name))
-    model.data_config = converted.data_config
+                image_hf_config=converted.vision_hf_config, open_clip_model=converted.open_clip_model)
+    if converted.state_dict is not None:  # an open_clip model arrives with its weights in its towers
+        load_weights(model, converted.state_dict, str(converted.config.image.name))
+    model.data_config = converted.data_config or model.data_config
+    model.open_clip_config = converted.open_clip_config
     model.name_or_path = str(converted.config.image.name)
     return model
 
@@ -134,7 +143,10 @@ def save_model_dir(model: Any, directory: str | Path, full_config: Config | None
         (staging / PREPROCESSOR_NAME).write_text(json.dumps(model.data_config, indent=2))
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "library": "liteclip"})
-        model.text_encoder.model.config.save_pretrained(staging / TEXT_CONFIG_DIR)
+        if model.config.text.source == "open_clip":
+            convert_open_clip.write_saved_config(model, staging)
+        else:
+            model.text_encoder.model.config.save_pretrained(staging / TEXT_CONFIG_DIR)
         if model.config.image.source == "hf":
             model.image_encoder.model.config.save_pretrained(staging / VISION_CONFIG_DIR)
         if model.tokenizer is not None:
@@ -244,21 +256,27 @@ def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = F
     config = read_model_config(directory).model
     refuse_remote_code(directory, trust_remote_code)
     # the weights come from the directory, so the towers are built empty and never touch the network
-    config = dataclasses.replace(
-        config,
-        image=dataclasses.replace(config.image, pretrained=False, weights_file=None),
-        text=dataclasses.replace(config.text, pretrained=False, name=str(directory / TEXT_CONFIG_DIR),
-                                 trust_remote_code=trust_remote_code),
-    )
-    text_hf_config = AutoConfig.from_pretrained(directory / TEXT_CONFIG_DIR, trust_remote_code=trust_remote_code)
-    image_hf_config = None
-    if config.image.source == "hf":
-        image_hf_config = AutoConfig.from_pretrained(directory / VISION_CONFIG_DIR,
-                                                     trust_remote_code=trust_remote_code)
-    tokenizer = None
-    if (directory / TOKENIZER_DIR).is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR), trust_remote_code=trust_remote_code)
-    model = cls(config, tokenizer=tokenizer, text_hf_config=text_hf_config, image_hf_config=image_hf_config)
+    if config.text.source == "open_clip":  # open_clip rebuilds the architecture from open_clip_config.json
+        source, tokenizer, saved = convert_open_clip.read_saved(directory)
+        model = cls(config, tokenizer=tokenizer, open_clip_model=source)
+        model.open_clip_config = saved
+    else:
+        config = dataclasses.replace(
+            config,
+            image=dataclasses.replace(config.image, pretrained=False, weights_file=None),
+            text=dataclasses.replace(config.text, pretrained=False, name=str(directory / TEXT_CONFIG_DIR),
+                                     trust_remote_code=trust_remote_code),
+        )
+        text_hf_config = AutoConfig.from_pretrained(directory / TEXT_CONFIG_DIR, trust_remote_code=trust_remote_code)
+        image_hf_config = None
+        if config.image.source == "hf":
+            image_hf_config = AutoConfig.from_pretrained(directory / VISION_CONFIG_DIR,
+                                                         trust_remote_code=trust_remote_code)
+        tokenizer = None
+        if (directory / TOKENIZER_DIR).is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR),
+                                                      trust_remote_code=trust_remote_code)
+        model = cls(config, tokenizer=tokenizer, text_hf_config=text_hf_config, image_hf_config=image_hf_config)
     if (directory / PREPROCESSOR_NAME).is_file():
         saved = json.loads((directory / PREPROCESSOR_NAME).read_text())
         model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}

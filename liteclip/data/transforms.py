@@ -46,14 +46,23 @@ def image_size(data_config: dict[str, Any]) -> int:
 
 
 def eval_transform(data_config: dict[str, Any]) -> Transform:
-    """Resize the shorter side to size / crop_pct, then center crop (timm's evaluation recipe)."""
+    """Resize the shorter side to size / crop_pct, then center crop (timm's evaluation recipe). open_clip
+    checkpoints may ask otherwise (data_config["resize_mode"]): `squash` resizes to a square whatever the aspect,
+    `longest` fits the longer side and pads the rest black, as open_clip does for them."""
     size = image_size(data_config)
     crop_pct = float(data_config.get("crop_pct") or 1.0)
     interpolation = INTERPOLATION.get(data_config.get("interpolation", "bicubic"), cv2.INTER_CUBIC)
+    resize_mode = data_config.get("resize_mode", "shortest")
+    if resize_mode == "squash":
+        resize = [A.Resize(height=size, width=size, interpolation=interpolation)]
+    elif resize_mode == "longest":
+        resize = [A.LongestMaxSize(max_size=size, interpolation=interpolation),
+                  A.PadIfNeeded(min_height=size, min_width=size, border_mode=cv2.BORDER_CONSTANT, fill=0)]
+    else:
+        resize = [A.SmallestMaxSize(max_size=int(round(size / crop_pct)), interpolation=interpolation),
+                  A.CenterCrop(height=size, width=size)]
     return Transform(A.Compose([
-        A.SmallestMaxSize(max_size=int(round(size / crop_pct)), interpolation=interpolation),
-        A.CenterCrop(height=size, width=size),
-        A.Normalize(mean=data_config["mean"], std=data_config["std"], max_pixel_value=255.0),
+        *resize, A.Normalize(mean=data_config["mean"], std=data_config["std"], max_pixel_value=255.0),
     ]))
 
 
