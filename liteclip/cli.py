@@ -129,11 +129,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:  # among several, it is skipped (and logged) and the others are classified
         results = pipeline.predict(images, args.labels, top_k=args.top_k, batch_size=args.batch_size,
                                    num_workers=args.num_workers)
-    data = [{"image": image, "predictions": [{"label": l, "probability": p} for l, p in result]}
+    data = [{"image": image, "probabilities": pipeline.probabilities,
+             "predictions": [{"label": l, "probability": p} for l, p in result]}
             for image, result in zip(images, results)]
     rows = [(image, label, f"{prob * 100:.2f}%") for image, result in zip(images, results) for label, prob in result]
     rows += [(image, "(skipped: does not decode)", "") for image, result in zip(images, results) if not result]
-    _emit(args, data, rows, ("image", "label", "probability"))
+    header = "probability" if pipeline.probabilities == "softmax" else "probability (sigmoid, each label alone)"
+    _emit(args, data, rows, ("image", "label", header))
     return 0
 
 

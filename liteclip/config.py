@@ -71,7 +71,11 @@ class TextEncoderConfig:
     name: str = "google/bert_uncased_L-4_H-256_A-4"  # Hugging Face hub name or local directory (bert-mini)
     source: Literal["hf", "open_clip"] = "hf"  # open_clip: an open_clip model's text tower (model.init_from)
     pretrained: bool = True  # false: same architecture from its config, random init
-    pooling: Literal["mean", "cls", "eos"] = "mean"  # mean: attention-masked mean (liteCLIP); eos: last real token
+    # mean: attention-masked mean (liteCLIP); eos: last real token; pooler: the tower's own pooled output (SigLIP)
+    pooling: Literal["mean", "cls", "eos", "pooler"] = "mean"
+    # longest: a batch is padded to its longest caption, pads masked out; max_length: every caption padded to
+    # max_length and the pads seen, as checkpoints trained that way need (SigLIP)
+    padding: Literal["longest", "max_length"] = "longest"
     max_length: int = 128  # captions are truncated here; batches are padded only to their longest caption
     tune: Literal["full", "locked", "lora"] = "full"  # locked: frozen, eval mode; lora: adapters only
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -1,5 +1,6 @@
 """Foreign weights onto liteclip modules: Hugging Face `transformers` CLIP checkpoints (OpenAI's CLIP and any model
-saved in that layout). Nothing else in liteclip does weight surgery.
+saved in that layout) and SigLIP / SigLIP 2 checkpoints (`SiglipModel`, `Siglip2Model`). Nothing else in liteclip
+does weight surgery (open_clip checkpoints keep open_clip's own modules: liteclip.convert_open_clip).
 
 The towers stay the library's own (CLIPVisionModel, CLIPTextModel: causal mask, final layer norm and all); liteclip
 adds what is equivalent around them: the vision tower's pooled output, the text tower's end-of-text token (`eos`
@@ -32,12 +33,15 @@ def clip_data_config(size: int) -> dict[str, Any]:
             "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
 
 
+HF_CHECKPOINT_TYPES = ("clip", "siglip", "siglip2")  # transformers model types liteclip reads
+
+
 def is_hf_clip(name_or_dir: str | Path) -> bool:
     """A local transformers CLIP directory, or something shaped like a hub id (namespace/name)."""
     path = Path(name_or_dir)
     if path.is_dir():
         config = path / "config.json"
-        return config.is_file() and json.loads(config.read_text()).get("model_type") == "clip"
+        return config.is_file() and json.loads(config.read_text()).get("model_type") in HF_CHECKPOINT_TYPES
     text = str(name_or_dir)
     return not path.exists() and not path.is_absolute() and not text.startswith(".") and text.count("/") == 1
 
@@ -101,6 +105,78 @@ def read_hf_clip(name_or_dir: str, base: ModelConfig | None = None) -> Converted
                          AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=False),
                          image_processor_data_config(name_or_dir, hf_config.vision_config.image_size),
                          liteclip_state_dict(source))
+
+
+def read_hf_checkpoint(name_or_dir: str, base: ModelConfig | None = None) -> ConvertedCLIP:
+    """A transformers CLIP or SigLIP checkpoint (by its config's model_type) as liteclip's config and weights."""
+    from transformers import AutoConfig
+
+    if AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False).model_type in ("siglip", "siglip2"):
+        return read_hf_siglip(name_or_dir, base)
+    return read_hf_clip(name_or_dir, base)
+
+
+class FixedLengthTokenizer:
+    """A Hugging Face tokenizer that pads every text to `max_length`: checkpoints trained that way (SigLIP pools the
+    last position) read the same positions whatever a caption's length. Everything else is the tokenizer's own."""
+
+    def __init__(self, tokenizer: Any, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tokenizer":  # not set yet (unpickling): never recurse
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, texts: Any, **kwargs: Any) -> Any:
+        kwargs.update(padding="max_length", truncation=True, max_length=self.max_length)
+        return self.tokenizer(texts, **kwargs)
+
+    def save_pretrained(self, directory: str) -> Any:
+        return self.tokenizer.save_pretrained(directory)
+
+
+def siglip_data_config(name_or_dir: str, image_size: int) -> dict[str, Any]:
+    """SigLIP's preprocessing: the whole image resized to a square (no crop), mean and std 0.5 unless saved."""
+    data_config = {"input_size": (3, image_size, image_size), "interpolation": "bicubic", "crop_pct": 1.0,
+                   "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(name_or_dir, trust_remote_code=False)
+    except (OSError, ValueError):
+        logger.warning("%s has no image processor config; using SigLIP's preprocessing", name_or_dir)
+        return data_config
+    resample = {2: "bilinear", 3: "bicubic"}.get(int(getattr(processor, "resample", 3) or 3), "bicubic")
+    data_config.update(interpolation=resample, mean=tuple(processor.image_mean), std=tuple(processor.image_std))
+    return data_config
+
+
+def read_hf_siglip(name_or_dir: str, base: ModelConfig | None = None) -> ConvertedCLIP:
+    """A transformers SiglipModel / Siglip2Model: its vision tower (attention-pooled), its text tower (the last
+    position through its head), its temperature and bias, its tokenizer padded to the length it was trained at."""
+    from transformers import AutoModel, AutoTokenizer
+
+    source = AutoModel.from_pretrained(name_or_dir)
+    hf_config = source.config
+    base = base or ModelConfig()
+    max_length = hf_config.text_config.max_position_embeddings
+    scale = float(source.logit_scale.detach())
+    config = ModelConfig(
+        image=ImageEncoderConfig(name=str(name_or_dir), source="hf", pretrained=False, channels_last=False,
+                                 tune=base.image.tune, lora=base.image.lora),
+        text=TextEncoderConfig(name=str(name_or_dir), pretrained=False, pooling="pooler", padding="max_length",
+                               tune=base.text.tune, lora=base.text.lora, max_length=max_length),
+        projection=ProjectionConfig(kind="identity", dim=hf_config.vision_config.hidden_size, dropout=0.0),
+        logit_scale_init=scale, logit_scale_max=max(math.log(100.0), scale), learn_logit_scale=base.learn_logit_scale,
+        logit_bias_init=float(source.logit_bias.detach()),
+    )
+    state = {"logit_scale": source.logit_scale.detach().reshape(()), "logit_bias": source.logit_bias.detach().reshape(())}
+    for prefix, tower in (("image_encoder.model.", source.vision_model), ("text_encoder.model.", source.text_model)):
+        state.update({prefix + name: tensor for name, tensor in tower.state_dict().items()})
+    tokenizer = FixedLengthTokenizer(AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=False), max_length)
+    return ConvertedCLIP(config, hf_config.text_config, hf_config.vision_config, tokenizer,
+                         siglip_data_config(name_or_dir, hf_config.vision_config.image_size), state)
 
 
 def liteclip_state_dict(source: torch.nn.Module) -> dict[str, torch.Tensor]:

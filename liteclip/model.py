@@ -164,6 +164,20 @@ class ImageEncoder(nn.Module):
 # -------------------------------------------------------------------------------------------------- text tower
 
 
+# transformers' AutoModel maps no class to these text configs; their text towers by name
+TEXT_MODEL_CLASSES = {"siglip_text_model": "SiglipTextModel", "siglip2_text_model": "Siglip2TextModel"}
+
+
+def text_model_from_config(hf_config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """A text tower built empty from its transformers config (its weights follow)."""
+    import transformers
+
+    class_name = TEXT_MODEL_CLASSES.get(getattr(hf_config, "model_type", ""))
+    if class_name is not None:
+        return getattr(transformers, class_name)(hf_config)
+    return transformers.AutoModel.from_config(hf_config, trust_remote_code=trust_remote_code)
+
+
 class TextEncoder(nn.Module):
     """Any Hugging Face AutoModel as a sentence encoder with a chosen pooling.
 
@@ -202,7 +216,7 @@ class TextEncoder(nn.Module):
         remote = config.trust_remote_code
         try:
             if hf_config is not None:  # rebuilding a saved model: architecture from the saved config, weights follow
-                self.model = AutoModel.from_config(hf_config, trust_remote_code=remote)
+                self.model = text_model_from_config(hf_config, remote)
             elif config.pretrained:
                 self.model = AutoModel.from_pretrained(config.name, trust_remote_code=remote)
             else:
@@ -212,23 +226,31 @@ class TextEncoder(nn.Module):
             raise ConfigError(f"model.text.name={config.name!r} is neither a local model directory nor a Hugging Face "
                              f"model that could be fetched ({str(error).splitlines()[0]}). Check the spelling, or "
                              f"download it once with network access and point model.text.name at the folder.") from None
-        if config.pooling not in ("mean", "cls", "eos"):
-            raise ConfigError(f"model.text.pooling={config.pooling!r} must be one of mean, cls, eos")
+        if config.pooling not in ("mean", "cls", "eos", "pooler"):
+            raise ConfigError(f"model.text.pooling={config.pooling!r} must be one of mean, cls, eos, pooler")
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if isinstance(positions, int) and config.max_length > positions:
             # caught here, at build time: otherwise the first caption that long fails deep inside the tower
             raise ConfigError(f"model.text.max_length={config.max_length} exceeds the {positions} positions of the "
                               f"text tower {config.name}; set model.text.max_length <= {positions}")
-        if getattr(self.model, "pooler", None) is not None:
+        if getattr(self.model, "pooler", None) is not None and config.pooling != "pooler":
             # BERT-style poolers are never used by these poolings; left in, their parameters would get no
             # gradient, and DDP would wait for them forever instead of averaging the other gradients
             self.model.pooler = None
-        self.num_features: int = self.model.config.hidden_size
+        # a tower's own pooled output may be projected (SigLIP's text head outputs projection_size features)
+        hidden_size = self.model.config.hidden_size
+        self.num_features: int = (getattr(self.model.config, "projection_size", None) or hidden_size
+                                  if config.pooling == "pooler" else hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.config.source == "open_clip":
             return self.model.encode_text(input_ids)  # (B, L) -> (B, embed_dim), projected; open_clip takes no mask
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        # trained on captions padded to a fixed length, a tower sees its pads (SigLIP)
+        seen = None if self.config.padding == "max_length" else attention_mask
+        outputs = self.model(input_ids=input_ids, attention_mask=seen)
+        if self.config.pooling == "pooler":
+            return outputs.pooler_output  # (B, F): the tower's own pooling (and head)
+        hidden = outputs.last_hidden_state  # (B, L, H)
         if self.config.pooling == "cls":
             return hidden[:, 0]  # (B, H)
         if self.config.pooling == "eos":

@@ -59,7 +59,9 @@ class ZeroShotPipeline:
         trust_remote_code: allow a model folder that carries Python code of its own to run it (off: such a folder is
             refused, whatever its config.yaml says).
 
-    `pipeline(image, labels)` is `pipeline.predict(image, labels)`.
+    `pipeline(image, labels)` is `pipeline.predict(image, labels)`. `pipeline.probabilities` says what the
+    probabilities are: "softmax" over the labels (CLIP), or "sigmoid" of each label on its own (a model with a logit
+    bias, trained with the SigLIP loss, as SigLIP checkpoints are; they need not sum to 1).
     """
 
     def __init__(self, model_dir: str | Path = "model", device: str | torch.device | None = None,
@@ -81,6 +83,8 @@ class ZeroShotPipeline:
         self.dtype = next(self.model.parameters()).dtype
         self.templates = list(templates) if templates else None
         self.transform = eval_transform(self.model.data_config)
+        # a model trained with the sigmoid loss scores each label on its own, as it was trained to
+        self.probabilities = "sigmoid" if getattr(self.model, "logit_bias", None) is not None else "softmax"
         self._label_cache: dict[tuple, torch.Tensor] = {}
 
     def encode_labels(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
@@ -123,7 +127,8 @@ class ZeroShotPipeline:
 
         Returns:
             [(label, probability), ...] sorted by probability (softmax over all labels of the scaled cosine
-            similarities), at most top_k of them; for a list of images, a list of such lists, with an empty list
+            similarities; for a SigLIP-style model, `self.probabilities == "sigmoid"`, the sigmoid of each
+            label's scaled similarity plus the bias), at most top_k of them; for a list of images, a list of such lists, with an empty list
             for a file that cannot be decoded (logged as skipped). A single image that cannot be decoded raises
             UndecodableImageError naming it.
         """
@@ -171,6 +176,8 @@ class ZeroShotPipeline:
     def _probabilities(self, pixels: torch.Tensor, label_embeds: torch.Tensor) -> torch.Tensor:
         """(N, C) label probabilities of (N, 3, H, W) pixels."""
         logits = self.model.scale().float() * self._embed_pixels(pixels) @ label_embeds.t()
+        if self.probabilities == "sigmoid":
+            return (logits + self.model.logit_bias.float()).sigmoid().cpu()
         return logits.softmax(dim=-1).cpu()
 
     @staticmethod

@@ -25,9 +25,9 @@ import yaml
 from liteclip.checkpoint import load_weights, read_safetensors, replace_directory
 from liteclip.config import Config, ConfigError, ModelConfig, config_from_dict, read_yaml
 from liteclip import convert_open_clip
-from liteclip.convert import ConvertedCLIP, is_hf_clip, read_hf_clip
+from liteclip.convert import ConvertedCLIP, FixedLengthTokenizer, is_hf_clip, read_hf_checkpoint
 from liteclip.errors import ModelLoadError
-from liteclip.lora import merged_copy
+from liteclip.lora import add_lora, merged_copy
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PretrainedMixin:
         if convert_open_clip.is_open_clip(config.init_from):
             return from_converted(cls, convert_open_clip.read_open_clip(config.init_from, base=config))
         if config.init_from:
-            return from_converted(cls, read_hf_clip(config.init_from, base=config))
+            return from_converted(cls, read_hf_checkpoint(config.init_from, base=config))
         model = cls(config)  # the towers first: their errors name a wrong model name most clearly
         text_dir = Path(config.text.name)
         if text_dir.is_dir() and not any((text_dir / name).is_file() for name in TOKENIZER_FILES):
@@ -67,8 +67,8 @@ class PretrainedMixin:
                               f"{', '.join(TOKENIZER_FILES)}); put the tokenizer files that came with the model "
                               f"there")
         try:
-            model.tokenizer = AutoTokenizer.from_pretrained(config.text.name,
-                                                            trust_remote_code=config.text.trust_remote_code)
+            model.tokenizer = padded_as_configured(AutoTokenizer.from_pretrained(
+                config.text.name, trust_remote_code=config.text.trust_remote_code), config)
         except (OSError, ValueError) as error:
             raise ConfigError(f"model.text.name={config.text.name}: the text tower loaded, but no tokenizer could be "
                               f"read from it ({str(error).splitlines()[0][:200]}); put the tokenizer files that came "
@@ -95,7 +95,7 @@ class PretrainedMixin:
             return from_converted(cls, converted).to(device=device, dtype=dtype).eval()
         if not (Path(name_or_dir) / CONFIG_NAME).is_file() and is_hf_clip(name_or_dir):
             try:
-                converted = read_hf_clip(str(name_or_dir))
+                converted = read_hf_checkpoint(str(name_or_dir))
             except OSError as error:
                 raise ModelLoadError(
                     f"no liteclip model directory at {name_or_dir}, and no Hugging Face CLIP checkpoint of that "
@@ -111,12 +111,28 @@ class PretrainedMixin:
         return save_model_dir(self, directory, full_config, metrics)
 
 
+def padded_as_configured(tokenizer: Any, config: ModelConfig) -> Any:
+    """The tokenizer, padding every caption to model.text.max_length where the config says so (SigLIP)."""
+    return FixedLengthTokenizer(tokenizer, config.text.max_length) if config.text.padding == "max_length" else tokenizer
+
+
 def from_converted(cls: type, converted: ConvertedCLIP):
-    """A model of class `cls` holding the weights of a converted Hugging Face CLIP."""
-    model = cls(converted.config, tokenizer=converted.tokenizer, text_hf_config=converted.text_hf_config,
-                image_hf_config=converted.vision_hf_config, open_clip_model=converted.open_clip_model)
+    """A model of class `cls` holding the weights of a converted checkpoint (LoRA adapters, if the config asks for
+    them, go onto the towers once the checkpoint's weights are in, under their own names)."""
+    config = converted.config
+    lora_free = {side: dataclasses.replace(tower, tune="full") if tower.tune == "lora" else tower
+                 for side, tower in (("image", config.image), ("text", config.text))}
+    model = cls(dataclasses.replace(config, **lora_free), tokenizer=converted.tokenizer,
+                text_hf_config=converted.text_hf_config, image_hf_config=converted.vision_hf_config,
+                open_clip_model=converted.open_clip_model)
     if converted.state_dict is not None:  # an open_clip model arrives with its weights in its towers
-        load_weights(model, converted.state_dict, str(converted.config.image.name))
+        load_weights(model, converted.state_dict, str(config.image.name))
+    for side, encoder in (("image", model.image_encoder), ("text", model.text_encoder)):
+        tower = getattr(config, side)
+        if tower.tune == "lora":
+            encoder.model = add_lora(encoder.model, tower.lora, f"model.{side}", is_hf=tower.source == "hf")
+        encoder.config = tower
+    model.config = config
     model.data_config = converted.data_config or model.data_config
     model.open_clip_config = converted.open_clip_config
     model.name_or_path = str(converted.config.image.name)
@@ -274,8 +290,8 @@ def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = F
                                                          trust_remote_code=trust_remote_code)
         tokenizer = None
         if (directory / TOKENIZER_DIR).is_dir():
-            tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR),
-                                                      trust_remote_code=trust_remote_code)
+            tokenizer = padded_as_configured(AutoTokenizer.from_pretrained(
+                str(directory / TOKENIZER_DIR), trust_remote_code=trust_remote_code), config)
         model = cls(config, tokenizer=tokenizer, text_hf_config=text_hf_config, image_hf_config=image_hf_config)
     if (directory / PREPROCESSOR_NAME).is_file():
         saved = json.loads((directory / PREPROCESSOR_NAME).read_text())

@@ -7,14 +7,15 @@ import timm
 
 from liteclip import build_model
 from liteclip.config import load_config
-from tests.test_convert import write_tiny_hf_clip
+from tests.test_convert import write_tiny_hf_clip, write_tiny_siglip
+from tests.test_convert_open_clip import write_tiny_open_clip
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs():
-    assert {"demo.yaml", "liteclip.yaml", "flickr8k.yaml", "simple_clip.yaml",
-            "openai_clip_finetune.yaml"} <= {c.name for c in CONFIGS}
+    assert {"demo.yaml", "liteclip.yaml", "flickr8k.yaml", "simple_clip.yaml", "openai_clip_finetune.yaml",
+            "finetune_open_clip.yaml", "finetune_siglip.yaml"} <= {c.name for c in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -30,13 +31,19 @@ def test_config_loads_and_opens_with_its_command(path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_builds_with_tiny_towers(path, tiny_text_dir, tmp_path):
-    if load_config(path).model.init_from:  # a Hugging Face CLIP checkpoint: a tiny one written here instead
+    init_from = load_config(path).model.init_from  # a checkpoint: a tiny one of its kind written here instead
+    if init_from and init_from.startswith("open_clip:"):
+        overrides = [f"model.init_from=open_clip:liteclip-test-vit@{write_tiny_open_clip(tmp_path, 'liteclip-test-vit')}"]
+    elif init_from and "siglip" in init_from:
+        overrides = [f"model.init_from={write_tiny_siglip(tmp_path)}"]
+    elif init_from:
         overrides = [f"model.init_from={write_tiny_hf_clip(tmp_path / 'hf_clip')}"]
     else:
         overrides = ["model.image.pretrained=false", "model.image.image_size=32", f"model.text.name={tiny_text_dir}"]
     config = load_config(path, overrides)
     model = build_model(config.model)
-    assert model.image_projection.projection.out_features == model.config.projection.dim
+    if model.config.projection.kind != "identity":  # checkpoints whose towers project themselves have no head
+        assert model.image_projection.projection.out_features == model.config.projection.dim
     assert model.image_encoder.config.locked == config.model.image.locked
 
 

@@ -29,23 +29,25 @@ ARCHITECTURES = {
 }
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, str]:
-    """Each architecture registered with open_clip, randomly initialised and saved as open_clip saves weights."""
+def write_tiny_open_clip(root, name: str, seed: int = 0) -> str:
+    """The architecture registered with open_clip, randomly initialised and saved as open_clip saves weights."""
     import open_clip
 
+    (root / f"{name}.json").write_text(json.dumps(ARCHITECTURES[name]))
+    open_clip.add_model_config(root / f"{name}.json")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name)
+    with torch.no_grad():  # a temperature other than the default, so taking it over is checked
+        model.logit_scale.fill_(3.0 + seed)
+    path = str(root / f"{name}_open_clip_model.safetensors")
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("open_clip")
-    files = {}
-    for seed, (name, config) in enumerate(ARCHITECTURES.items()):
-        (root / f"{name}.json").write_text(json.dumps(config))
-        open_clip.add_model_config(root / f"{name}.json")
-        torch.manual_seed(seed)
-        model = open_clip.create_model(name)
-        with torch.no_grad():  # a temperature other than the default, so taking it over is checked
-            model.logit_scale.fill_(3.0 + seed)
-        files[name] = str(root / f"{name}_open_clip_model.safetensors")
-        save_file({key: value.contiguous() for key, value in model.state_dict().items()}, files[name])
-    return files
+    return {name: write_tiny_open_clip(root, name, seed) for seed, name in enumerate(ARCHITECTURES)}
 
 
 def reference(name: str, weights: str):
