@@ -1,5 +1,6 @@
 """Foreign weights onto liteclip modules: Hugging Face `transformers` CLIP checkpoints (OpenAI's CLIP and any model
-saved in that layout) and SigLIP / SigLIP 2 checkpoints (`SiglipModel`, `Siglip2Model`). Nothing else in liteclip
+saved in that layout) and SigLIP checkpoints (`SiglipModel`: SigLIP, and SigLIP 2 at fixed resolution). Nothing else
+in liteclip
 does weight surgery (open_clip checkpoints keep open_clip's own modules: liteclip.convert_open_clip).
 
 The towers stay the library's own (CLIPVisionModel, CLIPTextModel: causal mask, final layer norm and all); liteclip
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from liteclip.config import ImageEncoderConfig, ModelConfig, ProjectionConfig, TextEncoderConfig
+from liteclip.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +113,13 @@ def read_hf_checkpoint(name_or_dir: str, base: ModelConfig | None = None) -> Con
     """A transformers CLIP or SigLIP checkpoint (by its config's model_type) as liteclip's config and weights."""
     from transformers import AutoConfig
 
-    if AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False).model_type in ("siglip", "siglip2"):
+    model_type = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False).model_type
+    if model_type == "siglip2":
+        raise ConfigError(f"{name_or_dir} is a SigLIP 2 NaFlex checkpoint (Siglip2Model), whose image tower takes "
+                          f"patches at each image's own resolution; liteclip feeds fixed-size images. Use a "
+                          f"fixed-resolution SigLIP 2 checkpoint (google/siglip2-base-patch16-224 and its kin are "
+                          f"SiglipModel), or open_clip's: open_clip:ViT-B-16-SigLIP2@webli")
+    if model_type == "siglip":
         return read_hf_siglip(name_or_dir, base)
     return read_hf_clip(name_or_dir, base)
 
@@ -153,7 +161,7 @@ def siglip_data_config(name_or_dir: str, image_size: int) -> dict[str, Any]:
 
 
 def read_hf_siglip(name_or_dir: str, base: ModelConfig | None = None) -> ConvertedCLIP:
-    """A transformers SiglipModel / Siglip2Model: its vision tower (attention-pooled), its text tower (the last
+    """A transformers SiglipModel (SigLIP, or SigLIP 2 at a fixed resolution): its vision tower (attention-pooled), its text tower (the last
     position through its head), its temperature and bias, its tokenizer padded to the length it was trained at."""
     from transformers import AutoModel, AutoTokenizer
 

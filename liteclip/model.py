@@ -165,7 +165,7 @@ class ImageEncoder(nn.Module):
 
 
 # transformers' AutoModel maps no class to these text configs; their text towers by name
-TEXT_MODEL_CLASSES = {"siglip_text_model": "SiglipTextModel", "siglip2_text_model": "Siglip2TextModel"}
+TEXT_MODEL_CLASSES = {"siglip_text_model": "SiglipTextModel"}
 
 
 def text_model_from_config(hf_config: Any, trust_remote_code: bool = False) -> nn.Module:

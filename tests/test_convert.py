@@ -237,3 +237,13 @@ def test_a_siglip_fine_tune_takes_the_sigmoid_loss_and_its_loss_falls(siglip_dir
         losses = [float(row["loss"]) for row in csv.DictReader(handle)]
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     assert CLIP.from_pretrained(tmp_path / "model").config.text.padding == "max_length"
+
+
+def test_a_siglip2_naflex_checkpoint_is_refused_naming_what_works_instead(tmp_path):
+    from transformers import Siglip2Config
+
+    from liteclip.errors import ConfigError
+
+    Siglip2Config().save_pretrained(tmp_path / "naflex")
+    with pytest.raises(ConfigError, match="NaFlex.*siglip2-base-patch16-224.*open_clip:ViT-B-16-SigLIP2"):
+        CLIP.from_pretrained(str(tmp_path / "naflex"))
