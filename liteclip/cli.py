@@ -160,9 +160,31 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no index at {args.index}; build one with "
                                 f"`liteclip index FOLDER --index {args.index}`")
     search.load(args.index)
-    hits = search.similar(args.image, args.top_k) if args.image else search.search(args.query, args.top_k)
+    if not args.image and not args.query:
+        raise InputError("give a query (text, image paths, terms joined by + and -) or --image FILE")
+    hits = search.similar(args.image, args.top_k) if args.image else search.query(args.query, args.top_k)
+    if args.paths:  # for xargs and friends: nothing but the paths, best first
+        print("\n".join(str(path) for path, _ in hits))
+        return 0
     data = [{"path": str(path), "score": score} for path, score in hits]
     _emit(args, data, [(str(path), f"{score:.4f}") for path, score in hits], ("path", "score"))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from liteclip.pipeline import ImageSearch
+    from liteclip.serve import serve
+
+    import importlib.util
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise InputError("liteclip serve needs its web framework: pip install -e '.[serve]'")
+    if not Path(args.index).is_file():
+        raise FileNotFoundError(f"no index at {args.index}; build one with "
+                                f"`liteclip index FOLDER --index {args.index}`")
+    search = ImageSearch(_pipeline(args))
+    search.load(args.index)
+    serve(search, Path(args.index), args.host, args.port)
     return 0
 
 
@@ -277,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liteclip", description="Train and use small CLIP models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add_command in (_add_train, _add_predict, _add_index, _add_search, _add_eval_zeroshot, _add_eval_retrieval,
-                        _add_export, _add_data):
+    for add_command in (_add_train, _add_predict, _add_index, _add_search, _add_serve, _add_eval_zeroshot,
+                        _add_eval_retrieval, _add_export, _add_data):
         add_command(commands)
     return parser
 
@@ -344,11 +366,25 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
 def _add_search(commands: argparse._SubParsersAction) -> None:
     search = _add_inference_command(
         commands, "search", "text-to-image (or image-to-image) search in an index", _cmd_search,
-        "Example: liteclip search 'a boy jumping with skateboard' --index photos.index")
-    search.add_argument("query", nargs="?", help="text query")
+        "Examples: liteclip search 'a boy jumping with skateboard' --index photos.index; weighted terms: "
+        "liteclip search '2:golden retriever + ./pool.jpg - grass' --index photos.index")
+    search.add_argument("query", nargs="?", help="text, an image path, or weighted terms joined by + and - "
+                                                 "('2:dog + ./pool.jpg - grass')")
+    search.add_argument("--paths", action="store_true", help="print only the paths, best first (for xargs)")
     search.add_argument("--image", help="find images similar to this image instead")
     search.add_argument("--index", default="liteclip.index")
     search.add_argument("--top-k", type=_positive_int, default=5)
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = _add_inference_command(
+        commands, "serve", "a local web page to search, find similar and label the photos of an index", _cmd_serve,
+        "Example: liteclip index photos/ --index photos.index && liteclip serve --index photos.index, then open "
+        "http://127.0.0.1:8765/ (pip install -e '.[serve]')")
+    serve.add_argument("--index", default="liteclip.index", help="the index `liteclip index` wrote")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="127.0.0.1 (this machine only, the default); 0.0.0.0 shows the photos to the network")
+    serve.add_argument("--port", type=_positive_int, default=8765)
 
 
 def _add_eval_zeroshot(commands: argparse._SubParsersAction) -> None:

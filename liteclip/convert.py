@@ -161,8 +161,9 @@ def siglip_data_config(name_or_dir: str, image_size: int) -> dict[str, Any]:
 
 
 def read_hf_siglip(name_or_dir: str, base: ModelConfig | None = None) -> ConvertedCLIP:
-    """A transformers SiglipModel (SigLIP, or SigLIP 2 at a fixed resolution): its vision tower (attention-pooled), its text tower (the last
-    position through its head), its temperature and bias, its tokenizer padded to the length it was trained at."""
+    """A transformers SiglipModel (SigLIP, or SigLIP 2 at a fixed resolution): its vision tower (attention-pooled),
+    its text tower (the last position through its head), its temperature and bias, and its tokenizer padded to the
+    length it was trained at."""
     from transformers import AutoModel, AutoTokenizer
 
     source = AutoModel.from_pretrained(name_or_dir)
@@ -179,7 +180,8 @@ def read_hf_siglip(name_or_dir: str, base: ModelConfig | None = None) -> Convert
         logit_scale_init=scale, logit_scale_max=max(math.log(100.0), scale), learn_logit_scale=base.learn_logit_scale,
         logit_bias_init=float(source.logit_bias.detach()),
     )
-    state = {"logit_scale": source.logit_scale.detach().reshape(()), "logit_bias": source.logit_bias.detach().reshape(())}
+    state = {"logit_scale": source.logit_scale.detach().reshape(()),
+             "logit_bias": source.logit_bias.detach().reshape(())}
     for prefix, tower in (("image_encoder.model.", source.vision_model), ("text_encoder.model.", source.text_model)):
         state.update({prefix + name: tensor for name, tensor in tower.state_dict().items()})
     tokenizer = FixedLengthTokenizer(AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=False), max_length)

@@ -28,6 +28,7 @@ from liteclip.embedding import (batches_with_progress, encode_decodable_image_fi
 from liteclip.errors import DataError, InputError
 from liteclip.model import CLIP
 from liteclip.pretrained import WEIGHTS_NAME
+from liteclip.query import parse_query
 from liteclip.search_index import (PartialIndex, entries_of, faiss_module, faiss_path, open_faiss, read_index,
                                    write_faiss, write_index)
 
@@ -127,10 +128,10 @@ class ZeroShotPipeline:
 
         Returns:
             [(label, probability), ...] sorted by probability (softmax over all labels of the scaled cosine
-            similarities; for a SigLIP-style model, `self.probabilities == "sigmoid"`, the sigmoid of each
-            label's scaled similarity plus the bias), at most top_k of them; for a list of images, a list of such lists, with an empty list
-            for a file that cannot be decoded (logged as skipped). A single image that cannot be decoded raises
-            UndecodableImageError naming it.
+            similarities; for a SigLIP-style model, `self.probabilities == "sigmoid"`, the sigmoid of each label's
+            scaled similarity plus the bias), at most top_k of them; for a list of images, a list of such lists,
+            with an empty list for a file that cannot be decoded (logged as skipped). A single image that cannot be
+            decoded raises UndecodableImageError naming it.
         """
         labels = self._check_labels(labels, top_k, batch_size)
         label_embeds = self.encode_labels(labels, templates).float()  # (C, D)
@@ -363,3 +364,25 @@ class ImageSearch:
     def similar(self, image: ImageInput, top_k: int = 5) -> list[tuple[Path, float]]:
         """The top_k indexed images most similar to `image`."""
         return self._rank(self.pipeline.encode_images([image])[0].cpu(), top_k)
+
+    def query(self, query: str, top_k: int = 5) -> list[tuple[Path, float]]:
+        """The top_k indexed images for a weighted query (liteclip.query): `2:golden retriever + ./pool.jpg -
+        grass` adds twice the text's embedding and the image's and takes away the other text's."""
+        terms = parse_query(query)
+        texts = [term.text for term in terms if term.text is not None]
+        images = [term.image for term in terms if term.image is not None]
+        text_embeds = iter(encode_texts(self.pipeline.model, texts, device=self.pipeline.device).cpu() if texts
+                           else [])
+        image_embeds = iter(self.pipeline.encode_images(images).cpu() if images else [])
+        combined = sum(term.weight * next(text_embeds if term.text is not None else image_embeds) for term in terms)
+        return self._rank(torch.nn.functional.normalize(combined, dim=-1), top_k)
+
+    def similar_to_indexed(self, row: int, top_k: int = 5) -> list[tuple[Path, float]]:
+        """The top_k indexed images most similar to the indexed image at `row` (itself first)."""
+        if not 0 <= row < len(self.paths):
+            raise InputError(f"no indexed image {row}; the index holds {len(self.paths)}")
+        if self.faiss_index is not None:
+            embedding = torch.from_numpy(self.faiss_index.reconstruct(row))
+        else:
+            embedding = self.embeddings[row]
+        return self._rank(embedding.float(), top_k)

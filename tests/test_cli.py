@@ -32,6 +32,12 @@ def test_index_then_search(model_dir, tmp_path, capsys):
                  "--top-k", "2"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 2 and hits[0]["score"] >= hits[1]["score"]
+    # the web page's weighted queries, and nothing but paths for xargs
+    query = f"2:{tmp_path / 'photos' / '3.png'}"  # an image term: that image comes first
+    assert main(["search", query, "--index", str(index), "--model-dir", str(model_dir), "--paths"]) == 0
+    paths = capsys.readouterr().out.split()
+    assert paths[0] == str((tmp_path / "photos" / "3.png").resolve()) and len(paths) == 4 and all(
+        Path(path).is_file() for path in paths)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -33,7 +33,8 @@ def test_config_loads_and_opens_with_its_command(path):
 def test_config_builds_with_tiny_towers(path, tiny_text_dir, tmp_path):
     init_from = load_config(path).model.init_from  # a checkpoint: a tiny one of its kind written here instead
     if init_from and init_from.startswith("open_clip:"):
-        overrides = [f"model.init_from=open_clip:liteclip-test-vit@{write_tiny_open_clip(tmp_path, 'liteclip-test-vit')}"]
+        weights = write_tiny_open_clip(tmp_path, "liteclip-test-vit")
+        overrides = [f"model.init_from=open_clip:liteclip-test-vit@{weights}"]
     elif init_from and "siglip" in init_from:
         overrides = [f"model.init_from={write_tiny_siglip(tmp_path)}"]
     elif init_from:

@@ -1,0 +1,192 @@
+"""`liteclip serve`: one local web page over a search index, and the JSON API under it (FastAPI).
+
+    GET  /api/info                  the model and the index: images indexed, embedding size, model name
+    GET  /api/search?q=TEXT&k=N     {"results": [{"id", "path", "score"}, ...]}, best first; weighted queries
+    GET  /api/similar?id=ID&k=N     the indexed images nearest an indexed one
+    POST /api/similar               multipart `file`: the indexed images nearest an uploaded image
+    POST /api/classify              multipart `file` and `labels` (one per line): zero-shot probabilities
+    GET  /thumb/{id}, /image/{id}   an indexed image, as a cached thumbnail or as it is on disk
+    GET  /docs                      the OpenAPI page FastAPI writes
+
+Search and classification are the library's ImageSearch and ZeroShotPipeline. Only files in the index are served,
+by id (their row); a path in a request is never opened. Uploads are held to MAX_UPLOAD_BYTES and to the decoders'
+pixel limit, and a file that is not an image gets a 400 with the reason. Thumbnails are decoded by the same decoder
+as everything else (EXIF orientation applied) and cached beside the index.
+"""
+
+# no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time, and the
+# framework's types are imported inside create_app (the web extra is optional)
+import hashlib
+import io
+import logging
+import mimetypes
+import threading
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from liteclip.checkpoint import atomic_write_bytes
+from liteclip.data.images import UndecodableImageError, open_rgb
+from liteclip.errors import InputError, LiteclipError
+from liteclip.pipeline import ImageSearch
+
+logger = logging.getLogger(__name__)
+
+WEB = Path(__file__).parent / "web"
+MAX_UPLOAD_BYTES = 20 * 2**20
+THUMBNAIL_SIDE = 320
+MAX_RESULTS = 500
+
+
+class Thumbnails:
+    """Thumbnails of indexed images, made once and kept in a folder beside the index (keyed by the file's path and
+    modification time, so an edited photo gets a new one)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.lock = threading.Lock()
+
+    def path_for(self, image: Path) -> Path:
+        stat = image.stat()
+        key = hashlib.sha256(f"{image.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+        cached = self.directory / f"{key}.jpg"
+        if not cached.is_file():
+            picture = open_rgb(image)
+            picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            buffer = io.BytesIO()
+            picture.save(buffer, format="JPEG", quality=85)
+            with self.lock:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(cached, buffer.getvalue())
+        return cached
+
+
+def decode_upload(data: bytes, name: str) -> Image.Image:
+    """An uploaded file as an RGB image; too large or not an image is an InputError naming why."""
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise InputError(f"{name} is {len(data) / 2**20:.1f} MiB; uploads are limited to "
+                         f"{MAX_UPLOAD_BYTES // 2**20} MiB")
+    if not data:
+        raise InputError(f"{name} is empty")
+    return open_rgb(io.BytesIO(data), name=name)
+
+
+def indexed_file(search: ImageSearch, identifier: str) -> Path:
+    """The indexed file with this id (its row); anything else (a path, a row out of range, a deleted file) is a
+    404, so no path in a request is ever opened."""
+    from fastapi import HTTPException
+
+    row = int(identifier) if identifier.isdigit() else -1
+    if not 0 <= row < len(search.paths) or not search.paths[row].is_file():
+        raise HTTPException(status_code=404, detail=f"no indexed image {identifier!r}")
+    return search.paths[row]
+
+
+def ranked(search: ImageSearch, hits: list[tuple[Path, float]]) -> dict[str, Any]:
+    """Search hits as the API returns them: id, path and score, best first."""
+    rows = {path: row for row, path in enumerate(search.paths)}
+    return {"results": [{"id": rows[path], "path": str(path), "score": score} for path, score in hits]}
+
+
+async def read_upload(file: Any) -> Image.Image:
+    """An uploaded image, decoded; 413 past the size limit, 400 naming why for anything that is not an image."""
+    from fastapi import HTTPException
+
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise HTTPException(status_code=413, detail=f"{file.filename}: uploads are limited to "
+                                                    f"{MAX_UPLOAD_BYTES // 2**20} MiB")
+    try:
+        return decode_upload(data, file.filename or "the upload")
+    except UndecodableImageError as error:
+        raise HTTPException(status_code=400, detail=str(error)) from None
+
+
+def create_app(search: ImageSearch, index_path: Path) -> Any:
+    """The FastAPI application over a loaded ImageSearch (its pipeline classifies uploads)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app = FastAPI(title="liteclip", description="Search, find similar and label your photos with a CLIP model.")
+
+    @app.exception_handler(LiteclipError)
+    async def bad_input(request: Request, error: LiteclipError) -> JSONResponse:
+        return JSONResponse(status_code=400, content={"detail": str(error)})
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(WEB / "index.html", media_type="text/html")
+
+    add_api(app, search, index_path)
+    add_files(app, search, Thumbnails(index_path.with_name(f".{index_path.name}.thumbs")))
+    app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
+    return app
+
+
+def add_api(app: Any, search: ImageSearch, index_path: Path) -> None:
+    """/api/info, /api/search, /api/similar (by id or upload), /api/classify."""
+    from fastapi import File, Form, HTTPException, Query, UploadFile
+
+    pipeline = search.pipeline
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        config = pipeline.model.config
+        return {"model": str(pipeline.model_dir), "image_tower": config.image.name, "text_tower": config.text.name,
+                "embedding_size": config.projection.dim, "images": len(search.paths), "index": str(index_path),
+                "probabilities": pipeline.probabilities}
+
+    @app.get("/api/search")
+    def search_text(q: str = Query(..., description="text, image paths, or weighted terms: 2:dog + ./a.jpg - grass"),
+                    k: int = Query(24, ge=1, le=MAX_RESULTS)) -> dict[str, Any]:
+        return ranked(search, search.query(q, k))
+
+    @app.get("/api/similar")
+    def similar(id: str, k: int = Query(24, ge=1, le=MAX_RESULTS)) -> dict[str, Any]:
+        indexed_file(search, id)
+        return ranked(search, search.similar_to_indexed(int(id), k))
+
+    @app.post("/api/similar")
+    async def similar_upload(file: UploadFile = File(...), k: int = Form(24)) -> dict[str, Any]:
+        if not 1 <= k <= MAX_RESULTS:
+            raise HTTPException(status_code=400, detail=f"k={k} must be between 1 and {MAX_RESULTS}")
+        return ranked(search, search.similar(await read_upload(file), k))
+
+    @app.post("/api/classify")
+    async def classify(file: UploadFile = File(...), labels: str = Form(...)) -> dict[str, Any]:
+        names = [line.strip() for line in labels.splitlines() if line.strip()]
+        predictions = pipeline.predict(await read_upload(file), names)
+        return {"probabilities": pipeline.probabilities,
+                "predictions": [{"label": label, "probability": probability} for label, probability in predictions]}
+
+
+def add_files(app: Any, search: ImageSearch, thumbnails: Thumbnails) -> None:
+    """/thumb/{id} and /image/{id}: indexed files only."""
+    from fastapi import HTTPException
+    from fastapi.responses import FileResponse
+
+    @app.get("/thumb/{identifier}")
+    def thumbnail(identifier: str) -> FileResponse:
+        path = indexed_file(search, identifier)
+        try:
+            return FileResponse(thumbnails.path_for(path), media_type="image/jpeg")
+        except UndecodableImageError as error:
+            raise HTTPException(status_code=404, detail=str(error)) from None
+
+    @app.get("/image/{identifier}")
+    def image(identifier: str) -> FileResponse:
+        path = indexed_file(search, identifier)
+        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+
+
+def serve(search: ImageSearch, index_path: Path, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Runs the page until Ctrl-C; anything but localhost is said out loud first."""
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s: anyone who can reach this machine on port %d can see every indexed photo",
+                       host, port)
+    print(f"liteclip: {len(search.paths)} images from {index_path} on http://{host}:{port}/  (Ctrl-C stops)")
+    uvicorn.run(create_app(search, index_path), host=host, port=port, log_level="warning")
