@@ -30,6 +30,7 @@ from liteclip.checkpoint import atomic_write_bytes
 from liteclip.data.images import UndecodableImageError, open_rgb
 from liteclip.errors import InputError, LiteclipError
 from liteclip.pipeline import ImageSearch
+from liteclip.pretrained import CONFIG_NAME, read_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +132,13 @@ def add_api(app: Any, search: ImageSearch, index_path: Path) -> None:
 
     pipeline = search.pipeline
 
+    # the towers' names as trained (a loaded model's config points its text tower at the model folder)
+    config = pipeline.model.config
+    if (Path(pipeline.model_dir) / CONFIG_NAME).is_file():
+        config = read_model_config(pipeline.model_dir).model
+
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        config = pipeline.model.config
         return {"model": str(pipeline.model_dir), "image_tower": config.image.name, "text_tower": config.text.name,
                 "embedding_size": config.projection.dim, "images": len(search.paths), "index": str(index_path),
                 "probabilities": pipeline.probabilities}

@@ -1,0 +1,102 @@
+"""The page of `liteclip serve` in a real browser (Debian's chromium, driven by Selenium): search, more like this,
+zero-shot on an upload, and a screenshot. `.ci/run` installs chromium and chromium-driver; where they cannot be
+installed the test is skipped, saying so."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from liteclip import ImageSearch, ZeroShotPipeline
+from liteclip.serve import create_app
+from tests.conftest import draw_image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+COLOURS = [(200, 30, 30), (30, 160, 60), (40, 70, 210), (230, 200, 40), (140, 40, 170), (240, 130, 30)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def server(model_dir, tmp_path):
+    """The app on a real port, in a thread, over an index of drawn photos."""
+    import uvicorn
+
+    photos = [draw_image(tmp_path / "photos" / f"{i}.png", colour, size=64) for i, colour in enumerate(COLOURS)]
+    search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
+    search.index(tmp_path / "photos", tmp_path / "photos.index", show_progress=False)
+    search.load(tmp_path / "photos.index")
+    port = free_port()
+    app = create_app(search, tmp_path / "photos.index")
+    running = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not running.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", search, photos
+    running.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium and chromedriver are not installed here (apt-get install chromium chromium-driver; "
+                    ".ci/run does it)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.implicitly_wait(10)
+    yield driver
+    driver.quit()
+
+
+def first_card_id(driver) -> int:
+    return int(driver.find_element("css selector", "#results .card").get_attribute("data-id"))
+
+
+def test_search_more_like_this_and_zero_shot_in_a_real_browser(server, browser, tmp_path):
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, search, photos = server
+    wait = WebDriverWait(browser, 15)
+    browser.get(url)
+    wait.until(lambda driver: "6 images" in driver.find_element("id", "info").text)
+    query = "a photo of a dog"
+    browser.find_element("id", "query").send_keys(query + "\n")
+    wait.until(lambda driver: driver.find_elements("css selector", "#results .card"))
+    expected = search.paths.index(search.query(query, 1)[0][0])
+    assert first_card_id(browser) == expected  # the page shows what the library ranks first
+    thumbnails = browser.find_elements("css selector", "#results .card img")
+    wait.until(lambda driver: all(img.get_attribute("naturalWidth") not in (None, "0") for img in thumbnails))
+
+    second = browser.find_elements("css selector", "#results .card")[1]
+    wanted = int(second.get_attribute("data-id"))
+    second.find_element("css selector", "button.more").click()
+    wait.until(lambda driver: "image" in driver.find_element("id", "status").text and first_card_id(driver) == wanted)
+
+    browser.find_element("id", "classify-image").send_keys(str(photos[2]))
+    browser.find_element("css selector", "#classify-form button").click()
+    wait.until(expected_conditions.presence_of_element_located(("css selector", "#bars .bar")))
+    bars = {bar.get_attribute("data-label") for bar in browser.find_elements("css selector", "#bars .bar")}
+    assert bars == {"a photo of a dog", "a photo of a cat", "a photo of a beach"}
+
+    browser.save_screenshot(str(tmp_path / "liteclip-serve.png"))
+    assert (tmp_path / "liteclip-serve.png").stat().st_size > 1000
