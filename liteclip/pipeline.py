@@ -29,8 +29,8 @@ from liteclip.errors import DataError, InputError
 from liteclip.model import CLIP
 from liteclip.pretrained import WEIGHTS_NAME
 from liteclip.query import parse_query
-from liteclip.search_index import (PartialIndex, entries_of, faiss_module, faiss_path, open_faiss, read_index,
-                                   write_faiss, write_index)
+from liteclip.search_index import (Entries, IndexedFile, PartialIndex, entries_of, faiss_module, faiss_path,
+                                   open_faiss, read_index, write_faiss, write_index)
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,21 @@ class ZeroShotPipeline:
         return [(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
 
+def content_hashes(keys: list[str], stamps: dict[str, list], previous: Entries
+                   ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Each file's SHA-256 (read again only when its stamp changed), and the embeddings already known by content:
+    an older index without hashes still lends its embeddings to files whose stamp has not changed."""
+    hashes, known = {}, {}
+    for key in keys:
+        entry = previous.get(key)
+        unchanged = entry is not None and entry.stamp == stamps[key]
+        hashes[key] = entry.sha256 if unchanged and entry.sha256 else sha256_of(key)
+        if unchanged:
+            known[hashes[key]] = entry.embedding
+    known.update({entry.sha256: entry.embedding for entry in previous.values() if entry.sha256})
+    return hashes, known
+
+
 def unique_paths(paths: Sequence[str | Path]) -> list[Path]:
     """The paths as Path objects, each file once (the first mention of it kept, in order)."""
     paths = [Path(path) for path in paths]
@@ -269,38 +284,47 @@ class ImageSearch:
         previous = self._previous_entries(index_path, fingerprint) if index_path is not None else {}
         keys = [str(p.resolve()) for p in files]
         stamps = {key: file_stamp(path) for key, path in zip(keys, files)}
-        todo = [i for i, key in enumerate(keys) if previous.get(key, (None,))[0] != stamps[key]]
-        embeddings = {key: embedding for key, (_, embedding) in previous.items()}
+        hashes, known = content_hashes(keys, stamps, previous)
+        # one file per content not seen before: a renamed, moved or copied photo is never encoded again
+        todo = list({hashes[key]: i for i, key in reversed(list(enumerate(keys))) if hashes[key] not in known}.values())
+        todo.sort()
         self.skipped = []
         with tqdm(total=len(todo), desc="indexing", unit="img", disable=not show_progress or not todo) as progress:
             for start in range(0, len(todo), chunk_size):
                 chunk = todo[start:start + chunk_size]
                 fresh = encode_decodable_image_files(self.pipeline.model, [files[i] for i in chunk], batch_size,
                                                      self.pipeline.device, num_workers=num_workers, progress=progress)
-                entries = {keys[chunk[j]]: (stamps[keys[chunk[j]]], fresh.embeds[row].cpu())
-                           for row, j in enumerate(fresh.kept)}
+                entries = {keys[chunk[j]]: IndexedFile(stamps[keys[chunk[j]]], fresh.embeds[row].cpu(),
+                                                       hashes[keys[chunk[j]]]) for row, j in enumerate(fresh.kept)}
                 if partial is not None:
                     partial.append(fingerprint, entries)
-                embeddings.update({key: embedding for key, (_, embedding) in entries.items()})
+                known.update({entry.sha256: entry.embedding for entry in entries.values()})
                 self.skipped += fresh.skipped  # not indexed, so the next run tries them again
-        keys = [key for key in keys if key in embeddings]
-        if not keys:
+        groups: dict[str, list[str]] = {}  # content -> its files, in listing order; the first one stands for it
+        for key in keys:
+            if hashes[key] in known:
+                groups.setdefault(hashes[key], []).append(key)
+        if not groups:
             raise DataError(f"none of the {len(files)} images in {source} decodes (first: {self.skipped[0]})")
-        self.paths = [Path(key) for key in keys]
-        self.embeddings = torch.stack([embeddings[key] for key in keys]).cpu()
+        self.paths = [Path(group[0]) for group in groups.values()]
+        self.embeddings = torch.stack([known[sha] for sha in groups]).cpu()
         self.faiss_index = None  # a FAISS copy opened by an earlier load() has other rows: search these
         if index_path is not None:
-            meta = {"model": fingerprint, "files": [{"path": key, "stamp": stamps[key]} for key in keys]}
+            meta = {"model": fingerprint, "files": [
+                {"path": group[0], "stamp": stamps[group[0]], "sha256": sha,
+                 "duplicates": [{"path": key, "stamp": stamps[key]} for key in group[1:]]}
+                for sha, group in groups.items()]}
             if faiss or (faiss is None and faiss_module() is not None):
                 meta["faiss"] = write_faiss(index_path, self.embeddings)
             write_index(index_path, self.embeddings, meta)
             partial.remove()
-        logger.info("indexed %d images (%d encoded, %d reused, %d skipped)", len(keys), len(todo) - len(self.skipped),
+        logger.info("indexed %d images, %d distinct (%d encoded, %d reused, %d skipped)",
+                    sum(map(len, groups.values())), len(groups), len(todo) - len(self.skipped),
                     len(files) - len(todo), len(self.skipped))
         return len(todo) - len(self.skipped)
 
     @staticmethod
-    def _previous_entries(index_path: Path, fingerprint: str) -> dict[str, tuple[list, torch.Tensor]]:
+    def _previous_entries(index_path: Path, fingerprint: str) -> Entries:
         """Embeddings an earlier index of the same model holds, and those an unfinished run left in chunks."""
         previous = {}
         if index_path.is_file():

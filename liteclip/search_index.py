@@ -1,8 +1,9 @@
 """A search index on disk: the embeddings of indexed images, the chunks written while indexing, and the optional
 FAISS copy that lets `liteclip search` leave the vectors on disk.
 
-    photos.index            safetensors: "embeddings" (N, D) float32; metadata "liteclip_index": the model's
-                            fingerprint, every file's path and (size, mtime) stamp, and the FAISS file's stamp
+    photos.index            safetensors: "embeddings" (N, D) float32, one row per distinct content; metadata
+                            "liteclip_index": the model's fingerprint, each row's file (path, (size, mtime) stamp,
+                            SHA-256 of its bytes, and the paths of identical copies), and the FAISS file's stamp
     photos.index.faiss      the same vectors in a faiss.IndexFlatIP, written when faiss-cpu is installed; searched
                             memory-mapped, so an index larger than memory costs page cache, not resident memory.
                             Flat inner-product search is exact: its results are the exact search's.
@@ -20,7 +21,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -30,7 +31,15 @@ from liteclip.errors import ModelLoadError
 logger = logging.getLogger(__name__)
 
 WHAT = "a search index: delete it and run `liteclip index` again"
-Entries = dict[str, tuple[list, torch.Tensor]]  # file key -> ([size, mtime_ns], embedding)
+
+
+class IndexedFile(NamedTuple):
+    stamp: list  # [size, mtime_ns]: unchanged means the content hash still holds, without reading the file
+    embedding: torch.Tensor
+    sha256: str | None  # of the file's bytes; None in indexes written before content hashing
+
+
+Entries = dict[str, IndexedFile]  # file key (resolved path) -> what was indexed for it
 
 
 def read_index(path: Path, embeddings: bool = True) -> tuple[dict[str, Any], torch.Tensor | None]:
@@ -49,7 +58,12 @@ def write_index(path: Path, embeddings: torch.Tensor, meta: dict[str, Any]) -> N
 
 
 def entries_of(meta: dict[str, Any], embeddings: torch.Tensor) -> Entries:
-    return {entry["path"]: (entry["stamp"], embeddings[row]) for row, entry in enumerate(meta["files"])}
+    """Every indexed file, identical copies (a row's `duplicates`) included, with its row's embedding."""
+    entries = {}
+    for row, entry in enumerate(meta["files"]):
+        for file in [entry, *entry.get("duplicates", [])]:
+            entries[file["path"]] = IndexedFile(file["stamp"], embeddings[row], entry.get("sha256"))
+    return entries
 
 
 class PartialIndex:
@@ -74,9 +88,10 @@ class PartialIndex:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         number = len(list(self.directory.glob("chunk-*.safetensors")))
-        meta = {"model": fingerprint, "files": [{"path": key, "stamp": stamp} for key, (stamp, _) in entries.items()]}
+        meta = {"model": fingerprint, "files": [{"path": key, "stamp": entry.stamp, "sha256": entry.sha256}
+                                                for key, entry in entries.items()]}
         write_index(self.directory / f"chunk-{number:06d}.safetensors",
-                    torch.stack([embedding for _, embedding in entries.values()]), meta)
+                    torch.stack([entry.embedding for entry in entries.values()]), meta)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

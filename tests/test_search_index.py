@@ -1,6 +1,8 @@
 """The search index on disk: chunks written while indexing (and reused after a crash), and the FAISS copy that
 search memory-maps, whose results equal exact search."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -114,3 +116,70 @@ def test_indexing_after_loading_a_faiss_index_searches_the_new_embeddings(model_
     search.index(photos, show_progress=False)  # in memory only: 12 images now
     hits = search.search("a red circle", top_k=12)
     assert len(hits) == 12 and {p.name for p, _ in hits} == {p.name for p in photos.iterdir()}
+
+
+# ------------------------------------------------------------------------------- keyed by content (issue 30)
+
+
+def counting_encoder(monkeypatch) -> list[int]:
+    """Counts the images the index encodes, through the library's own encoder."""
+    encoded: list[int] = []
+    original = pipeline_module.encode_decodable_image_files
+
+    def counted(model, paths, *args, **kwargs):
+        encoded.append(len(paths))
+        return original(model, paths, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "encode_decodable_image_files", counted)
+    return encoded
+
+
+def test_a_renamed_or_moved_photo_is_not_encoded_again(model_dir, photos, tmp_path, monkeypatch):
+    index_path = tmp_path / "photos.index"
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    assert search.index(photos, index_path, show_progress=False) == 12
+    before = dict(zip(search.paths, search.embeddings))
+    (photos / "03.png").rename(photos / "renamed.png")
+    (photos / "sub").mkdir()
+    (photos / "04.png").rename(photos / "sub" / "moved.png")
+    encoded = counting_encoder(monkeypatch)
+    assert search.index(photos, index_path, show_progress=False) == 0 and sum(encoded) == 0
+    after = dict(zip(search.paths, search.embeddings))
+    assert torch.equal(after[(photos / "renamed.png").resolve()], before[(photos / "03.png").resolve()])
+    assert torch.equal(after[(photos / "sub" / "moved.png").resolve()], before[(photos / "04.png").resolve()])
+    assert len(search.paths) == 12 and not any(path.name in ("03.png", "04.png") for path in search.paths)
+
+
+def test_identical_copies_are_encoded_once_and_shown_once(model_dir, photos, tmp_path, monkeypatch):
+    import shutil
+
+    for copy in ("copy_a.png", "copy_b.png"):
+        shutil.copy(photos / "07.png", photos / copy)
+    encoded = counting_encoder(monkeypatch)
+    index_path = tmp_path / "photos.index"
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    search.index(photos, index_path, show_progress=False)
+    assert sum(encoded) == 12 and len(search.paths) == 12  # 14 files, 12 distinct contents
+    hits = search.similar(photos / "07.png", top_k=12)
+    assert [path.name for path, _ in hits].count("07.png") == 1 and not any("copy" in p.name for p, _ in hits)
+    meta, _ = search_index.read_index(index_path)
+    row = next(entry for entry in meta["files"] if entry["path"].endswith("07.png"))
+    assert sorted(Path(d["path"]).name for d in row["duplicates"]) == ["copy_a.png", "copy_b.png"]
+    (photos / "07.png").unlink()  # the copies stand in for it at the next run, still without encoding
+    assert search.index(photos, index_path, show_progress=False) == 0 and sum(encoded) == 12
+    assert [path.name for path in search.paths].count("copy_a.png") == 1
+
+
+def test_an_index_written_before_content_hashes_still_lends_its_embeddings(model_dir, photos, tmp_path,
+                                                                            monkeypatch):
+    index_path = tmp_path / "photos.index"
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    search.index(photos, index_path, show_progress=False)
+    meta, embeddings = search_index.read_index(index_path)
+    for entry in meta["files"]:  # the older format: path and stamp only
+        entry.pop("sha256")
+        entry.pop("duplicates")
+    search_index.write_index(index_path, embeddings, meta)
+    encoded = counting_encoder(monkeypatch)
+    assert search.index(photos, index_path, show_progress=False) == 0 and sum(encoded) == 0
+    assert all(entry.get("sha256") for entry in search_index.read_index(index_path)[0]["files"])
