@@ -179,12 +179,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise InputError("liteclip serve needs its web framework: pip install -e '.[serve]'")
-    if not Path(args.index).is_file():
-        raise FileNotFoundError(f"no index at {args.index}; build one with "
-                                f"`liteclip index FOLDER --index {args.index}`")
+    if args.folder is None and not Path(args.index).is_file():
+        raise FileNotFoundError(f"no index at {args.index}; build one with `liteclip index FOLDER --index "
+                                f"{args.index}`, or pass --folder FOLDER to index it while the page serves")
+    if args.folder is not None and not Path(args.folder).is_dir():
+        raise FileNotFoundError(f"--folder {args.folder} is not a folder")
     search = ImageSearch(_pipeline(args))
-    search.load(args.index)
-    serve(search, Path(args.index), args.host, args.port)
+    if Path(args.index).is_file():
+        try:
+            search.load(args.index)
+        except InputError:  # another model's index: the background indexing rebuilds it
+            if args.folder is None:
+                raise
+    serve(search, Path(args.index), args.host, args.port, Path(args.folder) if args.folder else None)
     return 0
 
 
@@ -382,6 +389,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "Example: liteclip index photos/ --index photos.index && liteclip serve --index photos.index, then open "
         "http://127.0.0.1:8765/ (pip install -e '.[serve]')")
     serve.add_argument("--index", default="liteclip.index", help="the index `liteclip index` wrote")
+    serve.add_argument("--folder", default=None,
+                       help="index this folder's new and changed images in the background while serving")
     serve.add_argument("--host", default="127.0.0.1",
                        help="127.0.0.1 (this machine only, the default); 0.0.0.0 shows the photos to the network")
     serve.add_argument("--port", type=_positive_int, default=8765)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -187,6 +187,40 @@ class ZeroShotPipeline:
         return [(labels[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
 
+class SearchView(NamedTuple):
+    """What a search reads, replaced whole (one assignment), so a query running while index() works sees either the
+    state before or the state after a chunk, never half of each."""
+
+    paths: list[Path]  # one per distinct content: the first of its files
+    embeddings: torch.Tensor  # (N, D); empty when a FAISS copy stands in for them
+    faiss_index: Any | None
+    ids: list[str]  # the content hash, shortened: stable across renames and re-indexing
+
+
+def nearest(view: SearchView, query_embed: torch.Tensor, k: int) -> list[tuple[Path, float]]:
+    if view.faiss_index is not None:
+        scores, rows = view.faiss_index.search(query_embed.float()[None].numpy(), k)
+        values, indices = scores[0], rows[0]
+    else:
+        values, indices = (view.embeddings.to(query_embed.device) @ query_embed).topk(k)  # scores: (N,)
+    return [(view.paths[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
+
+
+def content_groups(keys: list[str], hashes: dict[str, str], known: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Content -> its files, in listing order (the first stands for it), for every content with an embedding."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        if hashes[key] in known:
+            groups.setdefault(hashes[key], []).append(key)
+    return groups
+
+
+def view_of(keys: list[str], hashes: dict[str, str], known: dict[str, torch.Tensor]) -> SearchView:
+    groups = content_groups(keys, hashes, known)
+    embeddings = torch.stack([known[sha] for sha in groups]).cpu() if groups else torch.empty(0)
+    return SearchView([Path(group[0]) for group in groups.values()], embeddings, None, [sha[:16] for sha in groups])
+
+
 def content_hashes(keys: list[str], stamps: dict[str, list], previous: Entries
                    ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Each file's SHA-256 (read again only when its stamp changed), and the embeddings already known by content:
@@ -254,10 +288,27 @@ class ImageSearch:
 
     def __init__(self, pipeline: ZeroShotPipeline):
         self.pipeline = pipeline
-        self.paths: list[Path] = []
-        self.embeddings = torch.empty(0)
-        self.faiss_index: Any | None = None  # set by load() when the index has a usable FAISS copy
+        self.view = SearchView([], torch.empty(0), None, [])
         self.skipped: list[BadRow] = []  # files the last index() call could not decode
+        self.progress = {"done": 0, "total": 0}  # images encoded by a running index() call, and how many it has
+
+    @property
+    def paths(self) -> list[Path]:
+        return self.view.paths
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        return self.view.embeddings
+
+    @property
+    def faiss_index(self) -> Any | None:
+        """The index's FAISS copy, memory-mapped, when load() found a usable one (None: the embeddings are searched)."""
+        return self.view.faiss_index
+
+    @property
+    def ids(self) -> list[str]:
+        """A stable id per indexed image (its content hash, shortened): the same across renames and re-indexing."""
+        return self.view.ids
 
     @property
     def fingerprint(self) -> str:
@@ -289,6 +340,8 @@ class ImageSearch:
         todo = list({hashes[key]: i for i, key in reversed(list(enumerate(keys))) if hashes[key] not in known}.values())
         todo.sort()
         self.skipped = []
+        self.progress = {"done": 0, "total": len(todo)}
+        self.view = view_of(keys, hashes, known)  # what is searchable already, while the rest is encoded
         with tqdm(total=len(todo), desc="indexing", unit="img", disable=not show_progress or not todo) as progress:
             for start in range(0, len(todo), chunk_size):
                 chunk = todo[start:start + chunk_size]
@@ -300,15 +353,11 @@ class ImageSearch:
                     partial.append(fingerprint, entries)
                 known.update({entry.sha256: entry.embedding for entry in entries.values()})
                 self.skipped += fresh.skipped  # not indexed, so the next run tries them again
-        groups: dict[str, list[str]] = {}  # content -> its files, in listing order; the first one stands for it
-        for key in keys:
-            if hashes[key] in known:
-                groups.setdefault(hashes[key], []).append(key)
+                self.progress = {"done": min(start + chunk_size, len(todo)), "total": len(todo)}
+                self.view = view_of(keys, hashes, known)  # one assignment: a query sees the old view or this one
+        groups = content_groups(keys, hashes, known)
         if not groups:
             raise DataError(f"none of the {len(files)} images in {source} decodes (first: {self.skipped[0]})")
-        self.paths = [Path(group[0]) for group in groups.values()]
-        self.embeddings = torch.stack([known[sha] for sha in groups]).cpu()
-        self.faiss_index = None  # a FAISS copy opened by an earlier load() has other rows: search these
         if index_path is not None:
             meta = {"model": fingerprint, "files": [
                 {"path": group[0], "stamp": stamps[group[0]], "sha256": sha,
@@ -346,40 +395,33 @@ class ImageSearch:
         meta, embeddings = read_index(index_path, embeddings=not faiss_copy)
         if meta.get("model") != self.fingerprint:
             raise InputError(f"index {index_path} was built with another model; re-run `liteclip index`")
-        self.paths = [Path(e["path"]) for e in meta["files"]]
-        self.faiss_index = open_faiss(index_path, meta)
-        if self.faiss_index is not None:
-            self.embeddings = torch.empty(0)
-        else:  # no FAISS copy, or a stale one: search the embeddings themselves
-            self.embeddings = embeddings if embeddings is not None else read_index(index_path)[1]
+        paths = [Path(e["path"]) for e in meta["files"]]
+        ids = [e["sha256"][:16] if e.get("sha256") else str(row) for row, e in enumerate(meta["files"])]
+        faiss_index = open_faiss(index_path, meta)
+        if faiss_index is None:  # no FAISS copy, or a stale one: search the embeddings themselves
+            embeddings = embeddings if embeddings is not None else read_index(index_path)[1]
+        self.view = SearchView(paths, torch.empty(0) if faiss_index is not None else embeddings, faiss_index, ids)
 
     def _rank(self, query_embed: torch.Tensor, top_k: int) -> list[tuple[Path, float]]:
         """The top_k existing files: one deleted since indexing is passed over (with a warning) for the next."""
         if top_k < 1:
             raise InputError(f"top_k={top_k}: ask for at least one image")
-        if not self.paths:
+        view = self.view  # one consistent state, whatever a running index() publishes meanwhile
+        if not view.paths:
             raise InputError("the index is empty: call index(folder) or load(index_path) first")
-        k = min(top_k, len(self.paths))
+        k = min(top_k, len(view.paths))
         while True:
-            hits = self._nearest(query_embed, k)
+            hits = nearest(view, query_embed, k)
             found = [(path, score) for path, score in hits if path.is_file()][:top_k]
-            if len(found) == top_k or k == len(self.paths):
+            if len(found) == top_k or k == len(view.paths):
                 break
-            k = min(len(self.paths), 2 * k)
+            k = min(len(view.paths), 2 * k)
         last = hits.index(found[-1]) if found else len(hits) - 1
         gone = [path for path, _ in hits[:last + 1] if not path.is_file()]
         if gone:
             logger.warning("%d indexed file(s) among the nearest no longer exist (first: %s) and were passed over; "
                            "re-run `liteclip index` to drop them", len(gone), gone[0])
         return found
-
-    def _nearest(self, query_embed: torch.Tensor, k: int) -> list[tuple[Path, float]]:
-        if self.faiss_index is not None:
-            scores, rows = self.faiss_index.search(query_embed.float()[None].numpy(), k)
-            values, indices = scores[0], rows[0]
-        else:
-            values, indices = (self.embeddings.to(query_embed.device) @ query_embed).topk(k)  # scores: (N,)
-        return [(self.paths[i], float(v)) for v, i in zip(values.tolist(), indices.tolist())]
 
     def search(self, query: str, top_k: int = 5) -> list[tuple[Path, float]]:
         """The top_k indexed images for a text query, with cosine similarities."""
@@ -401,12 +443,14 @@ class ImageSearch:
         combined = sum(term.weight * next(text_embeds if term.text is not None else image_embeds) for term in terms)
         return self._rank(torch.nn.functional.normalize(combined, dim=-1), top_k)
 
-    def similar_to_indexed(self, row: int, top_k: int = 5) -> list[tuple[Path, float]]:
-        """The top_k indexed images most similar to the indexed image at `row` (itself first)."""
-        if not 0 <= row < len(self.paths):
-            raise InputError(f"no indexed image {row}; the index holds {len(self.paths)}")
-        if self.faiss_index is not None:
-            embedding = torch.from_numpy(self.faiss_index.reconstruct(row))
+    def similar_to_indexed(self, identifier: str, top_k: int = 5) -> list[tuple[Path, float]]:
+        """The top_k indexed images most similar to the indexed image with this id (itself first)."""
+        view = self.view
+        if identifier not in view.ids:
+            raise InputError(f"no indexed image {identifier!r}")
+        row = view.ids.index(identifier)
+        if view.faiss_index is not None:
+            embedding = torch.from_numpy(view.faiss_index.reconstruct(row))
         else:
-            embedding = self.embeddings[row]
+            embedding = view.embeddings[row]
         return self._rank(embedding.float(), top_k)

@@ -38,6 +38,7 @@ WEB = Path(__file__).parent / "web"
 MAX_UPLOAD_BYTES = 20 * 2**20
 THUMBNAIL_SIDE = 320
 MAX_RESULTS = 500
+INDEXING_CHUNK = 256  # images encoded between two updates of what the page can search
 
 
 class Thumbnails:
@@ -74,20 +75,22 @@ def decode_upload(data: bytes, name: str) -> Image.Image:
 
 
 def indexed_file(search: ImageSearch, identifier: str) -> Path:
-    """The indexed file with this id (its row); anything else (a path, a row out of range, a deleted file) is a
-    404, so no path in a request is ever opened."""
+    """The indexed file with this id (its content hash, shortened); anything else (a path, an unknown id, a deleted
+    file) is a 404, so no path in a request is ever opened."""
     from fastapi import HTTPException
 
-    row = int(identifier) if identifier.isdigit() else -1
-    if not 0 <= row < len(search.paths) or not search.paths[row].is_file():
+    view = search.view
+    path = view.paths[view.ids.index(identifier)] if identifier in view.ids else None
+    if path is None or not path.is_file():
         raise HTTPException(status_code=404, detail=f"no indexed image {identifier!r}")
-    return search.paths[row]
+    return path
 
 
 def ranked(search: ImageSearch, hits: list[tuple[Path, float]]) -> dict[str, Any]:
     """Search hits as the API returns them: id, path and score, best first."""
-    rows = {path: row for row, path in enumerate(search.paths)}
-    return {"results": [{"id": rows[path], "path": str(path), "score": score} for path, score in hits]}
+    view = search.view
+    ids = dict(zip(view.paths, view.ids))
+    return {"results": [{"id": ids[path], "path": str(path), "score": score} for path, score in hits if path in ids]}
 
 
 async def read_upload(file: Any) -> Image.Image:
@@ -141,7 +144,7 @@ def add_api(app: Any, search: ImageSearch, index_path: Path) -> None:
     def info() -> dict[str, Any]:
         return {"model": str(pipeline.model_dir), "image_tower": config.image.name, "text_tower": config.text.name,
                 "embedding_size": config.projection.dim, "images": len(search.paths), "index": str(index_path),
-                "probabilities": pipeline.probabilities}
+                "probabilities": pipeline.probabilities, "indexing": search.progress}
 
     @app.get("/api/search")
     def search_text(q: str = Query(..., description="text, image paths, or weighted terms: 2:dog + ./a.jpg - grass"),
@@ -151,7 +154,7 @@ def add_api(app: Any, search: ImageSearch, index_path: Path) -> None:
     @app.get("/api/similar")
     def similar(id: str, k: int = Query(24, ge=1, le=MAX_RESULTS)) -> dict[str, Any]:
         indexed_file(search, id)
-        return ranked(search, search.similar_to_indexed(int(id), k))
+        return ranked(search, search.similar_to_indexed(id, k))
 
     @app.post("/api/similar")
     async def similar_upload(file: UploadFile = File(...), k: int = Form(24)) -> dict[str, Any]:
@@ -186,12 +189,32 @@ def add_files(app: Any, search: ImageSearch, thumbnails: Thumbnails) -> None:
         return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
 
 
-def serve(search: ImageSearch, index_path: Path, host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Runs the page until Ctrl-C; anything but localhost is said out loud first."""
+def index_in_background(search: ImageSearch, folder: Path, index_path: Path) -> threading.Thread:
+    """Indexes new and changed files of `folder` into `index_path` while the page serves: each chunk of images
+    becomes searchable as it is encoded, and /api/info reports the progress."""
+    def run() -> None:
+        try:
+            search.index(folder, index_path, show_progress=False, chunk_size=INDEXING_CHUNK)
+            logger.info("indexing %s done: %d images", folder, len(search.paths))
+        except (LiteclipError, OSError) as error:
+            logger.error("indexing %s stopped: %s", folder, error)
+
+    thread = threading.Thread(target=run, name="liteclip-index", daemon=True)
+    thread.start()
+    return thread
+
+
+def serve(search: ImageSearch, index_path: Path, host: str = "127.0.0.1", port: int = 8765,
+          folder: Path | None = None) -> None:
+    """Runs the page until Ctrl-C (indexing `folder` meanwhile, when given); anything but localhost is said out
+    loud first."""
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: anyone who can reach this machine on port %d can see every indexed photo",
                        host, port)
-    print(f"liteclip: {len(search.paths)} images from {index_path} on http://{host}:{port}/  (Ctrl-C stops)")
+    if folder is not None:
+        index_in_background(search, folder, index_path)
+    print(f"liteclip: {len(search.paths)} images from {index_path}{f', indexing {folder}' if folder else ''} on "
+          f"http://{host}:{port}/  (Ctrl-C stops)")
     uvicorn.run(create_app(search, index_path), host=host, port=port, log_level="warning")

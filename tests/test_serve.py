@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from liteclip import ImageSearch, ZeroShotPipeline
+from liteclip import pipeline as pipeline_module
 from liteclip import serve as serve_module
 from tests.conftest import draw_image
 
@@ -43,10 +45,11 @@ def test_info_search_and_similar_answer_as_the_library_does(served):
     results = client.get("/api/search", params={"q": "a photo of a dog", "k": 4}).json()["results"]
     expected = search.query("a photo of a dog", 4)
     assert [(r["path"], r["score"]) for r in results] == [(str(p), pytest.approx(s)) for p, s in expected]
-    assert all(str(search.paths[r["id"]]) == r["path"] for r in results)
+    assert all(str(search.paths[search.ids.index(r["id"])]) == r["path"] for r in results)
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
-    nearest = client.get("/api/similar", params={"id": 2, "k": 3}).json()["results"]
-    assert nearest[0]["id"] == 2 and nearest[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    third = search.ids[2]
+    nearest = client.get("/api/similar", params={"id": third, "k": 3}).json()["results"]
+    assert nearest[0]["id"] == third and nearest[0]["score"] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_a_weighted_query_with_an_image_term_is_the_weighted_sum_of_the_terms(served):
@@ -58,13 +61,15 @@ def test_a_weighted_query_with_an_image_term_is_the_weighted_sum_of_the_terms(se
     combined = 3 * pipeline.encode_images([photos[4]])[0] + texts[0] - texts[1]
     indexed = pipeline.encode_images(search.paths)  # (N, D), in the index's row order
     expected = indexed @ torch.nn.functional.normalize(combined, dim=-1)
-    assert [r["id"] for r in results] == expected.argsort(descending=True).tolist()
+    assert [r["id"] for r in results] == [search.ids[row] for row in expected.argsort(descending=True).tolist()]
 
 
 def test_an_uploaded_image_finds_itself_and_is_classified_as_the_pipeline_does(served):
     client, search, photos = served
     upload = {"file": ("query.png", photos[3].read_bytes(), "image/png")}
-    assert client.post("/api/similar", files=upload).json()["results"][0]["id"] == search.paths.index(photos[3])
+    found = client.post("/api/similar", files=upload).json()["results"][0]
+    assert found["path"] == str(photos[3].resolve())
+    assert found["id"] == search.ids[search.paths.index(photos[3].resolve())]
     labels = ["a photo of a dog", "a red square", "a boy jumping with skateboard"]
     answer = client.post("/api/classify", files=upload, data={"labels": "\n".join(labels) + "\n\n"}).json()
     expected = dict(search.pipeline.predict(photos[3], labels))
@@ -74,7 +79,7 @@ def test_an_uploaded_image_finds_itself_and_is_classified_as_the_pipeline_does(s
 
 def test_thumbnails_are_made_once_beside_the_index_and_images_are_served_as_they_are(served, tmp_path):
     client, search, photos = served
-    row = search.paths.index(photos[1])
+    row = search.ids[search.paths.index(photos[1].resolve())]
     thumbnail = client.get(f"/thumb/{row}")
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(thumbnail.content)).size == (48, 48)
@@ -85,8 +90,8 @@ def test_thumbnails_are_made_once_beside_the_index_and_images_are_served_as_they
     assert client.get(f"/image/{row}").content == photos[1].read_bytes()
 
 
-@pytest.mark.parametrize("url", ["/thumb/../../etc/passwd", "/image/%2e%2e%2fetc%2fpasswd", "/image/99",
-                                 "/thumb/abc", "/image/-1", "/thumb/1.0"])
+@pytest.mark.parametrize("url", ["/thumb/../../etc/passwd", "/image/%2e%2e%2fetc%2fpasswd", "/image/0",
+                                 "/thumb/abc", "/image/-1", "/thumb/0123456789abcdef"])
 def test_only_indexed_files_are_served_and_a_path_is_never_opened(served, url):
     client, _, _ = served
     assert client.get(url).status_code == 404
@@ -127,3 +132,43 @@ def test_serving_beyond_localhost_says_so(served, monkeypatch, caplog, capsys):
     with caplog.at_level(logging.WARNING, logger="liteclip.serve"):
         serve_module.serve(search, search.pipeline.model_dir, host="0.0.0.0", port=8766)
     assert "anyone who can reach this machine" in caplog.text
+
+
+def test_a_folder_indexed_while_serving_is_searchable_as_it_goes_and_every_answer_is_consistent(
+        model_dir, tmp_path, monkeypatch):
+    import hashlib
+
+    from fastapi.testclient import TestClient
+
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw_image(tmp_path / "photos" / f"{i:02d}.png", colour, size=40 + i)
+    monkeypatch.setattr(serve_module, "INDEXING_CHUNK", 4)
+    encode = pipeline_module.encode_decodable_image_files
+
+    def slowly(*args, **kwargs):  # a chunk takes a while, as on a real photo library, so queries land between
+        time.sleep(0.3)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "encode_decodable_image_files", slowly)
+    search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
+    client = TestClient(serve_module.create_app(search, tmp_path / "photos.index"))
+    thread = serve_module.index_in_background(search, tmp_path / "photos", tmp_path / "photos.index")
+    seen_counts = set()
+    while thread.is_alive() or not seen_counts:
+        answer = client.get("/api/search", params={"q": "a photo of a dog", "k": 50})
+        if answer.status_code == 400:  # nothing indexed yet: the index is empty, said as such
+            assert "empty" in answer.json()["detail"]
+            continue
+        results = answer.json()["results"]
+        seen_counts.add(len(results))
+        for hit in results:  # each answer is one consistent state: an id is its file's content
+            digest = hashlib.sha256(open(hit["path"], "rb").read()).hexdigest()
+            assert hit["id"] == digest[:16]
+    thread.join()
+    assert any(0 < count < 24 for count in seen_counts)  # searched while the rest was still being indexed
+    info = client.get("/api/info").json()
+    assert info["images"] == 24 and info["indexing"] == {"done": 24, "total": 24}
+    assert len(client.get("/api/search", params={"q": "a photo of a dog", "k": 50}).json()["results"]) == 24
+    assert (tmp_path / "photos.index").is_file()

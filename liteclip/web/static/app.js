@@ -103,6 +103,17 @@ $("classify-form").addEventListener("submit", async (event) => {
   }
 });
 
-api("/api/info").then((info) => {
-  $("info").textContent = `${info.images} images · ${info.embedding_size}-d embeddings · ${info.image_tower} + ${info.text_tower}`;
-}).catch((error) => { $("info").textContent = `error: ${error.message}`; });
+// the model and the index; while `serve --folder` indexes, the count grows and this says how far it is
+async function refreshInfo() {
+  try {
+    const info = await api("/api/info");
+    const running = info.indexing && info.indexing.done < info.indexing.total;
+    const indexing = running ? ` · indexing ${info.indexing.done}/${info.indexing.total} new images` : "";
+    $("info").textContent =
+      `${info.images} images · ${info.embedding_size}-d embeddings · ${info.image_tower} + ${info.text_tower}${indexing}`;
+    if (running) setTimeout(refreshInfo, 2000);
+  } catch (error) {
+    $("info").textContent = `error: ${error.message}`;
+  }
+}
+refreshInfo();
