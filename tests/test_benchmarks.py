@@ -130,3 +130,11 @@ def test_flickr8k_trains_liteclip_and_open_clip_on_the_same_towers_and_prints_on
     for name in ("liteclip", "open_clip"):
         recalls = [float(cell) for cell in rows[name][:12]]
         assert all(0 <= value <= 100 for value in recalls) and re.match(r" [\d.]+ \(", rows[name][12])
+
+
+def test_serve_latency_indexes_drawn_images_and_times_queries_over_http(model_dir, tmp_path):
+    lines = run_module("benchmarks.serve_latency", "--model-dir", str(model_dir), "--images", "20", "--queries", "3",
+                       "--folder", str(tmp_path / "photos"))
+    assert re.fullmatch(r"indexed 20 images in [\d.]+ s", lines[-2])
+    assert re.fullmatch(r"GET /api/search over 20 images, k=24, 3 queries: median [\d.]+ ms, 90th percentile "
+                        r"[\d.]+ ms", lines[-1])
