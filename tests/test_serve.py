@@ -20,16 +20,22 @@ from tests.conftest import draw_image
 COLOURS = [(200, 30, 30), (30, 160, 60), (40, 70, 210), (230, 200, 40), (140, 40, 170), (240, 130, 30)]
 
 
+def indexed_photos(model_dir, folder, size: int = 48):
+    """Six drawn photos in `folder`, indexed beside it and loaded: (search, photo paths, index path)."""
+    photos = [draw_image(folder / f"{i}.png", colour, size=size) for i, colour in enumerate(COLOURS)]
+    search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
+    index_path = folder.with_name(f"{folder.name}.index")
+    search.index(folder, index_path, show_progress=False)
+    search.load(index_path)
+    return search, photos, index_path
+
+
 @pytest.fixture
 def served(model_dir, tmp_path):
     from fastapi.testclient import TestClient
 
-    photos = [draw_image(tmp_path / "photos" / f"{i}.png", colour, size=48) for i, colour in enumerate(COLOURS)]
-    search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
-    search.index(tmp_path / "photos", tmp_path / "photos.index", show_progress=False)
-    search.load(tmp_path / "photos.index")
-    app = serve_module.create_app(search, tmp_path / "photos.index")
-    return TestClient(app), search, photos
+    search, photos, index_path = indexed_photos(model_dir, tmp_path / "photos")
+    return TestClient(serve_module.create_app(search, index_path)), search, photos
 
 
 def png_bytes(colour=(10, 200, 30)) -> bytes:

@@ -11,13 +11,11 @@ import time
 
 import pytest
 
-from liteclip import ImageSearch, ZeroShotPipeline
 from liteclip.serve import create_app
-from tests.conftest import draw_image
+from tests.test_serve import indexed_photos
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-COLOURS = [(200, 30, 30), (30, 160, 60), (40, 70, 210), (230, 200, 40), (140, 40, 170), (240, 130, 30)]
 
 
 def free_port() -> int:
@@ -31,12 +29,9 @@ def server(model_dir, tmp_path):
     """The app on a real port, in a thread, over an index of drawn photos."""
     import uvicorn
 
-    photos = [draw_image(tmp_path / "photos" / f"{i}.png", colour, size=64) for i, colour in enumerate(COLOURS)]
-    search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
-    search.index(tmp_path / "photos", tmp_path / "photos.index", show_progress=False)
-    search.load(tmp_path / "photos.index")
+    search, photos, index_path = indexed_photos(model_dir, tmp_path / "photos", size=64)
     port = free_port()
-    app = create_app(search, tmp_path / "photos.index")
+    app = create_app(search, index_path)
     running = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
