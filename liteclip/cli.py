@@ -172,10 +172,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from liteclip.pipeline import ImageSearch
     from liteclip.serve import serve
-
-    import importlib.util
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise InputError("liteclip serve needs its web framework: pip install -e '.[serve]'")

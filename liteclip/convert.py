@@ -1,7 +1,6 @@
 """Foreign weights onto liteclip modules: Hugging Face `transformers` CLIP checkpoints (OpenAI's CLIP and any model
 saved in that layout) and SigLIP checkpoints (`SiglipModel`: SigLIP, and SigLIP 2 at fixed resolution). Nothing else
-in liteclip
-does weight surgery (open_clip checkpoints keep open_clip's own modules: liteclip.convert_open_clip).
+in liteclip does weight surgery (open_clip checkpoints keep open_clip's own modules: liteclip.convert_open_clip).
 
 The towers stay the library's own (CLIPVisionModel, CLIPTextModel: causal mask, final layer norm and all); liteclip
 adds what is equivalent around them: the vision tower's pooled output, the text tower's end-of-text token (`eos`
@@ -48,15 +47,22 @@ def is_hf_clip(name_or_dir: str | Path) -> bool:
     return not path.exists() and not path.is_absolute() and not text.startswith(".") and text.count("/") == 1
 
 
-def image_processor_data_config(name_or_dir: str, image_size: int) -> dict:
-    """The checkpoint's own preprocessing (shorter side resized, center crop, mean, std) as a timm data config."""
-    data_config = clip_data_config(image_size)
+def saved_image_processor(name_or_dir: str, fallback: str) -> Any | None:
+    """The checkpoint's own image processor, or None (logged, naming the preprocessing used instead)."""
     try:
         from transformers import AutoImageProcessor
 
-        processor = AutoImageProcessor.from_pretrained(name_or_dir, trust_remote_code=False)
+        return AutoImageProcessor.from_pretrained(name_or_dir, trust_remote_code=False)
     except (OSError, ValueError):
-        logger.warning("%s has no image processor config; using OpenAI CLIP's preprocessing", name_or_dir)
+        logger.warning("%s has no image processor config; using %s's preprocessing", name_or_dir, fallback)
+        return None
+
+
+def image_processor_data_config(name_or_dir: str, image_size: int) -> dict:
+    """The checkpoint's own preprocessing (shorter side resized, center crop, mean, std) as a timm data config."""
+    data_config = clip_data_config(image_size)
+    processor = saved_image_processor(name_or_dir, "OpenAI CLIP")
+    if processor is None:
         return data_config
     crop = getattr(processor, "crop_size", None) or {}
     size = getattr(processor, "size", None) or {}
@@ -148,12 +154,8 @@ def siglip_data_config(name_or_dir: str, image_size: int) -> dict[str, Any]:
     """SigLIP's preprocessing: the whole image resized to a square (no crop), mean and std 0.5 unless saved."""
     data_config = {"input_size": (3, image_size, image_size), "interpolation": "bicubic", "crop_pct": 1.0,
                    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
-    try:
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(name_or_dir, trust_remote_code=False)
-    except (OSError, ValueError):
-        logger.warning("%s has no image processor config; using SigLIP's preprocessing", name_or_dir)
+    processor = saved_image_processor(name_or_dir, "SigLIP")
+    if processor is None:
         return data_config
     resample = {2: "bilinear", 3: "bicubic"}.get(int(getattr(processor, "resample", 3) or 3), "bicubic")
     data_config.update(interpolation=resample, mean=tuple(processor.image_mean), std=tuple(processor.image_std))

@@ -154,9 +154,10 @@ def read_open_clip(spec: str, base: ModelConfig | None = None) -> ConvertedCLIP:
         init_from=spec,
     )
     preprocess = getattr(source.visual, "preprocess_cfg", None) or {}
-    return ConvertedCLIP(config, None, None, tokenizer_for(architecture, context_length),
-                         data_config_of(preprocess) if preprocess else {}, None, open_clip_model=source,
-                         open_clip_config={"model_cfg": model_config, "preprocess_cfg": preprocess})
+    # the data config is left to the image tower, which reads the same preprocess_cfg (liteclip.model)
+    return ConvertedCLIP(config, None, None, tokenizer_for(architecture, context_length), {}, None,
+                         open_clip_model=source, open_clip_config={"model_cfg": model_config,
+                                                                   "preprocess_cfg": preprocess})
 
 
 def write_saved_config(model: Any, directory: Path) -> None:

@@ -337,8 +337,11 @@ class ImageSearch:
         stamps = {key: file_stamp(path) for key, path in zip(keys, files)}
         hashes, known = content_hashes(keys, stamps, previous)
         # one file per content not seen before: a renamed, moved or copied photo is never encoded again
-        todo = list({hashes[key]: i for i, key in reversed(list(enumerate(keys))) if hashes[key] not in known}.values())
-        todo.sort()
+        todo, queued = [], set()
+        for i, key in enumerate(keys):
+            if hashes[key] not in known and hashes[key] not in queued:
+                queued.add(hashes[key])
+                todo.append(i)
         self.skipped = []
         self.progress = {"done": 0, "total": len(todo)}
         self.view = view_of(keys, hashes, known)  # what is searchable already, while the rest is encoded

@@ -1,9 +1,11 @@
 """The page of `liteclip serve` in a real browser (Debian's chromium, driven by Selenium): search, more like this,
-zero-shot on an upload, and a screenshot. `.ci/run` installs chromium and chromium-driver; where they cannot be
-installed the test is skipped, saying so."""
+zero-shot on an upload, and a screenshot. `.ci/run` installs chromium and chromium-driver and then sets
+LITECLIP_REQUIRE_BROWSER=1, under which a missing browser fails the test; where they cannot be installed the test is
+skipped, saying so."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -46,6 +48,8 @@ def server(model_dir, tmp_path):
 @pytest.fixture
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("LITECLIP_REQUIRE_BROWSER") == "1":  # .ci/run installed them: missing now is a failure
+            pytest.fail("LITECLIP_REQUIRE_BROWSER=1, but chromium or chromedriver is not on PATH")
         pytest.skip("chromium and chromedriver are not installed here (apt-get install chromium chromium-driver; "
                     ".ci/run does it)")
     from selenium import webdriver
