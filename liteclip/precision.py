@@ -44,7 +44,7 @@ class Precision:
 # BF16 or AMX, bf16 is emulated by conversions around fp32 kernels and is always slower) and how fast the same
 # machine already is in fp32, which differs by vendor and core. With AMX tiles bf16 wins by a wide margin; with
 # AVX-512 BF16 alone it wins on some chips (AMD Zen 4, whose fp32 is slow) and loses on others (an Intel core, whose
-# fp32 is fast); `python -m benchmarks.bf16_kernels` measures a machine, and benchmarks/README.md keeps the figures.
+# fp32 is fast); `python -m benchmarks.kernels` measures a machine, and benchmarks/README.md keeps the figures.
 # So `auto` takes bf16 with AMX, fp32 without bf16 instructions, and in between (AVX-512 BF16 alone, or AMX that
 # oneDNN is told not to use) times the matmul in both formats and takes bf16 from BF16_MIN_SPEEDUP. A whole step gains
 # less than the matmul (it also runs elementwise work and memory traffic that bf16 barely speeds up), hence the margin.

@@ -94,22 +94,47 @@ def test_data_throughput_compares_shards_with_loose_files():
     assert re.fullmatch(r"shards_vs_files=\d+\.\d\d", lines[-1])
 
 
-def test_locked_tower_epoch_times_the_epoch_and_its_evaluation():
+def test_locked_tower_epoch_times_the_epoch_and_its_evaluation(tmp_path):
+    captions = tmp_path / "captions.txt"  # Flickr8K's own layout: a header, then image,caption rows
+    captions.write_text("image,caption\n" + "".join(f"{i}.jpg,a dog runs {'far ' * (i % 9)}on the grass .\n"
+                                                    for i in range(30)))
     lines = run_module("benchmarks.locked_tower_epoch", "--pairs", "64", "--eval-images", "8", "--batch-size", "16",
-                       "--text-shape", "minilm-l3", "--image-model", "test_convnext3")
+                       "--text-shape", "minilm-l3", "--image-model", "test_convnext3", "--captions", str(captions),
+                       "--length-groups", "2")
     assert "minilm-l3 shape (3 layers, 384 wide)" in lines[0]
+    assert f"captions {captions}, length groups 2" in lines[0]
     train, evaluation, recall = (float(x) for x in re.findall(
         r"train ([\d.]+) s .*evaluation ([\d.]+) s \(mean recall ([\d.]+)", lines[1])[0])
     assert train > 0 and evaluation >= 0 and 0 <= recall <= 100  # 8 images evaluate in a few milliseconds
     assert re.fullmatch(r"epoch_seconds=\d+\.\d", lines[-1])
 
 
-def test_bf16_kernels_reports_each_workload_and_auto_precision():
-    lines = run_module("benchmarks.bf16_kernels", "--repeats", "1", "--scale", "1")
+def test_kernels_reports_the_fp32_peaks_each_workload_and_auto_precision():
+    lines = run_module("benchmarks.kernels", "--repeats", "1", "--scale", "1")
     speedups = [float(m[1]) for m in (re.search(r"speedup=(\d+\.\d\d)$", line) for line in lines) if m]
     assert len(speedups) == 3 and all(value > 0 for value in speedups)  # the matmul, the MLP block, the conv
     assert lines[0].startswith("CPU: ")
+    assert re.fullmatch(r"fp32_matmul_gflops=\d+", lines[1]) and re.fullmatch(r"fp32_conv_gflops=\d+", lines[2])
+    assert int(lines[1].split("=")[1]) > 0 and int(lines[2].split("=")[1]) > 0
     assert re.fullmatch(r"auto_precision=(bf16|fp32)", lines[-1])
+
+
+def test_demo_phases_times_every_phase_and_projects_the_run():
+    lines = run_module("benchmarks.demo_phases", "--epochs", "2", "--set", "data.demo_num_images=40",
+                       "data.batch_size=8", "model.image.image_size=32", "data.demo_image_size=32", "train.epochs=3")
+    phases = dict(re.fullmatch(r"(.+?)\s{2,}([\d.]+)", line).groups() for line in lines[2:10])
+    assert list(phases) == ["data generation (once)", "decode + augment + collate (an epoch)",
+                            "forward (towers + loss) (an epoch)", "backward (an epoch)", "optimiser (an epoch)",
+                            "evaluation after the epoch (an epoch)", "test + zero-shot evaluation",
+                            "export (save_pretrained)"]
+    seconds = {name: float(value) for name, value in phases.items()}
+    assert all(value > 0 for value in seconds.values())
+    assert re.search(r"of the fp32 matmul peak", lines[-2])
+    per_epoch = sum(value for name, value in seconds.items() if name.endswith("(an epoch)"))
+    once = seconds["data generation (once)"] + seconds["test + zero-shot evaluation"] + seconds[
+        "export (save_pretrained)"]
+    projected = float(re.fullmatch(r"projected_run_s=([\d.]+)", lines[-1])[1])
+    assert projected == pytest.approx(once + 3 * per_epoch, abs=0.2)  # rounding of the printed phases
 
 
 def test_flickr8k_trains_liteclip_and_open_clip_on_the_same_towers_and_prints_one_table(tmp_path, tiny_text_dir):

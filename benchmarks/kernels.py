@@ -1,30 +1,32 @@
-"""Does bf16 pay on this CPU? The measurement `train.precision: auto` takes where the CPU's features leave it open,
-beside what training runs: a transformer MLP block and a 3x3 convolution, forward and backward, in bf16 autocast and
-in fp32.
+"""What this CPU's kernels reach: its fp32 peaks, the limit every fp32 training step is measured against, and
+whether bf16 pays here (the measurement `train.precision: auto` takes where the CPU's features leave it open, beside
+what training runs: a transformer MLP block and a 3x3 convolution, forward and backward, in bf16 autocast and fp32).
 
-    python -m benchmarks.bf16_kernels
-    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python -m benchmarks.bf16_kernels   # an AMX Xeon as a CPU without AMX
+    python -m benchmarks.kernels
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python -m benchmarks.kernels   # an AMX Xeon as a CPU without AMX
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python -m benchmarks.kernels   # ... as an AVX2-only CPU
 
 Each figure is the best of --repeats after two warm-ups (what the hardware does when nothing interrupts it). Prints
-the CPU's model name and bf16 features, then one line per workload with both times and `speedup=` (fp32 time over
-bf16 time), then auto's choice, as its last line `auto_precision=<bf16|fp32>`.
+the CPU's model name and bf16 features, the fp32 peaks (`fp32_matmul_gflops=`, `fp32_conv_gflops=`: a 2048-square
+matrix product, and a wide 3x3 convolution forward, channels_last), then one line per workload with both times and
+`speedup=` (fp32 time over bf16 time), then auto's choice, as its last line `auto_precision=<bf16|fp32>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 from pathlib import Path
 from typing import Callable
 
-import sys
 import torch
 from torch import nn
 
 if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repository root holds `benchmarks`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.image_tower import timed
+from benchmarks.image_tower import matmul_peak_tflops, timed
 from liteclip.precision import (BF16_CPU_FEATURES, cpu_bf16_feature, measure_cpu_bf16, onednn_isa_limit,
                                 resolve_precision)
 
@@ -48,6 +50,19 @@ def workloads(scale: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
             f"3x3 conv, {2 * scale}x64x32x32": (conv, pixels)}
 
 
+def fp32_peaks(repeats: int = 3) -> dict[str, float]:
+    """GFLOP/s this CPU reaches in fp32 on the two kernels training spends its time in, at sizes large enough to run
+    at full rate: a 2048-square matrix product, and a 3x3 convolution forward, 128 to 128 channels at 32x32 over a
+    batch of 32, channels_last (2 FLOPs per multiply-add, as FlopCounterMode counts)."""
+    cpu = torch.device("cpu")
+    conv = nn.Conv2d(128, 128, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    pixels = torch.randn(32, 128, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        seconds = timed(lambda: conv(pixels), cpu, repeats)
+    conv_flops = 2 * 32 * 32 * 32 * 128 * 128 * 9
+    return {"matmul": matmul_peak_tflops(cpu, torch.float32) * 1e3, "conv": conv_flops / seconds / 1e9}
+
+
 def cpu_model_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -69,6 +84,9 @@ def main() -> None:
     print(f"CPU: {cpu_model_name()}; bf16 instructions: {BF16_CPU_FEATURES.get(feature, 'none')}"
           f"{f' (oneDNN held back: {limit})' if limit else ''}; threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}")
+    peaks = fp32_peaks(args.repeats)
+    print(f"fp32_matmul_gflops={peaks['matmul']:.0f}")
+    print(f"fp32_conv_gflops={peaks['conv']:.0f}")
     matmul = measure_cpu_bf16.__wrapped__(repeats=args.repeats)  # a fresh measurement, not the cached one
     print(f"matmul 512x1024 @ 1024x1024 (what auto times): bf16 {matmul.bf16_gflops:.0f} GFLOP/s, fp32 "
           f"{matmul.fp32_gflops:.0f} GFLOP/s, measured in {matmul.seconds:.2f} s: speedup={matmul.speedup:.2f}")
