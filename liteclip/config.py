@@ -77,6 +77,9 @@ class TextEncoderConfig:
     # max_length and the pads seen, as checkpoints trained that way need (SigLIP)
     padding: Literal["longest", "max_length"] = "longest"
     max_length: int = 128  # captions are truncated here; batches are padded only to their longest caption
+    # on a CPU a batch's captions are sorted by length and encoded in this many groups, each padded to its own
+    # longest: the same embeddings with fewer pad tokens computed (1: one padded batch; a GPU batch stays whole)
+    length_groups: int = 4
     tune: Literal["full", "locked", "lora"] = "full"  # locked: frozen, eval mode; lora: adapters only
     lora: LoraConfig = field(default_factory=LoraConfig)
     trust_remote_code: bool = False  # never on by default: it runs code downloaded with the model
@@ -495,6 +498,8 @@ def validate(config: Config, source: str = "<config>") -> None:
          "must be in [0, 1)"),
         (config.model.projection.dim > 0, "model.projection.dim", config.model.projection.dim, "must be > 0"),
         (config.model.text.max_length > 1, "model.text.max_length", config.model.text.max_length, "must be > 1"),
+        (config.model.text.length_groups >= 1, "model.text.length_groups", config.model.text.length_groups,
+         "must be >= 1 (1: each batch encoded whole)"),
         (0 <= config.data.val_fraction < 1 and 0 <= config.data.test_fraction < 1
          and config.data.val_fraction + config.data.test_fraction < 1,
          "data.val_fraction/test_fraction", (config.data.val_fraction, config.data.test_fraction),
@@ -506,6 +511,11 @@ def validate(config: Config, source: str = "<config>") -> None:
     checks.append((config.model.image.source == "timm" or not config.model.image.model_kwargs,
                    "model.image.model_kwargs", config.model.image.model_kwargs,
                    "is for timm towers; a Hugging Face tower's architecture comes from its config.json"))
+    # YAML reads {stem_width:16} (no space after the colon) as one key with no value, which timm drops unread
+    checks.append((all(str(key).isidentifier() and value is not None
+                       for key, value in config.model.image.model_kwargs.items()),
+                   "model.image.model_kwargs", config.model.image.model_kwargs,
+                   "must be argument names with values, written {name: value} with a space after each colon"))
     checks.append((config.distill.weight >= 0, "distill.weight", config.distill.weight, "must be >= 0"))
     checks.append((config.distill.temperature > 0, "distill.temperature", config.distill.temperature, "must be > 0"))
     for ok, key, value, rule in checks:

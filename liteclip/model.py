@@ -246,7 +246,32 @@ class TextEncoder(nn.Module):
         if self.config.source == "open_clip":
             return self.model.encode_text(input_ids)  # (B, L) -> (B, embed_dim), projected; open_clip takes no mask
         # trained on captions padded to a fixed length, a tower sees its pads (SigLIP)
-        seen = None if self.config.padding == "max_length" else attention_mask
+        if self.config.padding == "max_length":
+            return self._encode(input_ids, attention_mask, seen=None)
+        groups = self.config.length_groups
+        if input_ids.device.type == "cpu" and groups > 1 and input_ids.shape[0] >= 2 * groups:
+            return self._encode_by_length(input_ids, attention_mask, groups)
+        return self._encode(input_ids, attention_mask, seen=attention_mask)
+
+    def _encode_by_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: int) -> torch.Tensor:
+        """The batch sorted by caption length and encoded in `groups` groups, each cut to its own longest caption:
+        a caption attends only to its own tokens, so the embeddings are those of the whole padded batch, and the
+        tower computes far fewer pad tokens when one long caption would pad the rest (compute grows with tokens on
+        a CPU). Captions padded on the left are grouped but not cut."""
+        lengths = attention_mask.sum(dim=1)
+        order = torch.argsort(lengths)
+        embeds = []
+        for rows in order.tensor_split(groups):
+            ids, mask = input_ids[rows], attention_mask[rows]
+            longest = int(lengths[rows].max())
+            if not mask[:, longest:].any():  # right-padded: everything past the longest caption is padding
+                ids, mask = ids[:, :longest], mask[:, :longest]
+            embeds.append(self._encode(ids, mask, seen=mask))
+        return torch.cat(embeds)[torch.argsort(order)]  # back in the batch's order
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                seen: torch.Tensor | None) -> torch.Tensor:
+        """The tower's output pooled as config.pooling says; `seen` is the mask the tower itself gets."""
         outputs = self.model(input_ids=input_ids, attention_mask=seen)
         if self.config.pooling == "pooler":
             return outputs.pooler_output  # (B, F): the tower's own pooling (and head)

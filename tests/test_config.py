@@ -85,6 +85,8 @@ def test_yaml_round_trip():
     ("data.crop_scale=[0.5, 1.5]", "data.crop_scale"), ("model.image.image_size=0", "model.image.image_size"),
     ("optim.grad_clip=0", "optim.grad_clip"), ("data.demo_num_images=5", "data.demo_num_images"),
     ("data.eval_batch_size=0", "data.eval_batch_size"), ("train.max_steps=0", "train.max_steps"),
+    ("model.text.length_groups=0", "model.text.length_groups"),
+    ("model.image.model_kwargs={stem_width:16}", "model.image.model_kwargs"),
 ])
 def test_values_that_would_crash_later_fail_when_the_config_loads(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*must be"):

@@ -58,6 +58,28 @@ def test_mean_pooling_ignores_padding(model):
     torch.testing.assert_close(in_batch, alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls", "eos"])
+def test_a_batch_encoded_in_length_groups_gives_each_captions_own_embedding_and_the_same_gradients(tiny_config,
+                                                                                                   pooling):
+    text = dataclasses.replace(tiny_config.model.text, pooling=pooling)
+    grouped = build_model(dataclasses.replace(tiny_config.model, text=dataclasses.replace(text, length_groups=3)))
+    whole = build_model(dataclasses.replace(tiny_config.model, text=dataclasses.replace(text, length_groups=1)))
+    whole.load_state_dict(grouped.state_dict())
+    captions = ["dog", "a cat", "a large blue square in the middle of the picture", "red", "two circles",
+                "a green triangle on the left", "a small yellow star above a large purple circle"]
+    input_ids, attention_mask = tokenize(grouped, captions)
+    by_length = torch.argsort(attention_mask.sum(dim=1))
+    assert not torch.equal(by_length[by_length], torch.arange(len(captions)))  # putting them back needs the inverse
+    embeds = grouped.text_encoder(input_ids, attention_mask)
+    with torch.no_grad():  # the reference: each caption encoded alone, with no padding at all
+        alone = torch.cat([whole.text_encoder(*tokenize(whole, [caption])) for caption in captions])
+    torch.testing.assert_close(embeds.detach(), alone, atol=1e-5, rtol=1e-5)
+    embeds.square().sum().backward()
+    whole.text_encoder(input_ids, attention_mask).square().sum().backward()
+    for (name, a), (_, b) in zip(grouped.text_encoder.named_parameters(), whole.text_encoder.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("pooling", ["cls", "eos"])
 def test_token_poolings(tiny_config, pooling):
     config = dataclasses.replace(tiny_config.model, text=dataclasses.replace(tiny_config.model.text, pooling=pooling))
