@@ -105,10 +105,11 @@ def build_datasets(config: DataConfig, data_config: dict[str, Any],
         # a training image that does not decode is replaced and reported, never fatal: found hours into a run, it
         # would otherwise cost the epoch (`python -m liteclip.data check` finds them all beforehand)
         train = ImageCaptionDataset(splits["train"], train_tf, config.train_captions, decode_size,
-                                    skip_undecodable=True)
+                                    skip_undecodable=True, keep_decoded=config.keep_decoded_images)
     return {
         "train": train,
-        "val": ImageCaptionDataset(splits["val"], eval_tf, "first", decode_size),
+        "val": ImageCaptionDataset(splits["val"], eval_tf, "first", decode_size,
+                                   keep_decoded=config.keep_decoded_images),
         "test": ImageCaptionDataset(splits["test"], eval_tf, "first", decode_size),
     }
 

@@ -258,16 +258,18 @@ class ImageCaptionDataset(Dataset):
         skip_undecodable: a sample whose image does not decode is replaced by the next one (deterministically, so
             resume stays exact, and the batch keeps its size) and reported in the sample's "skipped" list; off, it
             raises UndecodableImageError naming the file.
+        keep_decoded: each image stays in memory once decoded, for the epochs after (data.keep_decoded_images).
     """
 
     def __init__(self, images: list[CaptionedImage], transform: Callable[[np.ndarray], torch.Tensor],
                  captions: Literal["one", "all", "first"] = "one", decode_size: int | None = None,
-                 skip_undecodable: bool = False):
+                 skip_undecodable: bool = False, keep_decoded: bool = False):
         self.images = images
         self.transform = transform
         self.captions = captions
         self.decode_size = decode_size
         self.skip_undecodable = skip_undecodable
+        self.decoded: dict[int, np.ndarray] | None = {} if keep_decoded else None  # image index -> pixels
         self.pairs = [(i, j) for i, image in enumerate(images) for j in range(len(image.captions))]
 
     def __len__(self) -> int:
@@ -287,7 +289,7 @@ class ImageCaptionDataset(Dataset):
             image_index, caption_index = self.locate(index, generator)
             image = self.images[image_index]
             try:
-                pixels = load_image(image.image_path, self.decode_size)
+                pixels = self.pixels(image_index)
                 break
             except UndecodableImageError as error:
                 if not self.skip_undecodable or len(skipped) + 1 >= len(self):
@@ -301,6 +303,18 @@ class ImageCaptionDataset(Dataset):
         if skipped:
             sample["skipped"] = skipped
         return sample
+
+
+    def pixels(self, image_index: int) -> np.ndarray:
+        """The decoded image, from memory when it is kept there (read-only: the transforms make new arrays)."""
+        if self.decoded is None:
+            return load_image(self.images[image_index].image_path, self.decode_size)
+        pixels = self.decoded.get(image_index)
+        if pixels is None:
+            pixels = load_image(self.images[image_index].image_path, self.decode_size)
+            pixels.setflags(write=False)
+            self.decoded[image_index] = pixels
+        return pixels
 
 
 class SeededSampler(Sampler):

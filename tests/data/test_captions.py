@@ -191,6 +191,25 @@ def test_a_training_sample_that_does_not_decode_is_replaced_by_the_next_and_repo
         ImageCaptionDataset(images, transform, "first")[1]
 
 
+def test_kept_decoded_images_are_read_from_disk_once_and_give_the_same_augmented_samples(tmp_path, monkeypatch):
+    from liteclip.data import captions as captions_module
+    from liteclip.data.transforms import train_transform
+
+    images = [CaptionedImage(draw_image(tmp_path / f"{i}.png", (40 * i, 50, 60)), [f"caption {i}"]) for i in range(3)]
+    transform = train_transform({"input_size": (3, 16, 16), "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    reads = []
+    load_image = captions_module.load_image
+    monkeypatch.setattr(captions_module, "load_image", lambda *args: reads.append(args[0]) or load_image(*args))
+    kept = ImageCaptionDataset(images, transform, "first", keep_decoded=True)
+    plain = ImageCaptionDataset(images, transform, "first")
+    for epoch in range(2):
+        for index in range(3):
+            key = (index, 1000 * epoch + index)  # the sampler's per-sample seed: other crops every epoch
+            torch.testing.assert_close(kept[key]["pixel_values"], plain[key]["pixel_values"])
+    assert reads.count(images[0].image_path) == 1 + 2  # kept: the first epoch only; plain: both epochs
+    assert not kept.decoded[0].flags.writeable  # a transform writing in place would change every later epoch
+
+
 # ------------------------------------------------------------------------- messy captions files (issue 26)
 
 
