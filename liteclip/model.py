@@ -249,7 +249,9 @@ class TextEncoder(nn.Module):
         if self.config.padding == "max_length":
             return self._encode(input_ids, attention_mask, seen=None)
         groups = self.config.length_groups
-        if input_ids.device.type == "cpu" and groups > 1 and input_ids.shape[0] >= 2 * groups:
+        # an ONNX trace would freeze one batch's grouping into the graph: traced, a batch stays whole
+        if (input_ids.device.type == "cpu" and groups > 1 and input_ids.shape[0] >= 2 * groups
+                and not torch.jit.is_tracing()):
             return self._encode_by_length(input_ids, attention_mask, groups)
         return self._encode(input_ids, attention_mask, seen=attention_mask)
 

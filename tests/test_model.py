@@ -80,6 +80,17 @@ def test_a_batch_encoded_in_length_groups_gives_each_captions_own_embedding_and_
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_a_traced_text_tower_encodes_batches_whole_so_the_trace_fits_any_batch(tiny_config):
+    """ONNX export traces the tower; a trace of the grouped path would replay one batch's grouping on every batch."""
+    text = dataclasses.replace(tiny_config.model.text, length_groups=2)
+    model = build_model(dataclasses.replace(tiny_config.model, text=text)).eval()
+    traced_on = tokenize(model, ["a cat", "a large blue square in the middle", "red", "two circles on the left"])
+    other = tokenize(model, ["a small yellow star above a large purple circle", "dog", "a green triangle"])
+    with torch.no_grad():
+        traced = torch.jit.trace(model.text_encoder, traced_on, check_trace=False)
+        torch.testing.assert_close(traced(*other), model.text_encoder(*other), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("pooling", ["cls", "eos"])
 def test_token_poolings(tiny_config, pooling):
     config = dataclasses.replace(tiny_config.model, text=dataclasses.replace(tiny_config.model.text, pooling=pooling))
