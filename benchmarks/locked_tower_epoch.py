@@ -7,7 +7,8 @@ validation images with 5 captions each (5,000 captions through the text tower), 
     python -m benchmarks.locked_tower_epoch --precision fp32         # against train.precision: auto's choice
     python -m benchmarks.locked_tower_epoch --device cuda            # the same epoch on a GPU (default: auto, as
                                                                      # train.device picks)
-    python -m benchmarks.locked_tower_epoch --captions $R/flickr8k_raw/captions.txt   # real captions' lengths
+    python -m benchmarks.locked_tower_epoch --captions $R/flickr8k_raw/captions.txt \
+        --text-tower $R/weights/paraphrase-MiniLM-L3-v2/hf    # real captions, tokenised by a real tower's tokenizer
     python -m benchmarks.locked_tower_epoch --length-groups 1        # the levers: each batch encoded whole,
     python -m benchmarks.locked_tower_epoch --compile                # or the text tower under torch.compile
 
@@ -15,7 +16,9 @@ The cache itself is built once (the first run of `train.cache_image_features`) a
 are random tensors of the tower's width (768 for convnext_tiny, 1280 for efficientnet_lite0): they cost the same.
 Text towers are random-init with the named shape and a 30,522-token vocabulary, built offline. The captions are
 synthetic, 8 to 20 words, unless --captions names a file of real ones (a CSV with a `caption` column, such as
-Flickr8K's captions.txt, or one caption a line): their lengths, and so the padding a batch carries, are then real.
+Flickr8K's captions.txt, or one caption a line). With real captions, give --text-tower too (a local Hugging Face
+model directory, built from its config with random weights): the shapes' tokenizers are trained on a small word list
+and split real words into pieces, so only a real tokenizer gives real lengths, and so the padding a batch carries.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def caption_texts(path: Path | None, count: int) -> list[str]:
     with open(path, newline="", encoding="utf-8") as handle:
         first = handle.readline()
         handle.seek(0)
-        if "caption" in first.lower().split(","):
+        if "caption" in first.strip().lower().split(","):
             texts = [row["caption"] for row in csv.DictReader(handle) if row.get("caption")]
         else:
             texts = [line.strip() for line in handle if line.strip()]
@@ -77,6 +80,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--captions", type=Path, help="a file of real captions to train and evaluate on")
+    parser.add_argument("--text-tower", type=Path, help="a local Hugging Face text model directory instead of a shape")
     parser.add_argument("--length-groups", type=int, default=TextEncoderConfig.length_groups,
                         help="model.text.length_groups (1: each batch encoded whole, padded to its longest)")
     parser.add_argument("--compile", action="store_true", help="the towers under torch.compile (train.compile)")
@@ -84,7 +88,7 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     with tempfile.TemporaryDirectory() as tmp:
-        text_dir = write_text_shape(Path(tmp) / args.text_shape, args.text_shape)
+        text_dir = args.text_tower or write_text_shape(Path(tmp) / args.text_shape, args.text_shape)
         config = config_from_dict({"model": {
             "image": {"name": args.image_model, "pretrained": False, "tune": "locked"},  # never run: features cached
             "text": {"name": str(text_dir), "pretrained": False, "max_length": 64,
@@ -123,9 +127,10 @@ def main() -> None:
                                          show_progress=False, image_features=val_features)
             synchronize(device)
             evaluated = time.perf_counter()
-    layers, text_width, _ = TEXT_SHAPES[args.text_shape]
+    layers, text_width = model.text_encoder.model.config.num_hidden_layers, model.text_encoder.num_features
+    tower = args.text_tower or f"{args.text_shape} shape"
     print(f"{args.pairs} pairs, batch {args.batch_size}, {steps} steps; evaluation over {args.eval_images} images and "
-          f"{5 * args.eval_images} captions (batch {args.eval_batch_size}); text tower {args.text_shape} shape "
+          f"{5 * args.eval_images} captions (batch {args.eval_batch_size}); text tower {tower} "
           f"({layers} layers, {text_width} wide), cached {args.image_model} features ({width}-d), "
           f"{precision.dtype or 'fp32'}, {device_name(device)}; captions {args.captions or 'synthetic'}, "
           f"length groups {args.length_groups}{', compiled' if args.compile else ''}")
