@@ -304,7 +304,6 @@ class ImageCaptionDataset(Dataset):
             sample["skipped"] = skipped
         return sample
 
-
     def pixels(self, image_index: int) -> np.ndarray:
         """The decoded image, from memory when it is kept there (read-only: the transforms make new arrays)."""
         if self.decoded is None:
