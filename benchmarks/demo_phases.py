@@ -8,10 +8,12 @@ backward passes, the optimiser, the per-epoch evaluation, the test and zero-shot
 Builds the run as `train.py` does (the same config, builders, loader, step and evaluators) in a temporary folder,
 then times each phase on its own: the loader is drained once without training (decoding and augmentation), and each
 step is split into forward (both towers and the loss), backward and optimiser with nothing else between them. The
-first epoch is a warm-up; the figures are the mean over the epochs after it. The step's FLOPs (torch's
-FlopCounterMode) over its forward and backward time give its rate, also as a fraction of this CPU's fp32 matmul peak
+first epoch is a warm-up (what it costs beyond a later one is printed too: compilation, under train.compile); the
+figures are the mean over the epochs after it. The step's FLOPs (torch's FlopCounterMode) over its forward and
+backward time give its rate, in an fp32 run also as a fraction of this CPU's fp32 matmul and conv peaks
 (`benchmarks.kernels`). Ends with the whole run projected from the phases: generation + epochs x (epoch + its
-evaluation) + test + export. Run it alone: a second heavy job on 2 cores slows both several times.
+evaluation) + the first epoch's extra + test + export. Run it alone: a second heavy job on 2 cores slows both
+several times.
 """
 
 from __future__ import annotations
@@ -154,10 +156,14 @@ def report(config: Config, generation: float, epochs: int) -> None:
     print(f"{'export (save_pretrained)':<34}{export:>9.2f}")
     compute = per_epoch["forward (towers + loss)"] + per_epoch["backward"]
     rate = flops * steps / timed_epochs / compute / 1e9
-    peaks = fp32_peaks()
-    print(f"step: {flops / 1e9:.1f} GFLOP forward + backward, {rate:.0f} GFLOP/s: "
-          f"{rate / peaks['matmul']:.0%} of the fp32 matmul peak ({peaks['matmul']:.0f} GFLOP/s), "
-          f"{rate / peaks['conv']:.0%} of the fp32 conv peak ({peaks['conv']:.0f} GFLOP/s)")
+    if setup.precision.name == "fp32":
+        peaks = fp32_peaks()
+        print(f"step: {flops / 1e9:.1f} GFLOP forward + backward, {rate:.0f} GFLOP/s: "
+              f"{rate / peaks['matmul']:.0%} of the fp32 matmul peak ({peaks['matmul']:.0f} GFLOP/s), "
+              f"{rate / peaks['conv']:.0%} of the fp32 conv peak ({peaks['conv']:.0f} GFLOP/s)")
+    else:  # bf16 kernels have peaks of their own (benchmarks.kernels compares the two formats)
+        print(f"step: {flops / 1e9:.1f} GFLOP forward + backward, {rate:.0f} GFLOP/s in {setup.precision.name} "
+              f"(the fraction of the fp32 peaks is printed for fp32 runs: --set train.precision=fp32)")
     projected = generation + config.train.epochs * sum(per_epoch.values()) + warm_up_excess + test + export
     print(f"projected_run_s={projected:.1f}")
 

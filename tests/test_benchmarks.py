@@ -125,7 +125,8 @@ def test_kernels_reports_the_fp32_peaks_each_workload_and_auto_precision():
 
 def test_demo_phases_times_every_phase_and_projects_the_run():
     lines = run_module("benchmarks.demo_phases", "--epochs", "2", "--set", "data.demo_num_images=40",
-                       "data.batch_size=8", "model.image.image_size=32", "data.demo_image_size=32", "train.epochs=3")
+                       "data.batch_size=8", "model.image.image_size=32", "data.demo_image_size=32", "train.epochs=3",
+                       "train.precision=fp32")
     phases = dict(re.fullmatch(r"(.+?)\s{2,}(-?[\d.]+)", line).groups() for line in lines[2:11])
     assert list(phases) == ["data generation (once)", "decode + augment + collate (an epoch)",
                             "forward (towers + loss) (an epoch)", "backward (an epoch)", "optimiser (an epoch)",
