@@ -34,11 +34,10 @@ if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repos
 from benchmarks.kernels import cpu_model_name, fp32_peaks
 from liteclip import distributed
 from liteclip.config import Config, load_config
-from liteclip.data import load_splits, set_data_epoch
-from liteclip.data.demo import ensure_demo_data
+from liteclip.data import load_splits, prepare_dataset, set_data_epoch
 from liteclip.optim import lr_multiplier, set_lr
-from liteclip.runtime import keep_freed_memory_for
 from liteclip.loss import clip_loss, siglip_loss
+from liteclip.runtime import keep_freed_memory_for
 from liteclip.training import (TrainingSetup, build_training, evaluate_split, optimizer_step, pair_logits,
                                same_image_pairs, seed_everything, to_device, zero_shot_metrics)
 
@@ -116,7 +115,7 @@ def main() -> None:
                                            f"train.output_dir={folder}/run", f"train.model_dir={folder}/model",
                                            *args.set])
         start = time.perf_counter()
-        ensure_demo_data(root, config.data.demo_num_images, config.data.demo_image_size)
+        prepare_dataset(config.data)  # as the trainer generates it: count, size and seed from the config
         generation = time.perf_counter() - start
         report(config, generation, args.epochs)
 

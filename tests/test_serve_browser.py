@@ -1,7 +1,7 @@
 """The page of `liteclip serve` in a real browser (Debian's chromium, driven by Selenium): search, more like this,
-zero-shot on an upload, and a screenshot. `.ci/run` installs chromium and chromium-driver and then sets
-LITECLIP_REQUIRE_BROWSER=1, under which a missing browser fails the test; where they cannot be installed the test is
-skipped, saying so."""
+zero-shot on an upload, and a screenshot. `.ci/run` installs chromium and chromium-driver (a failed install fails
+CI) and sets LITECLIP_REQUIRE_BROWSER=1, under which a missing browser fails the test; outside CI, on a machine
+without them, the test is skipped, saying how to install them."""
 
 from __future__ import annotations
 

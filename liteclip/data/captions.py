@@ -306,11 +306,10 @@ class ImageCaptionDataset(Dataset):
 
     def pixels(self, image_index: int) -> np.ndarray:
         """The decoded image, from memory when it is kept there (read-only: the transforms make new arrays)."""
-        if self.decoded is None:
-            return load_image(self.images[image_index].image_path, self.decode_size)
-        pixels = self.decoded.get(image_index)
-        if pixels is None:
-            pixels = load_image(self.images[image_index].image_path, self.decode_size)
+        if self.decoded is not None and image_index in self.decoded:
+            return self.decoded[image_index]
+        pixels = load_image(self.images[image_index].image_path, self.decode_size)
+        if self.decoded is not None:
             pixels.setflags(write=False)
             self.decoded[image_index] = pixels
         return pixels
