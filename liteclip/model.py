@@ -105,7 +105,8 @@ class ImageEncoder(nn.Module):
             if not config.model_kwargs or "keyword argument" not in str(error):
                 raise
             raise ConfigError(f"model.image.model_kwargs={config.model_kwargs}: {config.name} does not take them "
-                              f"({error}); see the model's constructor in timm") from None
+                              f"({error}); see the model's constructor in timm, or set model.image.model_kwargs={{}} "
+                              f"when another config's settings came with a different model") from None
         except RuntimeError as error:  # load_state_dict: the file holds another architecture's weights
             if not config.weights_file:
                 raise

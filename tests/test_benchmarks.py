@@ -66,7 +66,8 @@ def test_image_tower_reports_throughput_and_fraction_of_peak():
 
 def test_demo_ablation_prints_a_row_per_variant(tmp_path):
     tiny = ["data.demo_num_images=40", "data.demo_image_size=32", "data.batch_size=8", "data.num_workers=0",
-            "model.image.name=test_convnext3", "model.image.image_size=32", "train.epochs=1", "train.max_steps=2"]
+            "model.image.name=test_convnext3", "model.image.model_kwargs={}", "model.image.image_size=32",
+            "train.epochs=1", "train.max_steps=2"]
     lines = run_module("benchmarks.demo_ablation", "--variants", "clip", "siglip", "--out", str(tmp_path), "--set",
                        *tiny)
     table = [line for line in lines if line.startswith("| ") and not line.startswith(("| variant", "| ---"))]

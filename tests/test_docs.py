@@ -25,8 +25,8 @@ RUNNABLE_BLOCK = re.compile(r"^```(bash|python) runnable\n(.*?)^```", re.MULTILI
 LINK = re.compile(r"\[[^\]]*\]\(([^)#\s]+)(?:#[^)]*)?\)")
 NOT_RUN = re.compile(r"^\s*(pip install\b|python -m pytest\b)")
 # the demo, small enough for a test: 64 images at 32 px, timm's test network, 2 epochs
-TINY_DEMO = {"model": {"image": {"name": "test_convnext3", "image_size": 32}, "text": {"max_length": 16},
-                       "projection": {"dim": 32}},
+TINY_DEMO = {"model": {"image": {"name": "test_convnext3", "image_size": 32, "model_kwargs": {}},
+                       "text": {"max_length": 16}, "projection": {"dim": 32}},
              "data": {"demo_num_images": 64, "demo_image_size": 32, "batch_size": 16},
              "optim": {"warmup_steps": 2}, "train": {"epochs": 2}}
 
@@ -37,7 +37,7 @@ def runnable_blocks(document: Path) -> list[tuple[str, str]]:
 
 def merged(base: dict, changes: dict) -> dict:
     for key, value in changes.items():
-        base[key] = merged(base.get(key) or {}, value) if isinstance(value, dict) else value
+        base[key] = merged(base.get(key) or {}, value) if isinstance(value, dict) and value else value  # {} clears
     return base
 
 

@@ -33,8 +33,8 @@ def tiny_overrides(tmp_path, *extra):
     data_root = tmp_path / "demo"
     return [
         f"data.root={data_root}", "data.demo_num_images=48", "data.demo_image_size=32", "data.batch_size=8",
-        "data.num_workers=0", "model.image.name=test_convnext3", "model.image.pretrained=false",
-        "model.image.image_size=32", "model.image.crop_pct=1.0", f"model.text.name={data_root}/text_encoder",
+        "data.num_workers=0", "model.image.name=test_convnext3", "model.image.model_kwargs={}",
+        "model.image.pretrained=false", "model.image.image_size=32", "model.image.crop_pct=1.0", f"model.text.name={data_root}/text_encoder",
         "model.text.pretrained=false", "model.text.max_length=16", "model.projection.dim=32",
         "model.projection.dropout=0.0", "optim.warmup_steps=2", "optim.lr=1e-3", "train.epochs=2",
         "train.log_every=1", f"train.output_dir={tmp_path / 'run'}", f"train.model_dir={tmp_path / 'model'}",
@@ -513,8 +513,9 @@ def write_captions_with_planted_bad_images(root):
 def csv_config(tmp_path, data_root, text_dir, *extra):
     return load_config("configs/demo.yaml", [
         "data.dataset=csv", f"data.root={data_root}", "data.captions_file=captions.csv", "data.split_column=split",
-        "data.batch_size=4", "data.num_workers=0", "model.image.name=test_convnext3", "model.image.pretrained=false",
-        "model.image.image_size=32", "model.image.crop_pct=1.0", f"model.text.name={text_dir}",
+        "data.batch_size=4", "data.num_workers=0", "model.image.name=test_convnext3", "model.image.model_kwargs={}",
+        "model.image.pretrained=false", "model.image.image_size=32", "model.image.crop_pct=1.0",
+        f"model.text.name={text_dir}",
         "model.text.pretrained=true", "model.text.max_length=16", "model.projection.dim=32",
         "model.projection.dropout=0.0", "optim.warmup_steps=2", "train.epochs=2", "train.log_every=1",
         "train.precision=fp32", f"train.output_dir={tmp_path / 'run'}", f"train.model_dir={tmp_path / 'model'}",
