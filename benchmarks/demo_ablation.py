@@ -1,7 +1,7 @@
 """The demo main job under each training recipe liteclip offers, one after another, with one table at the end.
 
-    python -m benchmarks.demo_ablation                    # every variant, the full demo recipe (about 2 min each)
-    python -m benchmarks.demo_ablation --set train.epochs=20       # SigLIP and EMA need the longer schedule here
+    python -m benchmarks.demo_ablation                    # every variant, the full demo recipe (1.5 min each, AMX)
+    python -m benchmarks.demo_ablation --set train.epochs=10       # the weight average needs the longer schedule
     python -m benchmarks.demo_ablation --variants clip siglip --set train.epochs=4
 
 Each variant is `python train.py --config configs/demo.yaml --set ...` in its own run and model directory under
@@ -29,7 +29,7 @@ VARIANTS: dict[str, list[str]] = {
     "clip+ema": ["train.ema_decay=0.99"],  # 252 steps in the demo: a 0.999 average would lag most of the run
     "siglip+ema": SIGLIP + ["train.ema_decay=0.99"],
     "clip, lora text tower": ["model.text.tune=lora", "model.text.lora.rank=16", "model.text.lora.alpha=32"],
-    # a quarter of the image tower's FLOPs (17.2 against 68.6 GFLOP a step): for CPUs slower than the demo assumes
+    # about a quarter of the image tower's FLOPs (17.2 against 61.1 GFLOP a step): for CPUs slower than the demo's
     "clip, half-width tower": ["model.image.model_kwargs={channels: [32, 64, 128, 256], stem_width: 16}"],
 }
 

@@ -34,7 +34,8 @@ def tiny_overrides(tmp_path, *extra):
     return [
         f"data.root={data_root}", "data.demo_num_images=48", "data.demo_image_size=32", "data.batch_size=8",
         "data.num_workers=0", "model.image.name=test_convnext3", "model.image.model_kwargs={}",
-        "model.image.pretrained=false", "model.image.image_size=32", "model.image.crop_pct=1.0", f"model.text.name={data_root}/text_encoder",
+        "model.image.pretrained=false", "model.image.image_size=32", "model.image.crop_pct=1.0",
+        f"model.text.name={data_root}/text_encoder",
         "model.text.pretrained=false", "model.text.max_length=16", "model.projection.dim=32",
         "model.projection.dropout=0.0", "optim.warmup_steps=2", "optim.lr=1e-3", "train.epochs=2",
         "train.log_every=1", f"train.output_dir={tmp_path / 'run'}", f"train.model_dir={tmp_path / 'model'}",
