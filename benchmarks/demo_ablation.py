@@ -26,7 +26,7 @@ SIGLIP = ["loss.name=siglip", "model.logit_scale_init=2.302585", "model.logit_bi
 VARIANTS: dict[str, list[str]] = {
     "clip": [],
     "siglip": SIGLIP,
-    "clip+ema": ["train.ema_decay=0.99"],  # 252 steps in the demo: a 0.999 average would lag most of the run
+    "clip+ema": ["train.ema_decay=0.99"],  # 259 steps in the demo: a 0.999 average would lag most of the run
     "siglip+ema": SIGLIP + ["train.ema_decay=0.99"],
     "clip, lora text tower": ["model.text.tune=lora", "model.text.lora.rank=16", "model.text.lora.alpha=32"],
     # about a quarter of the image tower's FLOPs (17.2 against 61.1 GFLOP a step): for CPUs slower than the demo's
