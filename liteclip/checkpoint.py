@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -69,42 +70,127 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def replace_directory(directory: str | Path, write_contents: Callable[[Path], None],
-                      owned_names: set[str]) -> Path:
-    """Fills a fresh staging folder with write_contents(staging), then swaps it in for `directory` at once.
+MANIFEST_NAME = ".liteclip-written.json"  # in every directory a writer made: the entries liteclip wrote there
 
-    Entries of an existing `directory` that are not in owned_names (a README, notes) move over to the new one; a
-    crash before the swap leaves the old directory as it was.
+
+def write_directory(directory: str | Path, write_contents: Callable[[Path], None], what: str,
+                    owned_names: set[str], owns: Callable[[Path, str], bool] | None = None) -> Path:
+    """Writes the entries `write_contents(staging)` makes into `directory`, touching nothing else in it.
+
+    A new (or empty) directory appears whole: staged beside it and renamed into place. In an existing one, each
+    entry is swapped in by a rename; an entry of the same name is replaced only if liteclip wrote it (the directory's
+    manifest lists it, or `owns(directory, name)` recognises a file an older liteclip wrote), and anything else of
+    that name is refused before a byte is written. The user's other files are never moved, renamed or deleted. On an
+    error the swapped entries are put back, so the directory is left as it was found; a crash midway leaves each
+    entry either old or new, and the rest in a hidden `.liteclip-staging-*` folder inside it.
+
+    Args:
+        what: what is written, for messages ("the ONNX export").
+        owned_names: every name write_contents may make; entries of these names that an earlier write left and this
+            one does not make again are removed (the manifest says liteclip made them).
     """
-    directory = Path(directory)
+    # the path as the kernel reads it (`out/inner/..` is `out`): staging and renames happen where the files go
+    directory = Path(directory).expanduser().resolve()
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{what}: {directory} is a file, not a folder; give a folder path for the output")
+    if directory.is_dir() and any(directory.iterdir()):
+        check_replaceable(directory, owned_names, what, owns)
+        return _swap_into(directory, write_contents, what, owned_names)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".staging", dir=directory.parent))
     try:
-        write_contents(staging)
-        # mkdtemp made the folder private, and some writers (safetensors) make private files: everything written
-        # gets the modes an ordinary write gives, so the directory reads like one copied into place
-        file_mode, folder_mode = ordinary_mode(), ordinary_mode(directory=True)
-        for entry in staging.rglob("*"):
-            if entry.is_file():
-                entry.chmod(file_mode)
-                with open(entry, "rb") as handle:
-                    os.fsync(handle.fileno())
-            elif entry.is_dir():
-                entry.chmod(folder_mode)
-        staging.chmod(folder_mode)
-        previous = directory.with_name(f".{directory.name}.previous")
-        if directory.exists():
-            for entry in directory.iterdir():
-                if entry.name not in owned_names:
-                    os.replace(entry, staging / entry.name)
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(directory, previous)
-        os.replace(staging, directory)
-        shutil.rmtree(previous, ignore_errors=True)
+        _stage(staging, write_contents, what, owned_names)
+        if directory.is_dir():  # empty: os.replace takes an empty folder's place, unless it is a mount point
+            try:
+                os.replace(staging, directory)
+            except OSError:
+                for entry in sorted(staging.iterdir()):
+                    os.replace(entry, directory / entry.name)
+        else:
+            os.replace(staging, directory)
         _fsync_directory(directory.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # ours; gone already unless something failed
+    return directory
+
+
+def written_names(directory: Path) -> set[str]:
+    """The entries a liteclip writer recorded in `directory`'s manifest (empty without one)."""
+    try:
+        names = json.loads((directory / MANIFEST_NAME).read_text()).get("names", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for name in names if isinstance(name, str)}
+
+
+def check_replaceable(directory: Path, owned_names: set[str], what: str,
+                      owns: Callable[[Path, str], bool] | None = None) -> None:
+    """Raises InputError naming every entry of owned_names in `directory` that liteclip did not write there."""
+    directory = Path(directory).expanduser().resolve()
+    if not directory.is_dir():
+        return
+    ours = written_names(directory)
+    foreign = sorted(name for name in owned_names
+                     if os.path.lexists(directory / name) and name not in ours
+                     and not (owns is not None and owns(directory, name)))
+    if foreign:
+        raise InputError(f"{what}: {directory} already holds {', '.join(foreign)}, which liteclip did not write there; "
+                         f"nothing was written. Choose a new or empty folder, or move those files away first")
+
+
+def _stage(staging: Path, write_contents: Callable[[Path], None], what: str, owned_names: set[str]) -> None:
+    """Runs the writer into `staging`, gives what it wrote ordinary modes, fsyncs it and adds the manifest."""
+    write_contents(staging)
+    names = sorted(entry.name for entry in staging.iterdir())
+    unexpected = set(names) - owned_names
+    if unexpected:  # a programming error: the refusal check above only knew owned_names
+        raise RuntimeError(f"{what} wrote {sorted(unexpected)}, outside its owned names {sorted(owned_names)}")
+    # mkdtemp made the folder private, and some writers (safetensors) make private files: everything written
+    # gets the modes an ordinary write gives, so the directory reads like one copied into place
+    file_mode, folder_mode = ordinary_mode(), ordinary_mode(directory=True)
+    for entry in staging.rglob("*"):
+        if entry.is_file():
+            entry.chmod(file_mode)
+            with open(entry, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif entry.is_dir():
+            entry.chmod(folder_mode)
+    staging.chmod(folder_mode)
+    (staging / MANIFEST_NAME).write_text(json.dumps({"written_by": "liteclip", "what": what, "names": names}))
+    (staging / MANIFEST_NAME).chmod(file_mode)
+
+
+def _swap_into(directory: Path, write_contents: Callable[[Path], None], what: str, owned_names: set[str]) -> Path:
+    """Renames each staged entry into an existing directory, keeping what it replaces until all are in."""
+    work = Path(tempfile.mkdtemp(prefix=".liteclip-staging-", dir=directory))
+    staged, previous = work / "new", work / "previous"
+    staged.mkdir()
+    previous.mkdir()
+    swapped: list[str] = []  # names being moved in, in order; their predecessors (if any) wait in `previous`
+    new_names: set[str] = set()
+    try:
+        _stage(staged, write_contents, what, owned_names)
+        new_names = {entry.name for entry in staged.iterdir()}
+        # entries an earlier write made that this one does not make again (a vision_config/ of another tower)
+        stale = [name for name in (written_names(directory) & owned_names) - new_names
+                 if os.path.lexists(directory / name)]
+        # the manifest last: until every entry is in, it still describes the folder as it was
+        for name in sorted(new_names - {MANIFEST_NAME}) + stale + [MANIFEST_NAME]:
+            swapped.append(name)
+            if os.path.lexists(directory / name):
+                os.rename(directory / name, previous / name)
+            if name in new_names:
+                os.rename(staged / name, directory / name)
+        _fsync_directory(directory)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        for name in reversed(swapped):  # put back exactly what was there
+            if name in new_names and not os.path.lexists(staged / name) and os.path.lexists(directory / name):
+                os.rename(directory / name, staged / name)
+            if os.path.lexists(previous / name):
+                os.rename(previous / name, directory / name)
+        shutil.rmtree(work, ignore_errors=True)
         raise
+    shutil.rmtree(work, ignore_errors=True)  # what it holds now is what liteclip wrote before
     return directory
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -341,8 +342,29 @@ def read_yaml(path: Path, error_type: type[Exception]) -> Any:
         raise error_type(f"{path}: not valid YAML: {error}") from None
 
 
+MAX_CONFIG_VALUES = 10_000  # a config has a few hundred; YAML aliases nested in aliases can make billions
+
+
+def count_values(value: Any, budget: int) -> int:
+    """How many values `value` holds once every shared (aliased) part is counted each time it appears, counting no
+    further than `budget`."""
+    count, stack = 0, [value]
+    while stack and count <= budget:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Builds a Config from nested plain data, with the same strict checks as load_config."""
+    if count_values(raw, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{source}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases, *name, "
+                          f"repeated inside one another); a config needs a few hundred: write the values out")
     config = _build(Config, raw, prefix="", source=source)
     config = with_siglip_init(config, raw)
     validate(config, source)
@@ -390,7 +412,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: {where} must be a mapping, got {_shown(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -399,7 +421,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         if dotted in DEPRECATED_KEYS:
             key, (new_key, values) = DEPRECATED_KEYS[dotted][0], DEPRECATED_KEYS[dotted]
             if not isinstance(value, bool):
-                raise ConfigError(f"{source}: {dotted} must be true or false, got {value!r}")
+                raise ConfigError(f"{source}: {dotted} must be true or false, got {_shown(value)}")
             logger.warning("%s: %s is now %s%s; read as %s: %s", source, dotted, prefix, new_key, new_key,
                            values[value])
             dotted, value = f"{prefix}{key}", values[value]
@@ -411,6 +433,13 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         else:
             kwargs[key] = _check_type(value, hint, dotted, source)
     return cls(**kwargs)
+
+
+def _shown(value: Any) -> str:
+    """A value as a message shows it: repr, cut short (a long list or string is elided with ...)."""
+    shortener = reprlib.Repr()
+    shortener.maxstring, shortener.maxother, shortener.maxlevel = 120, 120, 3
+    return shortener.repr(value)
 
 
 def _unknown_key_message(dotted: str, key: str, fields: dict, source: str) -> str:
@@ -439,30 +468,49 @@ def _check_type(value: Any, hint: Any, dotted: str, source: str) -> Any:
         if value not in args:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             suggestion = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: {dotted}={value!r} is not one of {list(args)}{suggestion}")
+            raise ConfigError(f"{source}: {dotted}={_shown(value)} is not one of {list(args)}{suggestion}")
         return value
     if origin is dict:  # dict[str, Any]: keyword arguments, passed on as they are
         if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
-            raise ConfigError(f"{source}: {dotted} must be a mapping of names to values, got {value!r}")
+            raise ConfigError(f"{source}: {dotted} must be a mapping of names to values, got {_shown(value)}")
+        for key, number in non_finite_numbers(value, dotted):
+            raise ConfigError(f"{source}: {key}={number!r} is not a finite number; give an ordinary value")
         return dict(value)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: any length
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {dotted} must be a list, got {value!r}")
+            raise ConfigError(f"{source}: {dotted} must be a list, got {_shown(value)}")
         return tuple(_check_type(v, args[0], f"{dotted}[{i}]", source) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{source}: {dotted} must be a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{source}: {dotted} must be a list of {len(args)} values, got {_shown(value)}")
         return tuple(_check_type(v, a, f"{dotted}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # PyYAML reads "1e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
+    if hint is float and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str):
+            try:  # PyYAML reads "1e-4" (no dot) as a string
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, (int, float)):
+            # .inf, 1e309 and .nan would train a NaN model (an infinite lr is NaN weights one step later)
+            if not math.isfinite(number):
+                raise ConfigError(f"{source}: {dotted}={_shown(value)} is not a finite number; give an ordinary "
+                                  f"value such as 1e-4")
+            return float(number)
     if hint in (int, str, bool) and type(value) is hint:
         return value
-    raise ConfigError(f"{source}: {dotted} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise ConfigError(f"{source}: {dotted} must be {getattr(hint, '__name__', hint)}, got {_shown(value)}")
+
+
+def non_finite_numbers(value: Any, dotted: str) -> list[tuple[str, float]]:
+    """(key, number) for every NaN or infinite float inside nested mappings and lists."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [(dotted, value)]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in non_finite_numbers(item, f"{dotted}.{key}")]
+    if isinstance(value, (list, tuple)):
+        return [found for i, item in enumerate(value) for found in non_finite_numbers(item, f"{dotted}[{i}]")]
+    return []
 
 
 def validate(config: Config, source: str = "<config>") -> None:
@@ -524,7 +572,7 @@ def validate(config: Config, source: str = "<config>") -> None:
     checks.append((config.distill.temperature > 0, "distill.temperature", config.distill.temperature, "must be > 0"))
     for ok, key, value, rule in checks:
         if not ok:
-            raise ConfigError(f"{source}: {key}={value!r} {rule}")
+            raise ConfigError(f"{source}: {key}={_shown(value)} {rule}")
 
 
 def _optimiser_checks(optim: OptimConfig) -> list[tuple[bool, str, Any, str]]:

@@ -43,3 +43,7 @@ class DiskSpaceError(LiteclipError, OSError):
 
 class NonFiniteLossError(LiteclipError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class NonFiniteError(LiteclipError, ValueError):
+    """Weights, embeddings or scores that hold NaN or infinity: a diverged model, never scored or saved as good."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liteclip.checkpoint import refuse_overlap, replace_directory
+from liteclip.checkpoint import refuse_overlap, write_directory
 from liteclip.data.transforms import image_size
 from liteclip.embedding import encode_labels
 from liteclip.errors import InputError
@@ -35,6 +35,28 @@ from liteclip.model import CLIP
 ONNX_OPSET = 17  # onnxruntime 1.16 and newer run it; LayerNormalization is a single op from opset 17
 MIN_OPSET, MAX_OPSET = 14, 20  # scaled dot-product attention needs 14; torch's TorchScript exporter stops at 20
 IMAGE_ONNX, TEXT_ONNX, EXPORT_INFO = "image_encoder.onnx", "text_encoder.onnx", "export.json"
+ONNX_NAMES = {IMAGE_ONNX, TEXT_ONNX, EXPORT_INFO, "tokenizer", "preprocessor_config.json"}
+TIMM_NAMES = {"model.safetensors", "config.json"}
+TIMM_EXPORTED_BY = "liteclip (the image tower of a CLIP model; add a head with zero_shot_head)"
+
+
+def json_file(path: Path) -> dict:
+    """A JSON object from a file, or {} for anything else (missing, unreadable, not JSON, not an object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def older_onnx_export(directory: Path, name: str) -> bool:
+    """A file of an ONNX export an older liteclip wrote, before exports carried a manifest: export.json says so."""
+    return name in ONNX_NAMES and json_file(directory / EXPORT_INFO).get("format") == "onnx"
+
+
+def older_timm_export(directory: Path, name: str) -> bool:
+    """A file of a timm export an older liteclip wrote: its config.json says liteclip exported it."""
+    return name in TIMM_NAMES and json_file(directory / "config.json").get("exported_by") == TIMM_EXPORTED_BY
 
 
 class ImageEmbedder(nn.Module):
@@ -101,13 +123,16 @@ def export_onnx(model: CLIP, out_dir: str | Path, opset: int = ONNX_OPSET) -> Pa
         (staging / "preprocessor_config.json").write_text(json.dumps(model.data_config, indent=2))
         (staging / EXPORT_INFO).write_text(json.dumps({
             "format": "onnx", "opset": opset, "logit_scale": model.scale().item(),
+            # a SigLIP-style model scores each label on its own: sigmoid(scale * cos + bias), not a softmax
+            "logit_bias": model.logit_bias.item() if model.logit_bias is not None else None,
+            "probabilities": "sigmoid" if model.logit_bias is not None else "softmax",
             "embedding_dim": model.config.projection.dim, "max_length": model.config.text.max_length,
             "image_input": {"name": "pixel_values", "shape": ["batch", 3, side, side], "dtype": "float32"},
-            "text_inputs": {"names": ["input_ids", "attention_mask"], "dtype": "int64"},
+            # what the traced graph takes: a text tower that ignores its mask (SigLIP's) has no attention_mask input
+            "text_inputs": {"names": graph_inputs(staging / TEXT_ONNX), "dtype": "int64"},
         }, indent=2))
 
-    return replace_directory(out_dir, write_contents, {IMAGE_ONNX, TEXT_ONNX, EXPORT_INFO, "tokenizer",
-                                                       "preprocessor_config.json"})
+    return write_directory(out_dir, write_contents, "the ONNX export", ONNX_NAMES, owns=older_onnx_export)
 
 
 def export_timm(model: CLIP, out_dir: str | Path) -> Path:
@@ -126,7 +151,7 @@ def export_timm(model: CLIP, out_dir: str | Path) -> Path:
                    "pretrained_cfg": {"input_size": list(data["input_size"]), "mean": list(data["mean"]),
                                       "std": list(data["std"]), "interpolation": data.get("interpolation", "bicubic"),
                                       "crop_pct": data.get("crop_pct", 1.0), "num_classes": 0},
-                   "exported_by": "liteclip (the image tower of a CLIP model; add a head with zero_shot_head)"}
+                   "exported_by": TIMM_EXPORTED_BY}
     if model.config.image.model_kwargs:  # timm's hub layout: what create_model needs to rebuild this architecture
         timm_config["model_args"] = dict(model.config.image.model_kwargs)
 
@@ -135,7 +160,14 @@ def export_timm(model: CLIP, out_dir: str | Path) -> Path:
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(timm_config, indent=2))
 
-    return replace_directory(out_dir, write_contents, {"model.safetensors", "config.json"})
+    return write_directory(out_dir, write_contents, "the timm export", TIMM_NAMES, owns=older_timm_export)
+
+
+def graph_inputs(path: Path) -> list[str]:
+    """The input names of an ONNX file's graph."""
+    import onnx
+
+    return [value.name for value in onnx.load(str(path), load_external_data=False).graph.input]
 
 
 def zero_shot_head(model: CLIP, labels: Sequence[str], templates: Sequence[str] | None = None) -> nn.Linear:

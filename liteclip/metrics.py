@@ -21,11 +21,24 @@ from typing import Sequence
 
 import torch
 
+from liteclip.errors import NonFiniteError
+
 
 def caption_groups_of(captions: Sequence[str]) -> torch.Tensor:
     """(N_txt,) one id per distinct caption text, equal for equal texts."""
     ids: dict[str, int] = {}
     return torch.tensor([ids.setdefault(caption, len(ids)) for caption in captions], dtype=torch.long)
+
+
+def require_finite(**embeddings: torch.Tensor) -> None:
+    """Raises NonFiniteError if any embedding holds NaN or infinity: a NaN scores neither above nor below anything,
+    so every rank would be 0 and a diverged model would score 100."""
+    for name, values in embeddings.items():
+        bad = int((~torch.isfinite(values)).any(dim=-1).sum()) if values.numel() else 0
+        if bad:
+            raise NonFiniteError(f"{bad} of {len(values)} {name.replace('_', ' ')} are not finite (NaN or "
+                                 f"infinity): the model's weights have diverged, so it cannot be scored. Use a "
+                                 f"checkpoint from before the divergence, or lower optim.lr")
 
 
 def pessimistic_ranks(scores: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
@@ -50,6 +63,7 @@ def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text
     Returns:
         {"image_to_text_R@1": ..., "text_to_image_R@1": ..., ..., "mean_recall": mean of all of them}, in percent.
     """
+    require_finite(image_embeddings=image_embeds, text_embeddings=text_embeds)
     similarity = image_embeds.float() @ text_embeds.float().t()  # (N_img, N_txt)
     num_images, num_texts = similarity.shape
     text_to_image = text_to_image.to(similarity.device)
@@ -70,6 +84,7 @@ def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text
 
 def zero_shot_ranks(image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N,) each image's pessimistic rank of its true class: the other classes scoring at least as high."""
+    require_finite(image_embeddings=image_embeds, class_embeddings=class_embeds)
     scores = image_embeds.float() @ class_embeds.float().t()  # (N, C)
     labels = labels.to(scores.device)
     correct = torch.zeros_like(scores, dtype=torch.bool)

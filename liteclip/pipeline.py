@@ -25,7 +25,7 @@ from liteclip.data.image_folder import IMAGE_SUFFIXES, list_images
 from liteclip.data.transforms import eval_transform
 from liteclip.embedding import (batches_with_progress, encode_decodable_image_files, encode_labels, encode_texts,
                                 image_file_loader)
-from liteclip.errors import DataError, InputError
+from liteclip.errors import DataError, InputError, NonFiniteError
 from liteclip.model import CLIP
 from liteclip.pretrained import WEIGHTS_NAME
 from liteclip.query import parse_query
@@ -178,8 +178,11 @@ class ZeroShotPipeline:
         """(N, C) label probabilities of (N, 3, H, W) pixels."""
         logits = self.model.scale().float() * self._embed_pixels(pixels) @ label_embeds.t()
         if self.probabilities == "sigmoid":
-            return (logits + self.model.logit_bias.float()).sigmoid().cpu()
-        return logits.softmax(dim=-1).cpu()
+            logits = logits + self.model.logit_bias.float()
+        if not torch.isfinite(logits).all():  # a diverged model: its "probabilities" would print as nan%
+            raise NonFiniteError(f"the model in {self.model_dir} gives scores that are not finite (NaN or infinity); "
+                                 f"its weights have diverged: use a model exported from an earlier checkpoint")
+        return (logits.sigmoid() if self.probabilities == "sigmoid" else logits.softmax(dim=-1)).cpu()
 
     @staticmethod
     def _top(row: torch.Tensor, labels: list[str], k: int) -> list[tuple[str, float]]:

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 import yaml
 
-from liteclip.checkpoint import load_weights, read_safetensors, replace_directory
+from liteclip.checkpoint import check_replaceable, load_weights, read_safetensors, write_directory
 from liteclip.config import Config, ConfigError, ModelConfig, config_from_dict, read_yaml
 from liteclip import convert_open_clip
 from liteclip.convert import ConvertedCLIP, FixedLengthTokenizer, is_hf_clip, read_hf_checkpoint
-from liteclip.errors import ModelLoadError
+from liteclip.errors import ModelLoadError, NonFiniteError
 from liteclip.lora import add_lora, merged_copy
 
 logger = logging.getLogger(__name__)
@@ -141,8 +141,9 @@ def from_converted(cls: type, converted: ConvertedCLIP):
 
 def save_model_dir(model: Any, directory: str | Path, full_config: Config | None = None,
                    metrics: dict[str, float] | None = None) -> Path:
-    """Writes a self-contained model directory; replaces an existing one only once the new one is complete. A
-    README.md that liteclip did not write is kept instead of the model card."""
+    """Writes a self-contained model directory (checkpoint.write_directory: the files of an earlier save are
+    replaced, anything else in the folder is left alone, and a file of the same name liteclip did not write is
+    refused). A README.md that liteclip did not write is kept instead of the model card."""
     from safetensors.torch import save_file
 
     if "lora" in (model.config.image.tune, model.config.text.tune):
@@ -158,6 +159,8 @@ def save_model_dir(model: Any, directory: str | Path, full_config: Config | None
         (staging / CONFIG_NAME).write_text(yaml.safe_dump(config_dict, sort_keys=False))
         (staging / PREPROCESSOR_NAME).write_text(json.dumps(model.data_config, indent=2))
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+        refuse_non_finite(state, "the model to save", "nothing was written; save a checkpoint from before the "
+                                                      "divergence")
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "library": "liteclip"})
         if model.config.text.source == "open_clip":
             convert_open_clip.write_saved_config(model, staging)
@@ -168,9 +171,30 @@ def save_model_dir(model: Any, directory: str | Path, full_config: Config | None
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
 
-    replace_directory(directory, write_contents, OWNED_NAMES | ({CARD_NAME} if write_card else set()))
+    write_directory(directory, write_contents, "the model folder",
+                    OWNED_NAMES | ({CARD_NAME} if write_card else set()), owns=written_by_older_liteclip)
     logger.info("saved model to %s", directory)
     return Path(directory)
+
+
+def refuse_non_finite(weights: dict[str, torch.Tensor], where: str, advice: str) -> None:
+    """Raises NonFiniteError if any floating-point tensor holds NaN or infinity (a diverged model)."""
+    bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise NonFiniteError(f"{where}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]}); {advice}")
+
+
+def check_model_folder(directory: str | Path) -> None:
+    """Raises InputError, before any work, if saving a model into `directory` would be refused (save_model_dir)."""
+    check_replaceable(Path(directory), OWNED_NAMES, "the model folder", owns=written_by_older_liteclip)
+
+
+def written_by_older_liteclip(directory: Path, name: str) -> bool:
+    """Whether `name` in `directory` is a file of a model folder an older liteclip saved, before folders carried a
+    manifest of what liteclip wrote: its card (marked), or one of its own files beside its config.yaml and weights."""
+    if name == CARD_NAME:
+        return CARD_MARKER in (directory / name).read_text(errors="replace")
+    return name in OWNED_NAMES and (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
 
 
 def model_card(model_config: ModelConfig, full_config: Config | None = None,
@@ -298,6 +322,8 @@ def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = F
         model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     weights, _ = read_safetensors(directory / WEIGHTS_NAME, "the model's weights: copy the model directory again, "
                                                            "or export it again from a training checkpoint")
+    refuse_non_finite(weights, f"{directory / WEIGHTS_NAME}",
+                      "it was saved from a run that diverged; export the model again from an earlier checkpoint")
     load_weights(model, weights, str(directory / WEIGHTS_NAME))
     model.name_or_path = str(directory)  # where it came from (Hugging Face's name): exports refuse to write there
     return model

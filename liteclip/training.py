@@ -38,13 +38,14 @@ from liteclip.data.captions import CaptionedImage, SkippedImages, epoch_seed
 from liteclip.distill import DistillTerm, WithTeacherEmbeddings, teacher_embeddings
 from liteclip.ema import WeightAverage
 from liteclip.embedding import image_file_loader
-from liteclip.errors import ConfigError, NonFiniteLossError
+from liteclip.errors import ConfigError, NonFiniteError, NonFiniteLossError
 from liteclip.evaluation import evaluate_retrieval, evaluate_zero_shot
 from liteclip.feature_cache import CachedFeatureDataset, use_feature_cache
 from liteclip.loss import clip_loss, siglip_loss
 from liteclip.model import CLIP, build_model
 from liteclip.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.precision import Precision, cpu_bf16_is_measured, resolve_precision
+from liteclip.pretrained import check_model_folder
 from liteclip.preemption import StepCheckpoints
 from liteclip.run_directory import (BEST, LAST, RunDirectory, TrainState, checkpoint_bytes, checkpoint_state,
                                     restore, resumed_config_changes)
@@ -374,6 +375,34 @@ def zero_shot_metrics(setup: TrainingSetup, data: DataConfig) -> dict[str, float
     return metrics
 
 
+def refuse_non_finite_weights(model: nn.Module, state: TrainState) -> None:
+    """Stops the run before a checkpoint of weights that hold NaN or infinity is written."""
+    bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if bad:
+        raise NonFiniteLossError(
+            f"after epoch {state.epoch} (step {state.step}) {len(bad)} weight tensor(s) hold NaN or infinity (first: "
+            f"{bad[0]}); training stopped, the last good checkpoint is kept. Lower optim.lr or set optim.grad_clip.")
+
+
+def finite_validation(setup: TrainingSetup, data: DataConfig, state: TrainState,
+                      raw: bool = False) -> dict[str, float]:
+    """evaluate_split on the val split; non-finite embeddings or a non-finite loss stop the run as a non-finite
+    training loss does (a NaN model would otherwise rank every caption first and score 100)."""
+    try:
+        validation = evaluate_split(setup, "val", data, raw=raw)
+    except NonFiniteError as error:
+        raise NonFiniteLossError(f"validation after epoch {state.epoch}: {error}. Training stopped; the last good "
+                                 f"checkpoint is kept.") from None
+    # paired_loss is NaN by definition when no batch has two images (nothing to contrast): not a divergence
+    has_pairs = len(setup.datasets["val"]) > 1 and data.evaluation_batch_size > 1
+    if validation and has_pairs and not math.isfinite(validation["loss"]):
+        raise NonFiniteLossError(
+            f"non-finite validation loss ({validation['loss']}) after epoch {state.epoch} (step {state.step}); "
+            f"training stopped, the last good checkpoint is kept. Lower optim.lr, set optim.grad_clip, or use "
+            f"train.precision=fp32.")
+    return validation
+
+
 def end_epoch(setup: TrainingSetup, state: TrainState, train_loss: float, config: Config,
               run: RunDirectory) -> None:
     """Evaluates (every train.eval_every epochs, and after the last), keeps the best checkpoint by validation
@@ -381,13 +410,14 @@ def end_epoch(setup: TrainingSetup, state: TrainState, train_loss: float, config
     metrics: dict[str, Any] = {"epoch": state.epoch, "step": state.step, "train_loss": train_loss}
     if setup.skipped_images:
         metrics["skipped_images"] = len(setup.skipped_images)  # so far in this process, each file counted once
+    refuse_non_finite_weights(setup.model, state)
     if state.epoch % config.train.eval_every == 0 or state.epoch == config.train.epochs:
-        validation = evaluate_split(setup, "val", config.data)
+        validation = finite_validation(setup, config.data, state)
         if validation:
             metrics["val_loss"] = validation.pop("loss")
             metrics.update(validation)
         if setup.ema is not None and config.train.ema_evaluate_raw:
-            raw = evaluate_split(setup, "val", config.data, raw=True)
+            raw = finite_validation(setup, config.data, state, raw=True)
             metrics.update({f"raw_{'val_loss' if key == 'loss' else key}": value for key, value in raw.items()})
     # best by validation recall; a run without a validation split falls back to the training loss
     score = metrics.get("mean_recall", -train_loss if len(setup.datasets["val"]) == 0 else None)
@@ -480,6 +510,7 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
         resume_path = run.resume_path(resume)
         if ctx.is_main:
             # the checkpoint's config is compared first: a run that cannot resume fails before anything is written
+            check_model_folder(config.train.model_dir)  # and a model folder that would refuse the export, too
             run.prepare(config, replaced_config(resume_path, config))
             splits = load_splits(config.data)  # the demo data is generated here, once, by rank 0
         distributed.barrier()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from liteclip.checkpoint import ModelLoadError, atomic_link, atomic_write_bytes, load_checkpoint, save_checkpoint
+from tests.user_files import assert_user_files_untouched, plant_user_files, snapshot
 
 
 class Payload:
@@ -134,3 +135,141 @@ def test_a_truncated_checkpoint_is_called_truncated_not_a_pickle(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ModelLoadError, match=r"empty.pt is truncated or damaged \(0 bytes"):
         load_checkpoint(tmp_path / "empty.pt")
+
+
+# ------------------------------------------------------------------ a folder writer touches only its own files
+
+
+def written_by(files: dict[str, bytes]):
+    """A write_contents that makes these files (a name with a slash makes its folder)."""
+    def write_contents(staging):
+        for name, data in files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
+    return write_contents
+
+
+OWNED = {"weights.bin", "config.json", "tokenizer"}
+FIRST = {"weights.bin": b"first", "config.json": b"{}", "tokenizer/vocab.txt": b"a b"}
+SECOND = {"weights.bin": b"second", "config.json": b"{\"v\": 2}", "tokenizer/vocab.txt": b"c d"}
+
+
+def test_a_new_folder_appears_whole_with_a_manifest_of_what_liteclip_wrote(tmp_path):
+    from liteclip.checkpoint import MANIFEST_NAME, write_directory, written_names
+
+    out = write_directory(tmp_path / "new" / "out", written_by(FIRST), "the test export", OWNED)
+    assert (out / "weights.bin").read_bytes() == b"first" and (out / "tokenizer" / "vocab.txt").read_bytes() == b"a b"
+    assert written_names(out) == OWNED and sorted(p.name for p in out.iterdir()) == sorted(OWNED | {MANIFEST_NAME})
+    assert [p.name for p in out.parent.iterdir()] == ["out"]  # no staging folder left beside it
+
+
+def test_writing_into_a_folder_of_the_users_files_keeps_every_one_of_them_and_replaces_only_its_own(tmp_path):
+    from liteclip.checkpoint import write_directory
+
+    out = tmp_path / "photos"
+    before = plant_user_files(out)
+    write_directory(out, written_by(FIRST), "the test export", OWNED)
+    assert_user_files_untouched(out, before)
+    write_directory(out, written_by(SECOND), "the test export", OWNED)  # its own earlier files: replaced
+    assert_user_files_untouched(out, before)
+    assert (out / "weights.bin").read_bytes() == b"second" and (out / "tokenizer" / "vocab.txt").read_bytes() == b"c d"
+    assert not [p for p in out.iterdir() if p.name.startswith(".liteclip-staging")]
+
+
+def test_a_path_through_dot_dot_writes_where_the_kernel_says_and_moves_none_of_the_users_files(tmp_path):
+    """Issue 38: `--out victim/inner/..` moved the victim's files into a staging folder and deleted it on an error."""
+    from liteclip.checkpoint import write_directory
+
+    victim = tmp_path / "victim"
+    (victim / "inner").mkdir(parents=True)
+    before = plant_user_files(victim)
+    write_directory(victim / "inner" / "..", written_by(FIRST), "the test export", OWNED)
+    assert_user_files_untouched(victim, before)
+    assert (victim / "weights.bin").read_bytes() == b"first"
+
+
+@pytest.mark.parametrize("theirs", ["config.json", "tokenizer"])
+def test_a_file_of_the_same_name_the_user_made_is_refused_and_nothing_is_written(tmp_path, theirs):
+    from liteclip.checkpoint import write_directory
+    from liteclip.errors import InputError
+
+    out = tmp_path / "mine"
+    before = plant_user_files(out, names=(theirs,))
+    with pytest.raises(InputError, match=f"already holds {theirs}, which liteclip did not write"):
+        write_directory(out, written_by(FIRST), "the test export", OWNED)
+    assert_user_files_untouched(out, before, exactly=True)
+
+
+@pytest.mark.parametrize("failing_rename", [1, 2, 4])
+def test_an_error_midway_leaves_the_folder_exactly_as_it_was_found(tmp_path, monkeypatch, failing_rename):
+    from liteclip import checkpoint
+    from liteclip.checkpoint import write_directory
+
+    out = tmp_path / "out"
+    plant_user_files(out)
+    write_directory(out, written_by(FIRST), "the test export", OWNED)  # an earlier export of its own, to replace
+    before = snapshot(out)
+    real_rename, calls = os.rename, []
+
+    def rename(source, target):
+        calls.append(source)
+        if len(calls) == failing_rename:
+            raise OSError(28, "No space left on device")
+        return real_rename(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    with pytest.raises(OSError, match="No space left"):
+        write_directory(out, written_by(SECOND), "the test export", OWNED)
+    monkeypatch.undo()
+    assert_user_files_untouched(out, before, exactly=True)  # the earlier export's files included
+
+
+@pytest.mark.parametrize("when", ["while staging", "while swapping"])
+def test_a_process_killed_midway_leaves_the_users_files_as_they_were(tmp_path, when):
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "out"
+    plant_user_files(out)
+    (out / "weights.bin").write_bytes(b"an earlier export")
+    (out / ".liteclip-written.json").write_text('{"names": ["weights.bin"]}')
+    before = snapshot(out)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from pathlib import Path
+        from liteclip import checkpoint
+
+        def write_contents(staging):
+            (staging / "weights.bin").write_bytes(b"new")
+            (staging / "config.json").write_bytes(b"{{}}")
+            if {when!r} == "while staging":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        real_rename = os.rename
+        def rename(source, target):
+            real_rename(source, target)
+            if Path(target).name == "config.json":  # one entry in, the next not yet
+                os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.os.rename = rename
+        checkpoint.write_directory(sys.argv[1], write_contents, "the test export", {{"weights.bin", "config.json"}})
+    """)
+    process = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True)
+    assert process.returncode == -9, process.stderr.decode()
+    after = snapshot(out)
+    theirs = [name for name in before if name not in ("weights.bin", ".liteclip-written.json")]
+    assert {name: after.get(name) for name in theirs} == {name: before[name] for name in theirs}
+    assert after["weights.bin"][1] in (b"an earlier export", b"new")  # its own file: old or new, never torn
+
+
+def test_a_folder_an_older_liteclip_wrote_without_a_manifest_is_recognised_by_the_writers_rule(tmp_path):
+    from liteclip.checkpoint import write_directory
+
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "weights.bin").write_bytes(b"old")
+    (out / "config.json").write_bytes(b'{"exported_by": "liteclip"}')
+    (out / "notes.txt").write_text("mine")
+    older = lambda directory, name: b"liteclip" in (directory / "config.json").read_bytes()  # noqa: E731
+    write_directory(out, written_by(FIRST), "the test export", OWNED, owns=older)
+    assert (out / "weights.bin").read_bytes() == b"first" and (out / "notes.txt").read_text() == "mine"

@@ -144,3 +144,36 @@ def test_a_utf16_config_is_read_and_a_binary_one_is_a_config_error(tmp_path):
     path.write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match=r"windows.yaml: not UTF-8 text"):
         load_config(path)
+
+
+# ------------------------------------------------------------- numbers a model cannot train with (issue 38)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=.inf", "optim.lr"), ("optim.lr=1e309", "optim.lr"), ("optim.lr=.nan", "optim.lr"),
+    ("optim.weight_decay=.inf", "optim.weight_decay"), ("distill.weight=.inf", "distill.weight"),
+    ("optim.lr=-.inf", "optim.lr"), ("optim.tower_lr=inf", "optim.tower_lr"),
+    ("model.image.model_kwargs={drop_rate: .nan}", "model.image.model_kwargs.drop_rate"),
+    ("optim.betas=[0.9, .nan]", r"optim.betas\[1\]"),
+])
+def test_every_non_finite_number_is_refused_naming_its_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("optim.", r"optim\.") + r"=.* is not a finite number"):
+        load_config(None, [override])
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly_without_printing_its_expansion(tmp_path):
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]  # 10^8 values expanded
+    path = write(tmp_path, "model:\n  image:\n    model_kwargs:\n" + "".join(f"      {line}\n" for line in lines))
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="expands to more than 10,000 values") as error:
+        load_config(path)
+    assert time.perf_counter() - started < 5 and len(str(error.value)) < 500
+
+
+def test_a_long_value_in_an_error_is_cut_short():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.epochs=[" + ", ".join(["12345"] * 2000) + "]"])
+    assert "train.epochs must be int" in str(error.value) and len(str(error.value)) < 300

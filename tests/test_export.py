@@ -19,6 +19,7 @@ from liteclip.pipeline import ZeroShotPipeline
 from tests.conftest import draw_image
 from tests.test_convert import write_tiny_hf_clip
 from tests.test_training import train_tiny_model
+from tests.user_files import assert_user_files_untouched, plant_user_files, snapshot
 
 CAPTIONS = ["a red circle", "two shapes: a blue square above a yellow triangle", "a star", "a small green square"]
 
@@ -138,3 +139,79 @@ def test_an_opset_outside_the_supported_range_is_one_line(model_dir, tmp_path, c
     err = capsys.readouterr().err
     assert "opset 5 is outside what this export supports (14 to 20" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------- an export never touches the user's files (issue 38)
+
+
+@pytest.mark.parametrize("export_format", ["timm", "onnx"])
+def test_an_export_through_dot_dot_into_a_folder_of_the_users_files_keeps_every_one_of_them(model_dir, tmp_path,
+                                                                                           export_format):
+    victim = tmp_path / "victim"
+    (victim / "inner").mkdir(parents=True)
+    before = plant_user_files(victim)
+    assert main(["export", str(model_dir), "--format", export_format, "--out", str(victim / "inner" / "..")]) == 0
+    assert_user_files_untouched(victim, before)
+    assert (victim / ("model.safetensors" if export_format == "timm" else "image_encoder.onnx")).is_file()
+
+
+def test_an_export_into_a_folder_holding_the_users_config_json_is_refused_and_the_folder_is_as_it_was(model_dir,
+                                                                                                     tmp_path, capsys):
+    out = tmp_path / "mine"
+    before = plant_user_files(out, names=("config.json",))
+    assert main(["export", str(model_dir), "--format", "timm", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds config.json, which liteclip did not write" in err and "Traceback" not in err
+    assert_user_files_untouched(out, before, exactly=True)
+
+
+def test_an_export_that_fails_midway_leaves_the_folder_as_it_was(model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "mine"
+    plant_user_files(out)
+    export_timm(CLIP.from_pretrained(model_dir), out)  # an earlier export, replaced by the next one
+    before = snapshot(out)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_timm(CLIP.from_pretrained(model_dir), out)
+    assert_user_files_untouched(out, before, exactly=True)
+
+
+def test_a_saved_model_folder_is_refused_over_the_users_files_and_replaced_over_its_own(model_dir, tmp_path):
+    from liteclip.errors import InputError
+
+    model = CLIP.from_pretrained(model_dir)
+    out = tmp_path / "shared"
+    before = plant_user_files(out, names=("config.yaml",))
+    with pytest.raises(InputError, match="already holds config.yaml"):
+        model.save_pretrained(out)
+    assert_user_files_untouched(out, before, exactly=True)
+    (out / "config.yaml").unlink()
+    before = snapshot(out)
+    model.save_pretrained(out)
+    model.save_pretrained(out)  # its own earlier save: replaced
+    assert_user_files_untouched(out, before)
+    assert ZeroShotPipeline(out, device="cpu").predict(draw_image(tmp_path / "x.png", (9, 90, 9)), ["a", "b"])
+
+
+def test_a_siglip_onnx_export_records_its_bias_and_that_its_probabilities_are_sigmoids(tmp_path):
+    from tests.test_convert import siglip_inputs, write_tiny_siglip
+
+    siglip = write_tiny_siglip(tmp_path / "siglip")
+    out = export_onnx(CLIP.from_pretrained(siglip), tmp_path / "onnx")
+    info = json.loads((out / "export.json").read_text())
+    assert info["probabilities"] == "sigmoid" and info["logit_bias"] == pytest.approx(-2.5)
+    images, labels = siglip_inputs()
+    pipeline = ZeroShotPipeline(str(siglip), device="cpu")
+    pixels = torch.stack([pipeline.preprocess(image) for image in images]).numpy()
+    image_embeds = onnxruntime.InferenceSession(str(out / "image_encoder.onnx")).run(None, {"pixel_values": pixels})[0]
+    tokens = pipeline.model.tokenizer(labels, return_tensors="np")
+    assert info["text_inputs"]["names"] == ["input_ids"]  # SigLIP's text tower reads no mask: the graph takes none
+    text_embeds = onnxruntime.InferenceSession(str(out / "text_encoder.onnx")).run(
+        None, {"input_ids": tokens["input_ids"].astype(np.int64)})[0]
+    logits = info["logit_scale"] * image_embeds @ text_embeds.T + info["logit_bias"]  # what an ONNX user computes
+    for row, predictions in zip(1 / (1 + np.exp(-logits)), pipeline.predict(images, labels)):
+        assert [dict(predictions)[label] for label in labels] == pytest.approx(row.tolist(), abs=1e-4)

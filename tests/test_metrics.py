@@ -149,3 +149,19 @@ def test_a_caption_text_several_images_share_counts_for_each_where_clip_benchmar
     own = retrieval_recall(images, texts, owner, ks=(1, 2))
     assert own["text_to_image_R@1"] <= ours["text_to_image_R@1"]
     assert own["text_to_image_R@1"] < 100 and ours["text_to_image_R@2"] >= own["text_to_image_R@2"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_embeddings_are_an_error_never_a_perfect_score(bad):
+    """Issue 38: a NaN scores neither above nor below anything, so every pessimistic rank was 0 and recall 100."""
+    from liteclip.errors import NonFiniteError
+
+    images = unit([1.0, 0.0], [0.0, 1.0], [0.6, 0.8])
+    texts = images.clone()
+    texts[1, 0] = bad
+    with pytest.raises(NonFiniteError, match="1 of 3 text embeddings are not finite"):
+        retrieval_recall(images, texts, torch.arange(3))
+    with pytest.raises(NonFiniteError, match="image embeddings"):
+        retrieval_recall(texts, images, torch.arange(3))
+    with pytest.raises(NonFiniteError, match="class embeddings"):
+        zero_shot_accuracy(images, texts, torch.arange(3))

@@ -317,3 +317,37 @@ def test_search_passes_over_files_deleted_since_indexing_and_says_so(model_dir, 
         hits = search.search("a red circle", top_k=3)
     assert hits == [(path, pytest.approx(score, abs=1e-5)) for path, score in full[2:5]]
     assert "2 indexed file(s) among the nearest no longer exist" in caplog.text and "liteclip index" in caplog.text
+
+
+def test_a_diverged_model_is_refused_when_loaded_used_or_saved_never_printed_as_nan_percent(model_dir, images,
+                                                                                           tmp_path, capsys):
+    """Issue 38: a NaN model predicted `nan%` for every label."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from liteclip import CLIP
+    from liteclip.cli import main
+    from liteclip.errors import NonFiniteError
+
+    diverged = tmp_path / "diverged"
+    shutil.copytree(model_dir, diverged)
+    weights = load_file(diverged / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, diverged / "model.safetensors")
+    with pytest.raises(NonFiniteError, match="hold NaN or infinity"):
+        CLIP.from_pretrained(diverged)
+    assert main(["predict", str(images[0]), "--model-dir", str(diverged), "--labels", "a", "b"]) == 2
+    err = capsys.readouterr().err
+    assert "hold NaN or infinity" in err and "nan%" not in err and "Traceback" not in err
+
+    model = CLIP.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.logit_scale.fill_(float("nan"))
+    pipeline = ZeroShotPipeline(model=model, device="cpu")
+    with pytest.raises(NonFiniteError, match="not finite"):
+        pipeline.predict(images[0], LABELS)
+    with pytest.raises(NonFiniteError, match="nothing was written"):
+        model.save_pretrained(tmp_path / "never")
+    assert not (tmp_path / "never").exists()

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import shlex
 from pathlib import Path
@@ -665,3 +666,33 @@ def assert_a_crashed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, *ove
 def test_an_every_caption_run_with_masking_resumes_with_the_same_weights(tmp_path, monkeypatch):
     assert_a_crashed_run_resumes_to_the_same_weights(tmp_path, monkeypatch, "train.epochs=3",
                                                      "data.train_captions=all", "data.demo_num_images=24")
+
+
+@pytest.mark.parametrize("weight_check", [True, False])
+def test_weights_that_went_nan_with_a_finite_loss_stop_the_run_and_are_never_scored_or_exported(tmp_path, monkeypatch,
+                                                                                               weight_check):
+    """Issue 38: optim.lr=.inf gave a finite loss on its step and NaN weights after it; validation then scored the
+    NaN model 100% and it was exported as best. Either guard stops the run: the weight check after the epoch, and
+    (without it) the evaluation, which refuses non-finite embeddings."""
+    real_epoch, epochs = training.train_one_epoch, []
+
+    def diverging_epoch(setup, *args, **kwargs):
+        loss = real_epoch(setup, *args, **kwargs)
+        epochs.append(loss)
+        if len(epochs) == 2:  # the last step of the second epoch diverged after its (finite) loss was taken
+            with torch.no_grad():
+                next(setup.model.image_projection.parameters()).fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(training, "train_one_epoch", diverging_epoch)
+    if not weight_check:
+        monkeypatch.setattr(training, "refuse_non_finite_weights", lambda model, state: None)
+    with pytest.raises(NonFiniteLossError, match="after epoch 2"):
+        fit(tiny_config(tmp_path, "train.epochs=3"), show_progress=False)
+    assert all(math.isfinite(loss) for loss in epochs)
+    for name in ("last.pt", "best.pt"):
+        checkpoint = load_checkpoint(tmp_path / "run" / name)
+        assert checkpoint["epoch"] == 1
+        assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+    assert [row["epoch"] for row in read_rows(tmp_path / "run" / "epochs.csv")] == ["1"]  # epoch 2 never logged
+    assert not (tmp_path / "model").exists()
