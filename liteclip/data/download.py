@@ -21,7 +21,7 @@ from typing import NamedTuple
 from PIL import Image
 from tqdm.auto import tqdm
 
-from liteclip.checkpoint import sha256_of
+from liteclip.checkpoint import MANIFEST_NAME, sha256_of, write_directory, written_names
 from liteclip.data.captions import BadRow, BadRowPolicy, DataError, read_caption_csv
 from liteclip.data.flickr8k import read_flickr8k
 from liteclip.data.images import UndecodableImageError, open_rgb
@@ -186,34 +186,57 @@ def prepare_images(source: str | Path, destination: str | Path, size: int = 256,
     """Copies a dataset folder, resizing every image so its shorter side is at most `size` pixels.
 
     Non-image files (captions, split files) are copied as they are, so the copy is a drop-in data.root. An image
-    that cannot be decoded is left out and listed; the rest is still copied.
+    that cannot be decoded is left out and listed; the rest is still copied. The destination must be new, empty, or
+    an earlier copy this command made: a folder holding anything else (a dataset, say, with the arguments swapped)
+    is refused before anything is written. The copy is made beside it and appears whole (checkpoint.write_directory).
     """
     source, destination = Path(source), Path(destination)
     if not source.is_dir():
         raise DataError(f"{source} is not a folder")
     if destination.resolve().is_relative_to(source.resolve()):
         raise DataError(f"destination {destination} must not lie inside the source {source}")
+    if source.resolve().is_relative_to(destination.resolve()):
+        raise DataError(f"destination {destination} holds the source {source}; give a new folder beside it")
+    refuse_foreign_entries(destination)
     files = sorted(p for p in source.rglob("*") if p.is_file() and ".downloads" not in p.parts)
-    before = after = 0
-    skipped = []
-    for path in tqdm(files, desc="preparing", disable=not show_progress, unit="file"):
-        target = destination / path.relative_to(source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
-            shutil.copy2(path, target)
-            continue
-        try:
-            image = open_rgb(path, min_size=size)  # JPEG: decoded at reduced scale where possible
-        except UndecodableImageError as error:
-            skipped.append(BadRow(path, 0, error.reason))
-            continue
-        before += path.stat().st_size
-        scale = size / min(image.size)
-        if scale < 1:
-            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-        tmp = target.with_name(f".{target.name}.tmp")
-        fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
-        image.save(tmp, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
-        os.replace(tmp, target)
-        after += target.stat().st_size
-    return PreparedCopy(before, after, skipped)
+    totals = {"before": 0, "after": 0}
+    skipped: list[BadRow] = []
+
+    def write_contents(staging: Path) -> None:
+        for path in tqdm(files, desc="preparing", disable=not show_progress, unit="file"):
+            target = staging / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+                shutil.copy2(path, target)
+                continue
+            try:
+                image = open_rgb(path, min_size=size)  # JPEG: decoded at reduced scale where possible
+            except UndecodableImageError as error:
+                skipped.append(BadRow(path, 0, error.reason))
+                continue
+            totals["before"] += path.stat().st_size
+            scale = size / min(image.size)
+            if scale < 1:
+                image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+            fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
+            image.save(target, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+            totals["after"] += target.stat().st_size
+
+    owned = {path.relative_to(source).parts[0] for path in files}
+    write_directory(destination, write_contents, f"the prepared copy of {source}", owned)
+    return PreparedCopy(totals["before"], totals["after"], skipped)
+
+
+def refuse_foreign_entries(destination: Path) -> None:
+    """A DataError if `destination` holds anything but an earlier prepared copy's own files."""
+    if not destination.is_dir():
+        if destination.exists():
+            raise DataError(f"destination {destination} is a file; give a new folder for the copy")
+        return
+    foreign = sorted(entry.name for entry in destination.iterdir()
+                     if entry.name != MANIFEST_NAME and entry.name not in written_names(destination))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DataError(f"destination {destination} already holds files this command did not write ({shown}); "
+                        f"nothing was written. `prepare SOURCE DESTINATION` writes a new folder: check the order of "
+                        f"the two folders, or give a new or empty destination")

@@ -16,6 +16,7 @@ from liteclip.data.download import (Archive, check_dataset, download_dataset, do
 from liteclip.data.flickr8k import read_flickr8k
 from tests.conftest import draw_image, save_as_phone_photo, upright_picture
 from tests.data.conftest import write_original
+from tests.user_files import assert_user_files_untouched, plant_user_files, snapshot
 
 
 def zip_folder(folder, names=None):
@@ -205,3 +206,45 @@ def test_check_reports_a_captions_file_without_rows_and_keeps_commas_in_the_last
     assert main(["data", "check", str(tmp_path), "--captions-file", "empty.csv"]) == 1
     (tmp_path / "commas.csv").write_text("image,caption\nimg/a.png,an orange circle in the middle, with a comma\n")
     assert check_dataset(tmp_path, "commas.csv", show_progress=False) == []
+
+
+def test_prepare_with_its_folders_swapped_refuses_the_dataset_and_leaves_every_file_as_it_was(tmp_path, capsys):
+    """Issue 38: `data prepare small orig --size 64` replaced orig's 800x600 photos with 85x64 copies, exit 0."""
+    original = tmp_path / "orig"
+    for i in range(3):
+        draw_image(original / "Images" / f"{i}.jpg", (10, 20, 30 * i), size=300)
+    (original / "captions.txt").write_text("image,caption\n0.jpg,x\n")
+    assert main(["data", "prepare", str(original), str(tmp_path / "small"), "--size", "64"]) == 0
+    before = snapshot(original)
+    assert main(["data", "prepare", str(tmp_path / "small"), str(original), "--size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds files this command did not write (Images, captions.txt)" in err and "Traceback" not in err
+    assert_user_files_untouched(original, before, exactly=True)
+    notes = tmp_path / "notes"  # any folder of the user's, not only a dataset
+    before = plant_user_files(notes)
+    assert main(["data", "prepare", str(original), str(notes), "--size", "64"]) == 2
+    assert_user_files_untouched(notes, before, exactly=True)
+
+
+def test_prepare_again_into_its_own_copy_replaces_it_and_a_failure_midway_leaves_it_as_it_was(tmp_path, monkeypatch):
+    source = tmp_path / "src"
+    for i in range(3):
+        draw_image(source / "Images" / f"{i}.jpg", (10, 20, 30 * i), size=300)
+    prepare_images(source, tmp_path / "dst", size=128, show_progress=False)
+    prepare_images(source, tmp_path / "dst", size=64, show_progress=False)  # its own earlier copy: replaced
+    with Image.open(tmp_path / "dst" / "Images" / "0.jpg") as image:
+        assert min(image.size) == 64
+    before = snapshot(tmp_path / "dst")
+    real_save, saved = Image.Image.save, []
+
+    def full_disk(image, target, *args, **kwargs):
+        saved.append(target)
+        if len(saved) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(image, target, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_images(source, tmp_path / "dst", size=32, show_progress=False)
+    assert_user_files_untouched(tmp_path / "dst", before, exactly=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no staging folder left beside it
