@@ -33,6 +33,14 @@ def _count_at_least(minimum: int, meaning: str):
 
 
 _positive_int = _count_at_least(1, "at least 1")
+
+
+def _port(text: str) -> int:
+    """An argparse type for a TCP port: 1 to 65535."""
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port; ports go from 1 to 65535")
+    return value
 _non_negative_int = _count_at_least(0, "0 (decode in this process) or more")
 
 
@@ -163,6 +171,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if not args.image and not args.query:
         raise InputError("give a query (text, image paths, terms joined by + and -) or --image FILE")
     hits = search.similar(args.image, args.top_k) if args.image else search.query(args.query, args.top_k)
+    if args.print0:  # for xargs -0: a newline in a file name cannot split it
+        sys.stdout.write("".join(f"{path}\0" for path, _ in hits))
+        return 0
     if args.paths:  # for xargs and friends: nothing but the paths, best first
         print("\n".join(str(path) for path, _ in hits))
         return 0
@@ -191,7 +202,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except InputError:  # another model's index: the background indexing rebuilds it
             if args.folder is None:
                 raise
-    serve(search, Path(args.index), args.host, args.port, Path(args.folder) if args.folder else None)
+    serve(search, Path(args.index), args.host, args.port, Path(args.folder) if args.folder else None,
+          tuple(args.allow_host))
     return 0
 
 
@@ -377,7 +389,9 @@ def _add_search(commands: argparse._SubParsersAction) -> None:
         "liteclip search '2:golden retriever + ./pool.jpg - grass' --index photos.index")
     search.add_argument("query", nargs="?", help="text, an image path, or weighted terms joined by + and - "
                                                  "('2:dog + ./pool.jpg - grass')")
-    search.add_argument("--paths", action="store_true", help="print only the paths, best first (for xargs)")
+    search.add_argument("--paths", action="store_true", help="print only the paths, best first, one a line")
+    search.add_argument("--print0", action="store_true",
+                        help="print only the paths, each ended by a NUL byte (for xargs -0: safe for any file name)")
     search.add_argument("--image", help="find images similar to this image instead")
     search.add_argument("--index", default="liteclip.index")
     search.add_argument("--top-k", type=_positive_int, default=5)
@@ -392,8 +406,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--folder", default=None,
                        help="index this folder's new and changed images in the background while serving")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="127.0.0.1 (this machine only, the default); 0.0.0.0 shows the photos to the network")
-    serve.add_argument("--port", type=_positive_int, default=8765)
+                       help="127.0.0.1 (this machine only, the default); 0.0.0.0 shows the photos to the network, "
+                            "to those given the address with its access token")
+    serve.add_argument("--port", type=_port, default=8765)
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="another host name the page may be opened by (repeatable; a name of your own network "
+                            "for 0.0.0.0); requests for any other name are refused, as DNS rebinding would send")
 
 
 def _add_eval_zeroshot(commands: argparse._SubParsersAction) -> None:

@@ -491,6 +491,8 @@ def _check_type(value: Any, hint: Any, dotted: str, source: str) -> Any:
                 number = float(value)
             except ValueError:
                 pass
+        if isinstance(number, int) and abs(number) > 1e300:  # float() of a 400-digit integer overflows
+            number = math.inf if number > 0 else -math.inf
         if isinstance(number, (int, float)):
             # .inf, 1e309 and .nan would train a NaN model (an infinite lr is NaN weights one step later)
             if not math.isfinite(number):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from liteclip.data.captions import BadRow
-from liteclip.data.images import ADVICE, UndecodableImageError, load_image
+from liteclip.data.images import ADVICE, UndecodableImageError, load_image, read_hashed
 from liteclip.data.transforms import eval_transform, image_size
 from liteclip.errors import InputError
 from liteclip.model import CLIP
@@ -116,22 +116,26 @@ class ImageFileDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, images: Sequence[Any], data_config: dict[str, Any],
-                 load: Callable[[Any], np.ndarray] | None = None):
+                 load: Callable[[Any], np.ndarray] | None = None, hash_content: bool = False):
         self.images = list(images) if load is not None else [Path(p) for p in images]
         self.transform = eval_transform(data_config)
         self.decode_size = image_size(data_config)
         self.load = load
+        self.hash_content = hash_content  # each sample also carries the SHA-256 of the bytes it was decoded from
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self.images[index]
+        image, sha256 = self.images[index], None
         try:
-            pixels = self.load(image) if self.load is not None else load_image(image, self.decode_size)
+            if self.hash_content:
+                pixels, sha256 = read_hashed(image, self.decode_size)
+            else:
+                pixels = self.load(image) if self.load is not None else load_image(image, self.decode_size)
         except UndecodableImageError as error:
             return {"index": index, "error": error.reason}
-        return {"index": index, "pixel_values": self.transform(pixels)}
+        return {"index": index, "pixel_values": self.transform(pixels), "sha256": sha256}
 
 
 def stack_decoded(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -139,15 +143,18 @@ def stack_decoded(samples: list[dict[str, Any]]) -> dict[str, Any]:
     decoded = [s for s in samples if "pixel_values" in s]
     return {"pixel_values": torch.stack([s["pixel_values"] for s in decoded]) if decoded else None,
             "indices": [s["index"] for s in decoded],
+            "sha256": [s.get("sha256") for s in decoded],
             "errors": [(s["index"], s["error"]) for s in samples if "error" in s]}
 
 
 def image_file_loader(images: Sequence[Any], data_config: dict[str, Any], batch_size: int = 64, num_workers: int = 0,
-                      load: Callable[[Any], np.ndarray] | None = None, **loader_options: Any) -> DataLoader:
+                      load: Callable[[Any], np.ndarray] | None = None, hash_content: bool = False,
+                      **loader_options: Any) -> DataLoader:
     """A DataLoader of images as eval-transformed pixels in stack_decoded batches (ImageFileDataset's `load`). A
     caller that encodes the same files again and again (the trainer's evaluation every epoch) builds one with
     persistent_workers=True and passes it to encode_decodable_image_files, so its workers start once."""
-    return DataLoader(ImageFileDataset(images, data_config, load), batch_size=batch_size, num_workers=num_workers,
+    return DataLoader(ImageFileDataset(images, data_config, load, hash_content), batch_size=batch_size,
+                      num_workers=num_workers,
                       collate_fn=stack_decoded, **loader_options)
 
 
@@ -163,6 +170,7 @@ class EncodedImages:
     embeds: torch.Tensor  # (N_kept, D) normalised embeddings, or (N_kept, F) tower features
     kept: list[int]  # positions in the input list of the files that decoded, in order
     skipped: list[BadRow]  # the files that did not, with the reason
+    sha256: list[str | None] = field(default_factory=list)  # per kept file: of the bytes decoded (hash_content)
 
 
 @torch.no_grad()
@@ -171,19 +179,20 @@ def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size:
                                  autocast: Autocast = contextlib.nullcontext,
                                  show_progress: bool = False, num_workers: int = 0,
                                  tower_features: bool = False, progress: tqdm | None = None,
-                                 loader: DataLoader | None = None) -> EncodedImages:
+                                 loader: DataLoader | None = None, hash_content: bool = False) -> EncodedImages:
     """Normalised image embeddings of the image files that decode, decoded in a DataLoader so workers can overlap;
     files that do not are skipped, logged and listed. With tower_features, the image tower's pooled features
     before the head instead. `progress`: a caller's bar (counting images) to advance instead of a bar of its own.
-    `loader`: an image_file_loader over `paths` to use instead of a new one (batch_size and num_workers are its)."""
+    `loader`: an image_file_loader over `paths` to use instead of a new one (batch_size and num_workers are its).
+    `hash_content`: also the SHA-256 of the bytes each kept file was decoded from (read once: see read_hashed)."""
     if loader is None:
-        loader = image_file_loader(paths, model.data_config, batch_size, num_workers)
+        loader = image_file_loader(paths, model.data_config, batch_size, num_workers, hash_content=hash_content)
     elif len(loader.dataset) != len(paths):
         raise ValueError(f"the loader has {len(loader.dataset)} images for {len(paths)} paths")
     encode = model.image_features if tower_features else model.encode_image
     device = model_device(model, device)
     dtype = next(model.parameters()).dtype  # a bf16 or fp16 model takes its pixels in its own dtype
-    chunks, kept, skipped = [], [], []
+    chunks, kept, skipped, hashes = [], [], [], []
     # batches of activations above glibc's mmap threshold: keep freed memory rather than fault it in every batch
     with keep_freed_memory_for(device):
         for batch in batches_with_progress(loader, desc="encoding images", unit="batch",
@@ -197,8 +206,9 @@ def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size:
                 with autocast():
                     chunks.append(encode(batch["pixel_values"].to(device, dtype)).float())
                 kept.extend(batch["indices"])
+                hashes.extend(batch["sha256"])
     width = model.image_encoder.num_features if tower_features else model.config.projection.dim
-    return EncodedImages(torch.cat(chunks) if chunks else torch.empty(0, width), kept, skipped)
+    return EncodedImages(torch.cat(chunks) if chunks else torch.empty(0, width), kept, skipped, hashes)
 
 
 def encode_image_files(model: CLIP, paths: Sequence[Path], batch_size: int = 64,

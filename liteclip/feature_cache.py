@@ -2,7 +2,8 @@
 tower (LiT-style training on a laptop). `train.cache_image_features: true` turns it on.
 
 Cached features live in `data.root/.liteclip_cache/` as safetensors, keyed by tower name, tower weights, eval
-transform, precision and the exact file list: anything that would change a feature changes the key.
+transform, precision and the exact files and their contents: anything that would change a feature changes the key.
+A damaged cache file is computed again.
 
 Augmentation survives the cache (MobileCLIP's stored augmentations): with `train.cached_views: K` > 1, each training
 image is encoded K times through the training transform, view v of image i with its own fixed seed, and each epoch
@@ -20,15 +21,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch.utils.data import DataLoader
 
-from liteclip.checkpoint import atomic_write_bytes, digest_tensors
+from liteclip.checkpoint import atomic_write_bytes, digest_tensors, read_safetensors, sha256_of
 from liteclip.data.captions import CaptionedImage, ImageCaptionDataset, unpack_sample_key
 from liteclip.data.images import UndecodableImageError, load_image
 from liteclip.data.transforms import image_size
 from liteclip.embedding import encode_image_files, stack_decoded
-from liteclip.errors import ConfigError
+from liteclip.errors import ConfigError, ModelLoadError
 from liteclip.model import CLIP
 from liteclip.precision import Precision
 
@@ -62,17 +63,31 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
 
 
 def feature_cache_key(model: CLIP, paths: list[Path], precision: Precision) -> str:
-    """Identifies cached features: tower name, tower weights, eval transform, precision and the exact files
-    (path, size, modification time)."""
+    """Identifies cached features: tower name, tower weights, eval transform, precision and the exact files (path
+    and content)."""
     digest = hashlib.sha256()
     digest.update(model.config.image.name.encode())
     digest.update(str(precision.dtype).encode())  # bf16 features (an AMX CPU, a GPU) are not fp32 ones
     digest.update(json.dumps(model.data_config, sort_keys=True, default=str).encode())
     digest_tensors(digest, model.image_encoder.state_dict())
-    for path in paths:  # a file rewritten under the same name (a regenerated demo) gets new features
-        stat = Path(path).stat()
-        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    # each file by its bytes, not its size and time, which a copy or a swap of two files can keep while the pictures
+    # change; reading the files costs far less than running the tower over them
+    for path in paths:
+        digest.update(f"{path}:{sha256_of(path)}".encode())
     return digest.hexdigest()[:20]
+
+
+def read_cached(path: Path) -> torch.Tensor | None:
+    """The features in a cache file, or None (with a warning) when there is none or it is damaged: it is computed
+    again and replaced."""
+    if not path.is_file():
+        return None
+    try:
+        return read_safetensors(path, "cached image features")[0]["features"]
+    except (ModelLoadError, KeyError) as error:
+        logger.warning("the feature cache %s is damaged (%s); computing the features again", path,
+                       str(error).split(";")[0])
+        return None
 
 
 @torch.no_grad()
@@ -80,9 +95,10 @@ def cached_image_features(model: CLIP, paths: list[Path], cache_dir: Path, devic
                           precision: Precision, num_workers: int = 0) -> torch.Tensor:
     """(N, F) locked-tower features for image files, computed once and kept in cache_dir as safetensors."""
     path = cache_dir / f"image_features_{feature_cache_key(model, paths, precision)}.safetensors"
-    if path.is_file():
+    cached = read_cached(path)
+    if cached is not None:
         logger.info("image features from cache %s", path)
-        return load_file(str(path))["features"]
+        return cached
     model.eval()
     features = encode_image_files(model, paths, 64, device, precision.autocast, show_progress=True,
                                   num_workers=num_workers, tower_features=True).cpu()
@@ -121,9 +137,10 @@ def cached_augmented_features(model: CLIP, paths: list[Path], views: int, transf
     """(views, N, F) locked-tower features of `views` augmented views of each image file, computed once."""
     key = hashlib.sha256(f"{feature_cache_key(model, paths, precision)}:{views}:{transform_key}".encode())
     path = cache_dir / f"image_views_{key.hexdigest()[:20]}.safetensors"
-    if path.is_file():
+    cached = read_cached(path)
+    if cached is not None:
         logger.info("%d augmented views per image from cache %s", views, path)
-        return load_file(str(path))["features"]
+        return cached
     model.eval()
     dataset = AugmentedViews(paths, views, transform, image_size(model.data_config))
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, collate_fn=stack_decoded)

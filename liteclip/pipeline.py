@@ -10,6 +10,7 @@ Evaluation lives in liteclip.evaluation.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence, Union
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from liteclip.checkpoint import file_stamp, sha256_of
 from liteclip.data.captions import BadRow
-from liteclip.data.images import load_image, to_rgb
+from liteclip.data.images import load_image, to_rgb, unreadable
 from liteclip.data.image_folder import IMAGE_SUFFIXES, list_images
 from liteclip.data.transforms import eval_transform
 from liteclip.embedding import (batches_with_progress, encode_decodable_image_files, encode_labels, encode_texts,
@@ -28,13 +29,14 @@ from liteclip.embedding import (batches_with_progress, encode_decodable_image_fi
 from liteclip.errors import DataError, InputError, NonFiniteError
 from liteclip.model import CLIP
 from liteclip.pretrained import WEIGHTS_NAME
-from liteclip.query import parse_query
-from liteclip.search_index import (Entries, IndexedFile, PartialIndex, entries_of, faiss_module, faiss_path,
-                                   open_faiss, read_index, write_faiss, write_index)
+from liteclip.query import QueryTerm, parse_query
+from liteclip.search_index import (Entries, IndexedFile, PartialIndex, derived_folders, entries_of, faiss_module,
+                                   faiss_path, open_faiss, read_index, write_faiss, write_index)
 
 logger = logging.getLogger(__name__)
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
+LABEL_CACHE_SIZE = 64
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -86,15 +88,26 @@ class ZeroShotPipeline:
         self.transform = eval_transform(self.model.data_config)
         # a model trained with the sigmoid loss scores each label on its own, as it was trained to
         self.probabilities = "sigmoid" if getattr(self.model, "logit_bias", None) is not None else "softmax"
-        self._label_cache: dict[tuple, torch.Tensor] = {}
+        self._label_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def encode_labels(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
-        """(C, D) label embeddings, averaged over templates; cached per (labels, templates)."""
+        """(C, D) label embeddings, averaged over templates; the last LABEL_CACHE_SIZE (labels, templates) sets are
+        kept, so a long-running server asked for ever new labels does not grow without bound."""
         templates = list(templates) if templates else self.templates
         key = (tuple(labels), tuple(templates) if templates else None)
-        if key not in self._label_cache:
+        if key in self._label_cache:
+            self._label_cache.move_to_end(key)
+        else:
             self._label_cache[key] = encode_labels(self.model, labels, templates, self.device)
+            while len(self._label_cache) > LABEL_CACHE_SIZE:
+                self._label_cache.popitem(last=False)
         return self._label_cache[key]
+
+    def towers_as_trained(self) -> dict[str, str]:
+        """{"image_tower", "text_tower"}: the towers' names as the model was trained (a loaded model's config points
+        its text tower at the model folder)."""
+        config = getattr(self.model, "trained_config", None) or self.model.config
+        return {"image_tower": config.image.name, "text_tower": config.text.name}
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
@@ -198,6 +211,7 @@ class SearchView(NamedTuple):
     embeddings: torch.Tensor  # (N, D); empty when a FAISS copy stands in for them
     faiss_index: Any | None
     ids: list[str]  # the content hash, shortened: stable across renames and re-indexing
+    stamps: list[list[int]]  # each path's [size, mtime_ns] when indexed: a file changed since is not served as it
 
 
 def nearest(view: SearchView, query_embed: torch.Tensor, k: int) -> list[tuple[Path, float]]:
@@ -218,25 +232,47 @@ def content_groups(keys: list[str], hashes: dict[str, str], known: dict[str, tor
     return groups
 
 
-def view_of(keys: list[str], hashes: dict[str, str], known: dict[str, torch.Tensor]) -> SearchView:
+def view_of(keys: list[str], hashes: dict[str, str], known: dict[str, torch.Tensor],
+            stamps: dict[str, list[int]]) -> SearchView:
     groups = content_groups(keys, hashes, known)
     embeddings = torch.stack([known[sha] for sha in groups]).cpu() if groups else torch.empty(0)
-    return SearchView([Path(group[0]) for group in groups.values()], embeddings, None, [sha[:16] for sha in groups])
+    return SearchView([Path(group[0]) for group in groups.values()], embeddings, None, [sha[:16] for sha in groups],
+                      [stamps[group[0]] for group in groups.values()])
+
+
+def readable_stamps(files: list[Path]) -> tuple[dict[str, Path], dict[str, list[int]], list[BadRow]]:
+    """Each file by its key (its resolved path), and its [size, mtime_ns]; a file gone or unreadable since it was
+    listed is skipped with the reason, not an error that stops the run."""
+    paths, stamps, skipped = {}, {}, []
+    for path in files:
+        try:
+            key = str(path.resolve())
+            stamps[key] = file_stamp(path)
+        except OSError as error:
+            skipped.append(BadRow(path, 0, unreadable(path, error).reason))
+            continue
+        paths[key] = path
+    return paths, stamps, skipped
 
 
 def content_hashes(keys: list[str], stamps: dict[str, list], previous: Entries
-                   ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Each file's SHA-256 (read again only when its stamp changed), and the embeddings already known by content:
-    an older index without hashes still lends its embeddings to files whose stamp has not changed."""
-    hashes, known = {}, {}
+                   ) -> tuple[dict[str, str], dict[str, torch.Tensor], list[BadRow]]:
+    """Each file's SHA-256 (read again only when its stamp changed), the embeddings already known by content (an
+    older index without hashes still lends its embeddings to files whose stamp has not changed), and the files that
+    could not be read (skipped, with the reason)."""
+    hashes, known, skipped = {}, {}, []
     for key in keys:
         entry = previous.get(key)
         unchanged = entry is not None and entry.stamp == stamps[key]
-        hashes[key] = entry.sha256 if unchanged and entry.sha256 else sha256_of(key)
+        try:
+            hashes[key] = entry.sha256 if unchanged and entry.sha256 else sha256_of(key)
+        except OSError as error:
+            skipped.append(BadRow(Path(key), 0, unreadable(Path(key), error).reason))
+            continue
         if unchanged:
             known[hashes[key]] = entry.embedding
     known.update({entry.sha256: entry.embedding for entry in previous.values() if entry.sha256})
-    return hashes, known
+    return hashes, known, skipped
 
 
 def unique_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -291,7 +327,7 @@ class ImageSearch:
 
     def __init__(self, pipeline: ZeroShotPipeline):
         self.pipeline = pipeline
-        self.view = SearchView([], torch.empty(0), None, [])
+        self.view = SearchView([], torch.empty(0), None, [], [])
         self.skipped: list[BadRow] = []  # files the last index() call could not decode
         self.progress = {"done": 0, "total": 0}  # images encoded by a running index() call, and how many it has
 
@@ -317,6 +353,20 @@ class ImageSearch:
     def fingerprint(self) -> str:
         return model_fingerprint(self.pipeline.model_dir)
 
+    def indexed_file(self, identifier: str) -> tuple[Path, list[int]] | None:
+        """The file and [size, mtime_ns] stamp the indexed image with this id was indexed from (None: no such id)."""
+        view = self.view
+        if not isinstance(identifier, str) or identifier not in view.ids:
+            return None
+        row = view.ids.index(identifier)
+        return view.paths[row], view.stamps[row]
+
+    def ids_of(self, paths: Sequence[Path]) -> list[str | None]:
+        """The id of each indexed path (None for a path that is not, or no longer, in the index)."""
+        view = self.view
+        ids = dict(zip(view.paths, view.ids))
+        return [ids.get(Path(path)) for path in paths]
+
     def index(self, source: str | Path | Sequence[str | Path], index_path: str | Path | None = None,
               batch_size: int = 64, show_progress: bool = True, num_workers: int = 0, chunk_size: int = 4096,
               faiss: bool | None = None) -> int:
@@ -324,7 +374,9 @@ class ImageSearch:
 
         faiss: write the FAISS copy (None: when faiss-cpu is installed).
         """
-        files = list_images(source) if isinstance(source, (str, Path)) else unique_paths(source)
+        own_folders = derived_folders(Path(index_path)) if index_path is not None else []  # its thumbnails, chunks
+        files = (list_images(source, exclude=own_folders) if isinstance(source, (str, Path))
+                 else unique_paths(source))
         if index_path is not None and Path(index_path).suffix.lower() in IMAGE_SUFFIXES:
             raise InputError(f"the index path {index_path} names an image file; give the index a name of its own, "
                              f"such as photos.index (nothing was written)")
@@ -336,34 +388,41 @@ class ImageSearch:
         index_path = Path(index_path) if index_path is not None else None
         partial = PartialIndex(index_path) if index_path is not None else None
         previous = self._previous_entries(index_path, fingerprint) if index_path is not None else {}
-        keys = [str(p.resolve()) for p in files]
-        stamps = {key: file_stamp(path) for key, path in zip(keys, files)}
-        hashes, known = content_hashes(keys, stamps, previous)
+        listed, stamps, self.skipped = readable_stamps(files)
+        hashes, known, unreadable_files = content_hashes(list(listed), stamps, previous)
+        self.skipped += unreadable_files  # not indexed, so the next run tries them again
+        keys = [key for key in listed if key in hashes]
         # one file per content not seen before: a renamed, moved or copied photo is never encoded again
         todo, queued = [], set()
-        for i, key in enumerate(keys):
+        for key in keys:
             if hashes[key] not in known and hashes[key] not in queued:
                 queued.add(hashes[key])
-                todo.append(i)
-        self.skipped = []
+                todo.append(key)
         self.progress = {"done": 0, "total": len(todo)}
-        self.view = view_of(keys, hashes, known)  # what is searchable already, while the rest is encoded
+        self.view = view_of(keys, hashes, known, stamps)  # what is searchable already, while the rest is encoded
         with tqdm(total=len(todo), desc="indexing", unit="img", disable=not show_progress or not todo) as progress:
             for start in range(0, len(todo), chunk_size):
                 chunk = todo[start:start + chunk_size]
-                fresh = encode_decodable_image_files(self.pipeline.model, [files[i] for i in chunk], batch_size,
-                                                     self.pipeline.device, num_workers=num_workers, progress=progress)
-                entries = {keys[chunk[j]]: IndexedFile(stamps[keys[chunk[j]]], fresh.embeds[row].cpu(),
-                                                       hashes[keys[chunk[j]]]) for row, j in enumerate(fresh.kept)}
+                # each file is hashed again from the bytes it is decoded from: one changed since the hashing above
+                # is filed under its new content, never its old content with the new one's embedding
+                fresh = encode_decodable_image_files(self.pipeline.model, [listed[key] for key in chunk], batch_size,
+                                                     self.pipeline.device, num_workers=num_workers, progress=progress,
+                                                     hash_content=True)
+                entries = {}
+                for row, j in enumerate(fresh.kept):
+                    key = chunk[j]
+                    hashes[key] = fresh.sha256[row]
+                    entries[key] = IndexedFile(stamps[key], fresh.embeds[row].cpu(), hashes[key])
                 if partial is not None:
                     partial.append(fingerprint, entries)
                 known.update({entry.sha256: entry.embedding for entry in entries.values()})
                 self.skipped += fresh.skipped  # not indexed, so the next run tries them again
                 self.progress = {"done": min(start + chunk_size, len(todo)), "total": len(todo)}
-                self.view = view_of(keys, hashes, known)  # one assignment: a query sees the old view or this one
+                self.view = view_of(keys, hashes, known, stamps)  # one assignment: the old view or this one
         groups = content_groups(keys, hashes, known)
         if not groups:
-            raise DataError(f"none of the {len(files)} images in {source} decodes (first: {self.skipped[0]})")
+            first = f" (first: {self.skipped[0]})" if self.skipped else ""
+            raise DataError(f"none of the {len(files)} images in {source} decodes{first}")
         if index_path is not None:
             meta = {"model": fingerprint, "files": [
                 {"path": group[0], "stamp": stamps[group[0]], "sha256": sha,
@@ -406,7 +465,8 @@ class ImageSearch:
         faiss_index = open_faiss(index_path, meta)
         if faiss_index is None:  # no FAISS copy, or a stale one: search the embeddings themselves
             embeddings = embeddings if embeddings is not None else read_index(index_path)[1]
-        self.view = SearchView(paths, torch.empty(0) if faiss_index is not None else embeddings, faiss_index, ids)
+        self.view = SearchView(paths, torch.empty(0) if faiss_index is not None else embeddings, faiss_index, ids,
+                               [e.get("stamp") for e in meta["files"]])
 
     def _rank(self, query_embed: torch.Tensor, top_k: int) -> list[tuple[Path, float]]:
         """The top_k existing files: one deleted since indexing is passed over (with a warning) for the next."""
@@ -437,26 +497,41 @@ class ImageSearch:
         """The top_k indexed images most similar to `image`."""
         return self._rank(self.pipeline.encode_images([image])[0].cpu(), top_k)
 
-    def query(self, query: str, top_k: int = 5) -> list[tuple[Path, float]]:
+    def query(self, query: str | Sequence[QueryTerm], top_k: int = 5) -> list[tuple[Path, float]]:
         """The top_k indexed images for a weighted query (liteclip.query): `2:golden retriever + ./pool.jpg -
-        grass` adds twice the text's embedding and the image's and takes away the other text's."""
-        terms = parse_query(query)
+        grass` adds twice the text's embedding and the image's and takes away the other text's. A string is read
+        as the command line reads it (image files by path); the web page passes parse_web_query's terms, whose
+        images are indexed ones, by id."""
+        terms = parse_query(query) if isinstance(query, str) else list(query)
         texts = [term.text for term in terms if term.text is not None]
         images = [term.image for term in terms if term.image is not None]
         text_embeds = iter(encode_texts(self.pipeline.model, texts, device=self.pipeline.device).cpu() if texts
                            else [])
         image_embeds = iter(self.pipeline.encode_images(images).cpu() if images else [])
-        combined = sum(term.weight * next(text_embeds if term.text is not None else image_embeds) for term in terms)
+
+        def embedding(term: QueryTerm) -> torch.Tensor:
+            if term.text is not None:
+                return next(text_embeds)
+            return next(image_embeds) if term.image is not None else self.indexed_embedding(term.indexed).cpu()
+
+        # weights are scaled by the largest first: the direction is the same, and 1e300 * an embedding overflows
+        largest = max(abs(term.weight) for term in terms)
+        combined = sum((term.weight / largest) * embedding(term) for term in terms)
+        if not torch.isfinite(combined).all() or combined.norm() < 1e-6:
+            raise InputError("the query's terms cancel each other out (their weighted sum is zero); change a weight "
+                             "or a term")
         return self._rank(torch.nn.functional.normalize(combined, dim=-1), top_k)
 
-    def similar_to_indexed(self, identifier: str, top_k: int = 5) -> list[tuple[Path, float]]:
-        """The top_k indexed images most similar to the indexed image with this id (itself first)."""
+    def indexed_embedding(self, identifier: str | None) -> torch.Tensor:
+        """(D,) the embedding of the indexed image with this id; an unknown id is an InputError."""
         view = self.view
         if identifier not in view.ids:
             raise InputError(f"no indexed image {identifier!r}")
         row = view.ids.index(identifier)
         if view.faiss_index is not None:
-            embedding = torch.from_numpy(view.faiss_index.reconstruct(row))
-        else:
-            embedding = view.embeddings[row]
-        return self._rank(embedding.float(), top_k)
+            return torch.from_numpy(view.faiss_index.reconstruct(row)).float()
+        return view.embeddings[row].float()
+
+    def similar_to_indexed(self, identifier: str, top_k: int = 5) -> list[tuple[Path, float]]:
+        """The top_k indexed images most similar to the indexed image with this id (itself first)."""
+        return self._rank(self.indexed_embedding(identifier), top_k)

@@ -293,7 +293,7 @@ def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = F
             f"no liteclip model in {directory.resolve()} (it needs {CONFIG_NAME} and {WEIGHTS_NAME}). Train one with "
             f"`python train.py --config configs/demo.yaml`, which writes ./model, or put a directory written by "
             f"CLIP.save_pretrained there.")
-    config = read_model_config(directory).model
+    config = trained_config = read_model_config(directory).model
     refuse_remote_code(directory, trust_remote_code)
     # the weights come from the directory, so the towers are built empty and never touch the network
     if config.text.source == "open_clip":  # open_clip rebuilds the architecture from open_clip_config.json
@@ -326,4 +326,5 @@ def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = F
                       "it was saved from a run that diverged; export the model again from an earlier checkpoint")
     load_weights(model, weights, str(directory / WEIGHTS_NAME))
     model.name_or_path = str(directory)  # where it came from (Hugging Face's name): exports refuse to write there
+    model.trained_config = trained_config  # the towers' names as trained, before they were pointed at the folder
     return model

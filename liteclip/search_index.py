@@ -10,6 +10,7 @@ FAISS copy that lets `liteclip search` leave the vectors on disk.
     .photos.index.partial/  chunk-000000.safetensors, ...: what a running `liteclip index` has encoded so far, one
                             chunk of images at a time; a crashed run's chunks are reused by the next and removed
                             once the index is written
+    .photos.index.thumbs/   the thumbnails `liteclip serve` shows, one per indexed content
 
 This module is file I/O only; liteclip.pipeline.ImageSearch decides what to encode and ranks.
 """
@@ -64,6 +65,16 @@ def entries_of(meta: dict[str, Any], embeddings: torch.Tensor) -> Entries:
         for file in [entry, *entry.get("duplicates", [])]:
             entries[file["path"]] = IndexedFile(file["stamp"], embeddings[row], entry.get("sha256"))
     return entries
+
+
+def thumbnails_folder(index_path: Path) -> Path:
+    """Where `liteclip serve` keeps the thumbnails of an index's images."""
+    return index_path.with_name(f".{index_path.name}.thumbs")
+
+
+def derived_folders(index_path: Path) -> list[Path]:
+    """The folders liteclip keeps beside an index: never indexed as photos, even when the index lies in the folder."""
+    return [PartialIndex(index_path).directory, thumbnails_folder(index_path)]
 
 
 class PartialIndex:

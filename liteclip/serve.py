@@ -1,119 +1,265 @@
 """`liteclip serve`: one local web page over a search index, and the JSON API under it (FastAPI).
 
     GET  /api/info                  the model and the index: images indexed, embedding size, model name
-    GET  /api/search?q=TEXT&k=N     {"results": [{"id", "path", "score"}, ...]}, best first; weighted queries
+    GET  /api/search?q=TEXT&k=N     {"results": [{"id", "path", "score"}, ...]}, best first; weighted queries whose
+                                    image terms are indexed images, by id: `2:dog + id:3fa9c1d2e4b5a6f7 - grass`
     GET  /api/similar?id=ID&k=N     the indexed images nearest an indexed one
     POST /api/similar               multipart `file`: the indexed images nearest an uploaded image
     POST /api/classify              multipart `file` and `labels` (one per line): zero-shot probabilities
-    GET  /thumb/{id}, /image/{id}   an indexed image, as a cached thumbnail or as it is on disk
-    GET  /docs                      the OpenAPI page FastAPI writes
+    GET  /thumb/{id}, /image/{id}   an indexed image, as a cached thumbnail or as it is on disk (HEAD too)
+    GET  /openapi.json              the API's description (no /docs page: it would load scripts from a CDN)
 
-Search and classification are the library's ImageSearch and ZeroShotPipeline. Only files in the index are served,
-by id (their row); a path in a request is never opened. Uploads are held to MAX_UPLOAD_BYTES and to the decoders'
-pixel limit, and a file that is not an image gets a 400 with the reason. Thumbnails are decoded by the same decoder
-as everything else (EXIF orientation applied) and cached beside the index.
+Search and classification are the library's ImageSearch and ZeroShotPipeline. What a request can reach, and what
+another website can do, is written down in docs/guarantees.md ("the web page"); in short:
+- no path in a request is ever opened: files are served by id, and only while they are the file that was indexed
+  (same size and time, a regular file, reached through no link); a query's image terms are ids;
+- only the Host names the server was started for are answered (DNS rebinding), a request another site sends is
+  refused (Origin, Sec-Fetch-Site), and beyond this machine an access token is required (as Jupyter does);
+- uploads are held to MAX_UPLOAD_BYTES and MAX_UPLOAD_PIXELS, and decoded at the size the model needs.
 """
 
 # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time, and the
 # framework's types are imported inside create_app (the web extra is optional)
-import hashlib
 import io
+import ipaddress
 import logging
 import mimetypes
+import os
+import secrets
+import socket
+import stat
 import threading
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from PIL import Image
 
 from liteclip.checkpoint import atomic_write_bytes
 from liteclip.data.images import UndecodableImageError, open_rgb
+from liteclip.data.transforms import image_size
 from liteclip.errors import InputError, LiteclipError
 from liteclip.pipeline import ImageSearch
-from liteclip.pretrained import CONFIG_NAME, read_model_config
+from liteclip.query import parse_web_query
+from liteclip.search_index import thumbnails_folder
 
 logger = logging.getLogger(__name__)
 
 WEB = Path(__file__).parent / "web"
 MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_UPLOAD_PIXELS = 50_000_000  # a 48-megapixel phone photo passes; a 12,000 px square PNG would take gigabytes
 THUMBNAIL_SIDE = 320
 MAX_RESULTS = 500
+MAX_LABELS = 200
 INDEXING_CHUNK = 256  # images encoded between two updates of what the page can search
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+TOKEN_COOKIE = "liteclip_token"
+
+
+# ------------------------------------------------------------------------------------------------ who may ask
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """Which Host names are answered, and the token a request must carry (None on this machine alone)."""
+
+    hosts: frozenset[str]
+    token: str | None = None
+    bound_to: str = "127.0.0.1"
+
+    @classmethod
+    def for_host(cls, host: str, allowed_hosts: tuple[str, ...] = (), token: str | None = None) -> "AccessPolicy":
+        """The policy of a server bound to `host`: the loopback names, the host itself, and for a wildcard address
+        the machine's own names and addresses; a token (made here unless given) whenever it is not loopback."""
+        names = set(LOOPBACK_NAMES) | {normal_host(host)} | {normal_host(name) for name in allowed_hosts}
+        if is_wildcard(host):
+            names |= machine_names()
+        local = is_loopback(host)
+        return cls(frozenset(name for name in names if name), None if local else (token or secrets.token_urlsafe(24)),
+                   host)
+
+    def refusal(self, method: str, path: str, headers: Any, cookies: dict[str, str],
+                query: dict[str, str]) -> tuple[int, str] | None:
+        """(status, reason) when the request must be refused, None when it may be answered."""
+        name = normal_host(headers.get("host", ""))
+        if name not in self.hosts:
+            return 403, (f"this server answers only for {', '.join(sorted(self.hosts))}, not the host name "
+                         f"{name or '(none)'!r}; open it by one of those (or start it with --allow-host NAME)")
+        origin = headers.get("origin")
+        if origin is not None and not same_origin(origin, headers.get("host", "")):
+            return 403, "requests from other websites are refused"
+        site, mode = headers.get("sec-fetch-site"), headers.get("sec-fetch-mode")
+        if site in ("cross-site", "same-site") and not (method == "GET" and path == "/" and mode == "navigate"):
+            return 403, "requests from other websites are refused"
+        if self.token is not None:
+            given = cookies.get(TOKEN_COOKIE) or query.get("token") or headers.get("x-liteclip-token") or ""
+            if not secrets.compare_digest(given.encode(), self.token.encode()):
+                return 403, "this page needs its access token: open the address `liteclip serve` printed"
+        return None
+
+
+def normal_host(header: str) -> str:
+    """The host name of a Host header or a --host value, lower case, without port, brackets or trailing dot."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        return header[1:end] if end > 0 else ""
+    if header.count(":") == 1:  # name:port; more than one colon is a bare IPv6 address
+        header = header.split(":")[0]
+    return header.rstrip(".")
+
+
+def same_origin(origin: str, host_header: str) -> bool:
+    """Whether an Origin header names this very server (scheme http, host and port as the request reached it)."""
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    return parts.scheme == "http" and parts.netloc.lower() == host_header.strip().lower()
+
+
+def is_wildcard(host: str) -> bool:
+    return normal_host(host) in ("0.0.0.0", "::", "")
+
+
+def is_loopback(host: str) -> bool:
+    name = normal_host(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def machine_names() -> set[str]:
+    """This machine's host name and the addresses it resolves to: what others use to reach a wildcard bind."""
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    try:
+        names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        pass
+    return {normal_host(name) for name in names}
+
+
+# ------------------------------------------------------------------------------------------- files and uploads
+
+
+def open_indexed(search: ImageSearch, identifier: str) -> tuple[Path, list[int], bytes]:
+    """The bytes of the indexed image with this id, if its file is still the one indexed: reached through no link,
+    a regular file, with the size and time it was indexed with. Anything else is a 404, so no request can make the
+    server read a file it was not given (a photo replaced by a link to a secret is not served)."""
+    from fastapi import HTTPException
+
+    found = search.indexed_file(identifier)
+    if found is None:
+        raise HTTPException(status_code=404, detail=f"no indexed image {identifier[:64]!r}")
+    path, stamp = found
+    try:
+        if os.path.realpath(path) != str(path):  # a folder on the way was swapped for a link
+            raise OSError("reached through a link")
+        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        raise HTTPException(status_code=404, detail=f"indexed image {identifier} is no longer there") from None
+    with os.fdopen(handle, "rb") as file:
+        status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode) or [status.st_size, status.st_mtime_ns] != stamp:
+            raise HTTPException(status_code=404, detail=f"indexed image {identifier} changed since it was indexed; "
+                                                        f"index the folder again")
+        return path, stamp, file.read()
 
 
 class Thumbnails:
-    """Thumbnails of indexed images, made once and kept in a folder beside the index (keyed by the file's path and
-    modification time, so an edited photo gets a new one)."""
+    """Thumbnails of indexed images, made once from the verified bytes and kept in a folder beside the index
+    (keyed by content id and file stamp)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
         self.lock = threading.Lock()
 
-    def path_for(self, image: Path) -> Path:
-        stat = image.stat()
-        key = hashlib.sha256(f"{image.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-        cached = self.directory / f"{key}.jpg"
-        if not cached.is_file():
-            picture = open_rgb(image)
-            picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-            buffer = io.BytesIO()
-            picture.save(buffer, format="JPEG", quality=85)
-            with self.lock:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(cached, buffer.getvalue())
-        return cached
+    def jpeg(self, identifier: str, path: Path, data: bytes, stamp: list[int]) -> bytes:
+        cached = self.directory / f"{identifier}-{stamp[0]}-{stamp[1]}.jpg"
+        if cached.is_file():
+            return cached.read_bytes()
+        picture = open_rgb(io.BytesIO(data), min_size=THUMBNAIL_SIDE, name=path)
+        picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=85)
+        with self.lock:
+            atomic_write_bytes(cached, buffer.getvalue())
+        return buffer.getvalue()
 
 
-def decode_upload(data: bytes, name: str) -> Image.Image:
-    """An uploaded file as an RGB image; too large or not an image is an InputError naming why."""
+def decode_upload(data: bytes, name: str, min_size: int | None = None) -> Image.Image:
+    """An uploaded file as an RGB image; too large (bytes or pixels) or not an image is an InputError naming why.
+    A JPEG is decoded at reduced scale where `min_size` allows."""
     if len(data) > MAX_UPLOAD_BYTES:
         raise InputError(f"{name} is {len(data) / 2**20:.1f} MiB; uploads are limited to "
                          f"{MAX_UPLOAD_BYTES // 2**20} MiB")
     if not data:
         raise InputError(f"{name} is empty")
-    return open_rgb(io.BytesIO(data), name=name)
+    try:
+        with warnings.catch_warnings():  # PIL warns of a large image; the limit below is this page's own
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:  # reads the size only
+                width, height = header.size
+    except Exception:  # not an image (or a bomb past PIL's own limit): open_rgb below says so, in its words
+        width = height = 0
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise InputError(f"{name} is {width} x {height} pixels; uploads are limited to "
+                         f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels: send a smaller copy")
+    return open_rgb(io.BytesIO(data), min_size=min_size, name=name)
 
 
-def indexed_file(search: ImageSearch, identifier: str) -> Path:
-    """The indexed file with this id (its content hash, shortened); anything else (a path, an unknown id, a deleted
-    file) is a 404, so no path in a request is ever opened."""
+async def read_upload(file: Any, min_size: int | None) -> Image.Image:
+    """An uploaded image, decoded; 413 past the size limits, 400 naming why for anything that is not an image."""
     from fastapi import HTTPException
 
-    view = search.view
-    path = view.paths[view.ids.index(identifier)] if identifier in view.ids else None
-    if path is None or not path.is_file():
-        raise HTTPException(status_code=404, detail=f"no indexed image {identifier!r}")
-    return path
+    name = (file.filename or "the upload")[:200]
+    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise HTTPException(status_code=413, detail=f"{name}: uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MiB")
+    try:
+        return decode_upload(data, name, min_size)
+    except UndecodableImageError as error:
+        raise HTTPException(status_code=400, detail=str(error)) from None
+    except InputError as error:
+        raise HTTPException(status_code=413, detail=str(error)) from None
 
 
 def ranked(search: ImageSearch, hits: list[tuple[Path, float]]) -> dict[str, Any]:
     """Search hits as the API returns them: id, path and score, best first."""
-    view = search.view
-    ids = dict(zip(view.paths, view.ids))
-    return {"results": [{"id": ids[path], "path": str(path), "score": score} for path, score in hits if path in ids]}
+    return {"results": [{"id": identifier, "path": str(path), "score": score}
+                        for (path, score), identifier in zip(hits, search.ids_of([path for path, _ in hits]))
+                        if identifier is not None]}
 
 
-async def read_upload(file: Any) -> Image.Image:
-    """An uploaded image, decoded; 413 past the size limit, 400 naming why for anything that is not an image."""
-    from fastapi import HTTPException
-
-    data = await file.read(MAX_UPLOAD_BYTES + 1)
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise HTTPException(status_code=413, detail=f"{file.filename}: uploads are limited to "
-                                                    f"{MAX_UPLOAD_BYTES // 2**20} MiB")
-    try:
-        return decode_upload(data, file.filename or "the upload")
-    except UndecodableImageError as error:
-        raise HTTPException(status_code=400, detail=str(error)) from None
+# ------------------------------------------------------------------------------------------------- the app
 
 
-def create_app(search: ImageSearch, index_path: Path) -> Any:
-    """The FastAPI application over a loaded ImageSearch (its pipeline classifies uploads)."""
+def create_app(search: ImageSearch, index_path: Path, access: AccessPolicy | None = None) -> Any:
+    """The FastAPI application over a loaded ImageSearch (its pipeline classifies uploads); `access` says who may
+    ask (default: this machine only)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 
-    app = FastAPI(title="liteclip", description="Search, find similar and label your photos with a CLIP model.")
+    access = access or AccessPolicy.for_host("127.0.0.1")
+    app = FastAPI(title="liteclip", description="Search, find similar and label your photos with a CLIP model.",
+                  docs_url=None, redoc_url=None)  # their pages load scripts and styles from a CDN
+
+    @app.middleware("http")
+    async def only_for_this_page(request: Request, call_next: Any) -> Any:
+        refusal = access.refusal(request.method, request.url.path, request.headers, dict(request.cookies),
+                                 dict(request.query_params))
+        if refusal is not None:
+            return JSONResponse(status_code=refusal[0], content={"detail": refusal[1]})
+        response = await call_next(request)
+        if access.token is not None and request.cookies.get(TOKEN_COOKIE) != access.token:
+            response.set_cookie(TOKEN_COOKIE, access.token, httponly=True, samesite="strict")
+        return response
 
     @app.exception_handler(LiteclipError)
     async def bad_input(request: Request, error: LiteclipError) -> JSONResponse:
@@ -124,7 +270,7 @@ def create_app(search: ImageSearch, index_path: Path) -> Any:
         return FileResponse(WEB / "index.html", media_type="text/html")
 
     add_api(app, search, index_path)
-    add_files(app, search, Thumbnails(index_path.with_name(f".{index_path.name}.thumbs")))
+    add_files(app, search, Thumbnails(thumbnails_folder(index_path)))
     app.mount("/static", StaticFiles(directory=WEB / "static"), name="static")
     return app
 
@@ -134,59 +280,66 @@ def add_api(app: Any, search: ImageSearch, index_path: Path) -> None:
     from fastapi import File, Form, HTTPException, Query, UploadFile
 
     pipeline = search.pipeline
-
-    # the towers' names as trained (a loaded model's config points its text tower at the model folder)
-    config = pipeline.model.config
-    if (Path(pipeline.model_dir) / CONFIG_NAME).is_file():
-        config = read_model_config(pipeline.model_dir).model
+    towers = pipeline.towers_as_trained()
+    decode_side = image_size(pipeline.model.data_config)
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        return {"model": str(pipeline.model_dir), "image_tower": config.image.name, "text_tower": config.text.name,
-                "embedding_size": config.projection.dim, "images": len(search.paths), "index": str(index_path),
-                "probabilities": pipeline.probabilities, "indexing": search.progress}
+        return {"model": str(pipeline.model_dir), **towers, "embedding_size": pipeline.model.config.projection.dim,
+                "images": len(search.paths), "index": str(index_path), "probabilities": pipeline.probabilities,
+                "indexing": search.progress}
 
     @app.get("/api/search")
-    def search_text(q: str = Query(..., description="text, image paths, or weighted terms: 2:dog + ./a.jpg - grass"),
+    def search_text(q: str = Query(..., max_length=2000,
+                                   description="text, or weighted terms with indexed images: 2:dog + id:ID - grass"),
                     k: int = Query(24, ge=1, le=MAX_RESULTS)) -> dict[str, Any]:
-        return ranked(search, search.query(q, k))
+        return ranked(search, search.query(parse_web_query(q), k))
 
     @app.get("/api/similar")
-    def similar(id: str, k: int = Query(24, ge=1, le=MAX_RESULTS)) -> dict[str, Any]:
-        indexed_file(search, id)
+    def similar(id: str = Query(..., max_length=64), k: int = Query(24, ge=1, le=MAX_RESULTS)) -> dict[str, Any]:
+        if search.indexed_file(id) is None:
+            raise HTTPException(status_code=404, detail=f"no indexed image {id!r}")
         return ranked(search, search.similar_to_indexed(id, k))
 
     @app.post("/api/similar")
     async def similar_upload(file: UploadFile = File(...), k: int = Form(24)) -> dict[str, Any]:
         if not 1 <= k <= MAX_RESULTS:
             raise HTTPException(status_code=400, detail=f"k={k} must be between 1 and {MAX_RESULTS}")
-        return ranked(search, search.similar(await read_upload(file), k))
+        return ranked(search, search.similar(await read_upload(file, decode_side), k))
 
     @app.post("/api/classify")
-    async def classify(file: UploadFile = File(...), labels: str = Form(...)) -> dict[str, Any]:
+    async def classify(file: UploadFile = File(...), labels: str = Form(..., max_length=100_000)) -> dict[str, Any]:
         names = [line.strip() for line in labels.splitlines() if line.strip()]
-        predictions = pipeline.predict(await read_upload(file), names)
+        if len(names) > MAX_LABELS:
+            raise HTTPException(status_code=400, detail=f"{len(names)} labels; the page takes up to {MAX_LABELS}")
+        predictions = pipeline.predict(await read_upload(file, decode_side), names)
         return {"probabilities": pipeline.probabilities,
                 "predictions": [{"label": label, "probability": probability} for label, probability in predictions]}
 
 
 def add_files(app: Any, search: ImageSearch, thumbnails: Thumbnails) -> None:
-    """/thumb/{id} and /image/{id}: indexed files only."""
+    """/thumb/{id} and /image/{id}: indexed files only, while they are what was indexed."""
     from fastapi import HTTPException
-    from fastapi.responses import FileResponse
+    from fastapi.responses import Response
 
     @app.get("/thumb/{identifier}")
-    def thumbnail(identifier: str) -> FileResponse:
-        path = indexed_file(search, identifier)
+    @app.head("/thumb/{identifier}", include_in_schema=False)
+    def thumbnail(identifier: str) -> Response:
+        path, stamp, data = open_indexed(search, identifier)
         try:
-            return FileResponse(thumbnails.path_for(path), media_type="image/jpeg")
+            jpeg = thumbnails.jpeg(identifier, path, data, stamp)
         except UndecodableImageError as error:
             raise HTTPException(status_code=404, detail=str(error)) from None
+        return Response(jpeg, media_type="image/jpeg")
 
     @app.get("/image/{identifier}")
-    def image(identifier: str) -> FileResponse:
-        path = indexed_file(search, identifier)
-        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+    @app.head("/image/{identifier}", include_in_schema=False)
+    def image(identifier: str) -> Response:
+        path, _, data = open_indexed(search, identifier)
+        return Response(data, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+
+
+# ------------------------------------------------------------------------------------------------- running
 
 
 def index_in_background(search: ImageSearch, folder: Path, index_path: Path) -> threading.Thread:
@@ -195,7 +348,7 @@ def index_in_background(search: ImageSearch, folder: Path, index_path: Path) -> 
     def run() -> None:
         try:
             search.index(folder, index_path, show_progress=False, chunk_size=INDEXING_CHUNK)
-            logger.info("indexing %s done: %d images", folder, len(search.paths))
+            logger.info("indexing %s done: %d images (%d skipped)", folder, len(search.paths), len(search.skipped))
         except (LiteclipError, OSError) as error:
             logger.error("indexing %s stopped: %s", folder, error)
 
@@ -205,16 +358,19 @@ def index_in_background(search: ImageSearch, folder: Path, index_path: Path) -> 
 
 
 def serve(search: ImageSearch, index_path: Path, host: str = "127.0.0.1", port: int = 8765,
-          folder: Path | None = None) -> None:
-    """Runs the page until Ctrl-C (indexing `folder` meanwhile, when given); anything but localhost is said out
-    loud first."""
+          folder: Path | None = None, allowed_hosts: tuple[str, ...] = ()) -> None:
+    """Runs the page until Ctrl-C (indexing `folder` meanwhile, when given); anything but this machine is said out
+    loud first and needs the access token printed with the address."""
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("serving on %s: anyone who can reach this machine on port %d can see every indexed photo",
-                       host, port)
+    access = AccessPolicy.for_host(host, allowed_hosts)
+    if access.token is not None:
+        logger.warning("serving on %s: anyone who can reach this machine on port %d and has the address with its "
+                       "token can see every indexed photo", host, port)
     if folder is not None:
         index_in_background(search, folder, index_path)
+    shown = f"[{host}]" if ":" in host else host
+    address = f"http://{shown}:{port}/" + (f"?token={access.token}" if access.token else "")
     print(f"liteclip: {len(search.paths)} images from {index_path}{f', indexing {folder}' if folder else ''} on "
-          f"http://{host}:{port}/  (Ctrl-C stops)")
-    uvicorn.run(create_app(search, index_path), host=host, port=port, log_level="warning")
+          f"{address}  (Ctrl-C stops)")
+    uvicorn.run(create_app(search, index_path, access), host=host, port=port, log_level="warning")

@@ -1,4 +1,5 @@
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from liteclip.config import Config, ConfigError, load_config
 
@@ -154,7 +155,7 @@ def test_a_utf16_config_is_read_and_a_binary_one_is_a_config_error(tmp_path):
     ("optim.weight_decay=.inf", "optim.weight_decay"), ("distill.weight=.inf", "distill.weight"),
     ("optim.lr=-.inf", "optim.lr"), ("optim.tower_lr=inf", "optim.tower_lr"),
     ("model.image.model_kwargs={drop_rate: .nan}", "model.image.model_kwargs.drop_rate"),
-    ("optim.betas=[0.9, .nan]", r"optim.betas\[1\]"),
+    ("optim.betas=[0.9, .nan]", r"optim.betas\[1\]"), ("optim.lr=" + "1" * 400, "optim.lr"),
 ])
 def test_every_non_finite_number_is_refused_naming_its_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("optim.", r"optim\.") + r"=.* is not a finite number"):
@@ -177,3 +178,39 @@ def test_a_long_value_in_an_error_is_cut_short():
     with pytest.raises(ConfigError) as error:
         load_config(None, ["train.epochs=[" + ", ".join(["12345"] * 2000) + "]"])
     assert "train.epochs must be int" in str(error.value) and len(str(error.value)) < 300
+
+
+def dotted_keys(cls=Config, prefix=""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for item in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[item.name]):
+            keys += dotted_keys(hints[item.name], f"{prefix}{item.name}.")
+        else:
+            keys.append(f"{prefix}{item.name}")
+    return keys
+
+
+VALUE_TEXT = st.one_of(
+    st.sampled_from([".inf", "-.inf", ".nan", "1e309", "-1", "0", "1e-4", "true", "null", "[]", "{}", "[1, 2]",
+                     "{a: 1}", "&a [*a]", "'", "\"", "{", "[", "a: b: c", "!!python/object:os.system", "~", "1" * 400,
+                     "0x10", "1_000", "2026-12-07", "yes", "é", "\t", "- a"]),
+    st.text(max_size=40), st.integers(-10**20, 10**20).map(str), st.floats().map(repr))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(key=st.sampled_from(dotted_keys()) | st.text(max_size=20), value=VALUE_TEXT)
+def test_no_set_value_gives_anything_but_a_config_or_a_one_line_config_error(key, value):
+    import math
+
+    try:
+        config = load_config(None, [f"{key}={value}"])
+    except ConfigError as error:
+        assert "Traceback" not in str(error) and len(str(error)) < 2000
+        return
+    floats = [v for section in (config.optim, config.train, config.distill, config.model) for v in vars(section).values()
+              if isinstance(v, float)]
+    assert all(math.isfinite(v) for v in floats)

@@ -86,3 +86,35 @@ def test_more_views_than_memory_holds_and_views_without_the_cache_are_config_err
         tiny_config(tmp_path, "train.cached_views=2")
     with pytest.raises(ConfigError, match="train.cached_views=0 must be >= 1"):
         tiny_config(tmp_path, *LOCKED, "train.cached_views=0")
+
+
+def test_swapped_files_with_their_stamps_restored_are_encoded_again_and_a_damaged_cache_is_recomputed(tmp_path, caplog):
+    """Issue 38: the cache was keyed on (size, mtime), so two same-size files swapped with their stamps restored
+    kept each other's features; a truncated cache file was a raw safetensors traceback."""
+    import os
+
+    from liteclip.feature_cache import cached_image_features, feature_cache_key
+    from tests.conftest import draw_image
+
+    first, second = draw_image(tmp_path / "a.bmp", (200, 20, 20)), draw_image(tmp_path / "b.bmp", (20, 20, 200))
+    assert first.stat().st_size == second.stat().st_size  # same size: only the content tells them apart
+    config = tiny_config(tmp_path, *LOCKED, "data.demo_num_images=20")
+    load_splits(config.data)  # the demo's own text tower is written with its data
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    cache = tmp_path / "cache"
+    before = cached_image_features(model, [first, second], cache, torch.device("cpu"), FP32)
+    stamps = [(path.stat().st_atime_ns, path.stat().st_mtime_ns) for path in (first, second)]
+    contents = first.read_bytes(), second.read_bytes()
+    first.write_bytes(contents[1])
+    second.write_bytes(contents[0])
+    for path, times in zip((first, second), stamps):
+        os.utime(path, ns=times)
+    after = cached_image_features(model, [first, second], cache, torch.device("cpu"), FP32)
+    torch.testing.assert_close(after, before.flip(0))
+    damaged = cache / f"image_features_{feature_cache_key(model, [first, second], FP32)}.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        again = cached_image_features(model, [first, second], cache, torch.device("cpu"), FP32)
+    torch.testing.assert_close(again, after)
+    assert "is damaged" in caplog.text

@@ -183,3 +183,86 @@ def test_an_index_written_before_content_hashes_still_lends_its_embeddings(model
     encoded = counting_encoder(monkeypatch)
     assert search.index(photos, index_path, show_progress=False) == 0 and sum(encoded) == 0
     assert all(entry.get("sha256") for entry in search_index.read_index(index_path)[0]["files"])
+
+
+# ------------------------------------------------------------------------- files that change or resist (issue 38)
+
+
+def test_a_photo_changed_between_hashing_and_encoding_is_filed_under_what_was_encoded(model_dir, photos, tmp_path,
+                                                                                     monkeypatch):
+    """Issue 38: a photo overwritten after it was hashed and before it was encoded kept the new content's embedding
+    under the old content's hash, and later copies of the old content reused it."""
+    import hashlib
+
+    changed = photos / "03.png"
+    old_content = changed.read_bytes()
+    real_hashes = pipeline_module.content_hashes
+
+    def then_overwritten(*args, **kwargs):
+        found = real_hashes(*args, **kwargs)
+        draw_image(changed, (250, 250, 10), size=50)  # rewritten by another program meanwhile
+        return found
+
+    monkeypatch.setattr(pipeline_module, "content_hashes", then_overwritten)
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    search.index(photos, tmp_path / "photos.index", show_progress=False)
+    monkeypatch.undo()
+    truth = search.pipeline.encode_images  # the embedding of whatever a file holds now
+    row = search.paths.index(changed.resolve())
+    assert search.ids[row] == hashlib.sha256(changed.read_bytes()).hexdigest()[:16]
+    torch.testing.assert_close(search.embeddings[row], truth([changed])[0], atol=1e-5, rtol=0)
+    (photos / "copy_of_the_old_03.png").write_bytes(old_content)  # the old content arrives again later
+    assert search.index(photos, tmp_path / "photos.index", show_progress=False) == 1  # encoded, not reused wrongly
+    copy = search.paths.index((photos / "copy_of_the_old_03.png").resolve())
+    torch.testing.assert_close(search.embeddings[copy], truth([photos / "copy_of_the_old_03.png"])[0], atol=1e-5,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("where", ["hashing", "decoding"])
+def test_an_unreadable_photo_is_skipped_and_counted_and_the_rest_indexed(model_dir, photos, tmp_path, monkeypatch,
+                                                                         capsys, where):
+    """Issue 38: one unreadable (chmod 000) photo stopped `liteclip index`. (The suite may run as root, for whom
+    chmod 000 reads anyway, so the refusal is the operating system's error, raised where it would be.)"""
+    import json
+
+    from liteclip.checkpoint import sha256_of
+    from liteclip.cli import main
+
+    locked = str((photos / "07.png").resolve())
+    if where == "hashing":
+        monkeypatch.setattr(pipeline_module, "sha256_of", lambda path: sha256_of(path) if str(path) != locked
+                            else (_ for _ in ()).throw(PermissionError(13, "Permission denied", locked)))
+    else:
+        real_read = Path.read_bytes
+        monkeypatch.setattr(Path, "read_bytes", lambda path: real_read(path) if str(path.resolve()) != locked
+                            else (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path))))
+    assert main(["index", str(photos), "--index", str(tmp_path / "p.index"), "--model-dir", str(model_dir),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 11 and len(report["skipped"]) == 1
+    assert report["skipped"][0]["reason"] == "cannot be read (permission denied)"
+
+
+def test_a_photo_gone_between_listing_and_hashing_is_skipped_not_a_stop(model_dir, photos, tmp_path, monkeypatch):
+    real_list = pipeline_module.list_images
+    monkeypatch.setattr(pipeline_module, "list_images",
+                        lambda *args, **kwargs: real_list(*args, **kwargs) + [photos / "gone.png"])
+    search = ImageSearch(ZeroShotPipeline(model_dir))
+    search.index(photos, tmp_path / "p.index", show_progress=False)
+    assert len(search.paths) == 12 and [row.reason for row in search.skipped] == [
+        "is gone (moved or deleted since it was listed)"]
+
+
+def test_print0_separates_paths_with_nul_so_a_newline_in_a_name_cannot_split_one(model_dir, photos, tmp_path,
+                                                                                 capsysbinary):
+    from liteclip.cli import main
+
+    odd = photos / "two\nlines.png"
+    draw_image(odd, (1, 250, 1))
+    assert main(["index", str(photos), "--index", str(tmp_path / "p.index"), "--model-dir", str(model_dir)]) == 0
+    capsysbinary.readouterr()
+    assert main(["search", "x", "--index", str(tmp_path / "p.index"), "--model-dir", str(model_dir), "--print0",
+                 "--top-k", "13"]) == 0
+    printed = capsysbinary.readouterr().out.split(b"\0")
+    assert printed[-1] == b"" and len(printed) == 14
+    assert str(odd.resolve()).encode() in printed[:-1]

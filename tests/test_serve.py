@@ -7,9 +7,12 @@ import io
 import logging
 import time
 
+from urllib.parse import quote
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from liteclip import ImageSearch, ZeroShotPipeline
@@ -17,6 +20,7 @@ from liteclip import pipeline as pipeline_module
 from liteclip import serve as serve_module
 from tests.conftest import draw_image
 
+LOCAL = "http://127.0.0.1:8765"  # the Host the page is opened by (TestClient's default, "testserver", is refused)
 COLOURS = [(200, 30, 30), (30, 160, 60), (40, 70, 210), (230, 200, 40), (140, 40, 170), (240, 130, 30)]
 
 
@@ -35,7 +39,7 @@ def served(model_dir, tmp_path):
     from fastapi.testclient import TestClient
 
     search, photos, index_path = indexed_photos(model_dir, tmp_path / "photos")
-    return TestClient(serve_module.create_app(search, index_path)), search, photos
+    return TestClient(serve_module.create_app(search, index_path), base_url=LOCAL), search, photos
 
 
 def png_bytes(colour=(10, 200, 30)) -> bytes:
@@ -60,7 +64,7 @@ def test_info_search_and_similar_answer_as_the_library_does(served):
 
 def test_a_weighted_query_with_an_image_term_is_the_weighted_sum_of_the_terms(served):
     client, search, photos = served
-    query = f"3:{photos[4]} + a photo of a dog - a red square"
+    query = f"3:id:{search.ids[search.paths.index(photos[4].resolve())]} + a photo of a dog - a red square"
     results = client.get("/api/search", params={"q": query, "k": 6}).json()["results"]
     pipeline = search.pipeline
     texts = pipeline.encode_labels(["a photo of a dog", "a red square"])
@@ -90,10 +94,14 @@ def test_thumbnails_are_made_once_beside_the_index_and_images_are_served_as_they
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(thumbnail.content)).size == (48, 48)
     cached = list((tmp_path / ".photos.index.thumbs").glob("*.jpg"))
+    assert client.head(f"/thumb/{row}").status_code == 200
     assert len(cached) == 1
     client.get(f"/thumb/{row}")
     assert list((tmp_path / ".photos.index.thumbs").glob("*.jpg")) == cached
     assert client.get(f"/image/{row}").content == photos[1].read_bytes()
+    head = client.head(f"/image/{row}")  # HEAD as GET, without the body
+    assert head.status_code == 200 and int(head.headers["content-length"]) == photos[1].stat().st_size
+    assert not head.content
 
 
 @pytest.mark.parametrize("url", ["/thumb/../../etc/passwd", "/image/%2e%2e%2fetc%2fpasswd", "/image/0",
@@ -118,6 +126,7 @@ def test_bad_uploads_and_queries_get_a_status_and_a_reason(served, monkeypatch):
     assert client.get("/api/search", params={"q": "dog", "k": 0}).status_code == 422
     missing = client.get("/api/search", params={"q": "2:dog + ./nowhere.png"})
     assert missing.status_code == 400 and "nowhere.png" in missing.json()["detail"]
+    assert "never opens files" in missing.json()["detail"]
 
 
 def test_the_page_and_its_script_are_served_with_no_outside_resources(served):
@@ -126,6 +135,7 @@ def test_the_page_and_its_script_are_served_with_no_outside_resources(served):
     assert page.status_code == 200 and 'id="query"' in page.text and "/static/app.js" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: it works offline
     assert client.get("/static/app.js").status_code == 200 and client.get("/openapi.json").status_code == 200
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404  # they load CDNs
 
 
 def test_serving_beyond_localhost_says_so(served, monkeypatch, caplog, capsys):
@@ -137,7 +147,8 @@ def test_serving_beyond_localhost_says_so(served, monkeypatch, caplog, capsys):
     assert started == {"host": "127.0.0.1", "port": 8766} and not caplog.records
     with caplog.at_level(logging.WARNING, logger="liteclip.serve"):
         serve_module.serve(search, search.pipeline.model_dir, host="0.0.0.0", port=8766)
-    assert "anyone who can reach this machine" in caplog.text
+    assert "anyone who can reach this machine" in caplog.text and "token" in caplog.text
+    assert "?token=" in capsys.readouterr().out
 
 
 def test_a_folder_indexed_while_serving_is_searchable_as_it_goes_and_every_answer_is_consistent(
@@ -159,7 +170,7 @@ def test_a_folder_indexed_while_serving_is_searchable_as_it_goes_and_every_answe
 
     monkeypatch.setattr(pipeline_module, "encode_decodable_image_files", slowly)
     search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
-    client = TestClient(serve_module.create_app(search, tmp_path / "photos.index"))
+    client = TestClient(serve_module.create_app(search, tmp_path / "photos.index"), base_url=LOCAL)
     thread = serve_module.index_in_background(search, tmp_path / "photos", tmp_path / "photos.index")
     seen_counts = set()
     while thread.is_alive() or not seen_counts:
@@ -178,3 +189,166 @@ def test_a_folder_indexed_while_serving_is_searchable_as_it_goes_and_every_answe
     assert info["images"] == 24 and info["indexing"] == {"done": 24, "total": 24}
     assert len(client.get("/api/search", params={"q": "a photo of a dog", "k": 50}).json()["results"]) == 24
     assert (tmp_path / "photos.index").is_file()
+
+
+# ------------------------------------------------------------------- what a web page cannot reach (issue 38)
+
+
+def test_a_path_in_a_query_is_never_opened_and_the_reply_does_not_tell_whether_it_exists(served, tmp_path,
+                                                                                          monkeypatch):
+    """Issue 38: `?q=./x.jpg` (or an absolute path) made the server read and rank a file outside the folder."""
+    client, search, photos = served
+    secret = draw_image(tmp_path / "private" / "secret.jpg", (200, 30, 30))
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda file, *a, **k: opened.append(str(file)) or real_open(file, *a, **k))
+    replies = {}
+    absent = secret.with_name("absent.jpg")  # a name as long as the secret's: the replies differ in it alone
+    for query in (str(secret), str(absent), f"2:dog + {secret}", "./secret.jpg", "~/secret.jpg", "secret.jpg",
+                  "file:///etc/passwd"):
+        answer = client.get("/api/search", params={"q": query})
+        assert answer.status_code == 400 and "never opens files" in answer.json()["detail"]
+        replies[query] = answer.json()["detail"].replace("secret", "X").replace("absent", "X")
+    assert replies[str(secret)] == replies[str(absent)]  # there or not: the same reply
+    assert not [name for name in opened if "secret" in name or "absent" in name]
+
+
+def test_an_indexed_id_in_a_query_is_that_image_and_an_unknown_id_is_a_400(served):
+    client, search, photos = served
+    row = search.ids[search.paths.index(photos[2].resolve())]
+    best = client.get("/api/search", params={"q": f"id:{row}", "k": 1}).json()["results"][0]
+    assert best["id"] == row and best["score"] == pytest.approx(1.0, abs=1e-4)
+    unknown = client.get("/api/search", params={"q": "id:0123456789abcdef"})
+    assert unknown.status_code == 400 and "no indexed image" in unknown.json()["detail"]
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8765", "127.0.0.1.evil.example", "localhost.evil",
+                                  "[::2]:8765", "", "192.168.1.5"])
+def test_a_foreign_host_name_is_refused_on_every_route_so_dns_rebinding_reads_nothing(served, host):
+    client, search, _ = served
+    for url in ("/", "/api/info", "/api/search?q=dog", f"/image/{search.ids[0]}", f"/thumb/{search.ids[0]}",
+                "/static/app.js", "/openapi.json"):
+        answer = client.get(url, headers={"host": host})
+        assert answer.status_code == 403 and "answers only for" in answer.json()["detail"], url
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8765", "localhost:8765", "LOCALHOST", "[::1]:8765", "localhost."])
+def test_this_machines_own_names_are_answered(served, host):
+    client, _, _ = served
+    assert client.get("/api/info", headers={"host": host}).status_code == 200
+
+
+def test_another_website_cannot_post_uploads_or_embed_the_images_but_a_link_to_the_page_opens_it(served):
+    client, search, photos = served
+    upload = {"file": ("q.png", png_bytes(), "image/png")}
+    for origin in ("http://evil.example", "http://localhost:3000", "null", "https://127.0.0.1:8765"):
+        answer = client.post("/api/similar", files=upload, headers={"origin": origin})
+        assert answer.status_code == 403 and "other websites" in answer.json()["detail"], origin
+    assert client.post("/api/similar", files=upload, headers={"origin": LOCAL}).status_code == 200
+    embedded = client.get(f"/image/{search.ids[0]}", headers={"sec-fetch-site": "cross-site",
+                                                              "sec-fetch-mode": "no-cors"})
+    assert embedded.status_code == 403
+    linked = client.get("/", headers={"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate"})
+    assert linked.status_code == 200
+    own = client.get(f"/thumb/{search.ids[0]}", headers={"sec-fetch-site": "same-origin", "sec-fetch-mode": "no-cors"})
+    assert own.status_code == 200
+
+
+def test_beyond_this_machine_every_request_needs_the_access_token(served):
+    from fastapi.testclient import TestClient
+
+    _, search, _ = served
+    access = serve_module.AccessPolicy.for_host("0.0.0.0", allowed_hosts=("photos.lan",))
+    assert access.token and len(access.token) >= 24
+    client = TestClient(serve_module.create_app(search, search.pipeline.model_dir, access),
+                        base_url="http://photos.lan:8765")
+    for url in ("/", "/api/info", f"/image/{search.ids[0]}"):
+        answer = client.get(url)
+        assert answer.status_code == 403 and "access token" in answer.json()["detail"], url
+    assert client.get("/", params={"token": access.token[:-1] + "x"}).status_code == 403
+    assert client.get("/", params={"token": access.token}).status_code == 200  # sets the cookie the page then uses
+    assert client.get("/api/info").status_code == 200 and client.cookies.get(serve_module.TOKEN_COOKIE)
+    assert client.get("/api/info", headers={"host": "evil.example:8765"}).status_code == 403  # token or not
+    assert serve_module.AccessPolicy.for_host("127.0.0.1").token is None
+    assert serve_module.AccessPolicy.for_host("::1").token is None
+
+
+def test_a_photo_replaced_by_a_link_or_changed_after_indexing_is_not_served(served, tmp_path):
+    """Issue 38: /image/{id} served whatever the indexed path pointed to now (a link to a secret, say)."""
+    client, search, photos = served
+    secret = tmp_path / "secret.txt"
+    secret.write_text("my bank password")
+    linked, edited = search.ids[search.paths.index(photos[0].resolve())], search.ids[search.paths.index(
+        photos[1].resolve())]
+    photos[0].unlink()
+    photos[0].symlink_to(secret)
+    draw_image(photos[1], (1, 2, 3))  # rewritten in place: no longer the indexed content
+    for identifier in (linked, edited):
+        for kind in ("image", "thumb"):
+            answer = client.get(f"/{kind}/{identifier}")
+            assert answer.status_code == 404 and b"password" not in answer.content
+
+
+def test_an_index_inside_its_own_folder_never_indexes_its_thumbnails(model_dir, tmp_path):
+    """Issue 38: with the index inside the folder, the next run indexed the server's thumbnails (10 -> 20)."""
+    from fastapi.testclient import TestClient
+
+    folder = tmp_path / "photos"
+    for i, colour in enumerate(COLOURS):
+        draw_image(folder / f"{i}.png", colour)
+    search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
+    search.index(folder, folder / "photos.index", show_progress=False)
+    client = TestClient(serve_module.create_app(search, folder / "photos.index"), base_url=LOCAL)
+    for identifier in search.ids:
+        assert client.get(f"/thumb/{identifier}").status_code == 200
+    assert len(list((folder / ".photos.index.thumbs").iterdir())) == len(COLOURS)
+    assert search.index(folder, folder / "photos.index", show_progress=False) == 0
+    assert len(search.paths) == len(COLOURS)
+
+
+def test_a_huge_upload_is_refused_by_its_size_before_it_is_decoded(served, monkeypatch):
+    """Issue 38: a 140 KB 12000x12000 PNG took the server from 1.0 to 2.9 GB and 5.8 s."""
+    client, _, _ = served
+    buffer = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(buffer, format="PNG")  # small on disk, 144 megapixels decoded
+    assert len(buffer.getvalue()) < 1_000_000
+    decoded = []
+    monkeypatch.setattr(serve_module, "open_rgb", lambda *a, **k: decoded.append(1))
+    started = time.perf_counter()
+    answer = client.post("/api/similar", files={"file": ("wide.png", buffer.getvalue(), "image/png")})
+    assert answer.status_code == 413 and "12000 x 12000 pixels" in answer.json()["detail"] and not decoded
+    assert time.perf_counter() - started < 2
+
+
+def test_the_label_cache_keeps_a_bounded_number_of_label_sets(served):
+    _, search, _ = served
+    pipeline = search.pipeline
+    for i in range(pipeline_module.LABEL_CACHE_SIZE + 10):
+        pipeline.encode_labels([f"label {i}", "other"])
+    assert len(pipeline._label_cache) == pipeline_module.LABEL_CACHE_SIZE
+    torch.testing.assert_close(pipeline.encode_labels(["label 70", "other"]),
+                               pipeline.encode_labels(["label 70", "other"]))
+
+
+API_TEXT = (st.lists(st.sampled_from(list("ab .:/+-~%\\0é\n") + ["id:", ".jpg", " + ", " - ", "9" * 400, "../",
+                                                                  "x" * 300, "0123abcd"]), max_size=25).map("".join)
+            | st.text(max_size=300))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(q=API_TEXT, k=st.one_of(st.integers(-5, 10**12), st.text(max_size=8)), identifier=API_TEXT,
+       labels=st.text(max_size=200))
+def test_no_request_parameter_gives_a_500_or_a_traceback(served, q, k, identifier, labels):
+    from fastapi.testclient import TestClient
+
+    client, search, _ = served
+    client = TestClient(client.app, base_url=LOCAL, raise_server_exceptions=False)
+    answers = [client.get("/api/search", params={"q": q, "k": k}),
+               client.get("/api/similar", params={"id": identifier, "k": k}),
+               client.get(f"/image/{quote(identifier, safe='')}"), client.get(f"/thumb/{quote(identifier, safe='')}"),
+               client.post("/api/classify", files={"file": ("a.png", png_bytes(), "image/png")},
+                           data={"labels": labels}),
+               client.post("/api/similar", files={"file": ("a.png", png_bytes(), "image/png")}, data={"k": str(k)})]
+    for answer in answers:
+        assert answer.status_code in (200, 400, 404, 405, 413, 422), (answer.request.url, answer.text[:300])
+        assert "Traceback" not in answer.text

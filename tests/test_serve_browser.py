@@ -91,6 +91,15 @@ def test_search_more_like_this_and_zero_shot_in_a_real_browser(server, browser, 
     second.find_element("css selector", "button.more").click()
     wait.until(lambda driver: "image" in driver.find_element("id", "status").text and first_card_id(driver) == wanted)
 
+    third = browser.find_elements("css selector", "#results .card")[2]
+    wanted = third.get_attribute("data-id")
+    browser.find_element("id", "query").clear()
+    third.find_element("css selector", "button.add").click()  # an image term by id: the query box holds id:...
+    assert browser.find_element("id", "query").get_attribute("value") == f"id:{wanted}"
+    browser.find_element("id", "query").send_keys("\n")
+    wait.until(lambda driver: f"id:{wanted}" in driver.find_element("id", "status").text
+               and first_card_id(driver) == wanted)
+
     browser.find_element("id", "classify-image").send_keys(str(photos[2]))
     browser.find_element("css selector", "#classify-form button").click()
     wait.until(expected_conditions.presence_of_element_located(("css selector", "#bars .bar")))

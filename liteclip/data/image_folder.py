@@ -23,30 +23,47 @@ IMAGE_SUFFIXES = ({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".t
                      if suffix in Image.registered_extensions()})
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def list_images(folder: str | Path, exclude: Sequence[str | Path] = ()) -> list[Path]:
     """Every image file under `folder`, recursively (symlinked folders followed, each real folder once), sorted.
-    Files left out for their format are counted in a warning by suffix, hidden files aside."""
+
+    What is left out is said in warnings: files of other formats (counted by suffix, hidden files aside), links that
+    lead nowhere, image names that are not regular files (a FIFO, a device), and folders that cannot be read.
+    `exclude`: folders not to enter (an index's own thumbnails, when the index lies inside the folder).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
+    excluded = {os.path.realpath(path) for path in exclude}
     images, left_out, seen = [], Counter(), set()
-    for directory, subfolders, names in os.walk(folder, followlinks=True):
+    broken_links, not_files, unreadable = [], [], []
+    for directory, subfolders, names in os.walk(folder, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(directory)
-        if real in seen:  # a link back up the tree, or a second link to one folder
+        if real in seen or real in excluded:  # a link back up the tree, a second link to one folder, or our own
             subfolders.clear()
             continue
         seen.add(real)
         for name in names:
             path = Path(directory) / name
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                if not name.startswith("."):
+                    left_out[path.suffix.lower() or "(no suffix)"] += 1
+            elif path.is_file():
                 images.append(path)
-            elif not name.startswith("."):
-                left_out[path.suffix.lower() or "(no suffix)"] += 1
+            elif path.is_symlink() and not path.exists():
+                broken_links.append(path)
+            else:
+                not_files.append(path)
     if left_out:
         counts = ", ".join(f"{count} {suffix}" for suffix, count in left_out.most_common())
         logger.warning("%s: left out %d file(s) that are not images liteclip reads (%s); it reads %s, so convert "
                        "any photos among them to JPEG (or install pillow-heif for HEIC)", folder,
                        sum(left_out.values()), counts, " ".join(sorted(IMAGE_SUFFIXES)))
+    for found, what in ((broken_links, "link(s) that lead to no file"),
+                        (not_files, "image name(s) that are not regular files (a pipe, a device, a socket)"),
+                        ([Path(error.filename or "?") for error in unreadable],
+                         "folder(s) that cannot be read (check their permissions)")):
+        if found:
+            logger.warning("%s: left out %d %s, first: %s", folder, len(found), what, found[0])
     return sorted(images)
 
 

@@ -20,6 +20,9 @@ any memory is spent on them; `python -m liteclip.data prepare` writes a smaller 
 
 from __future__ import annotations
 
+import hashlib
+import io
+
 from pathlib import Path
 from typing import BinaryIO
 
@@ -103,7 +106,29 @@ def open_rgb(path: Path | BinaryIO, min_size: int | None = None, name: str | Pat
             name, f"too large to decode safely ({error}; the limit is {MAX_PIXELS:,} pixels)",
             "shrink the dataset with `python -m liteclip.data prepare SRC DST --size 512`, or raise "
             "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+    except (PermissionError, FileNotFoundError) as error:
+        raise unreadable(name, error) from None
     except UnidentifiedImageError:  # PIL's own message repeats the path, or names a stream object's address
         raise UndecodableImageError.of(name, "cannot decode image (not a format PIL recognises)", ADVICE) from None
     except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken or truncated files
         raise UndecodableImageError.of(name, f"cannot decode image ({error})", ADVICE) from None
+
+
+def unreadable(path: Path, error: OSError) -> UndecodableImageError:
+    """The error for a file that cannot even be read, saying why in words (not "cannot decode")."""
+    if isinstance(error, PermissionError):
+        return UndecodableImageError.of(path, "cannot be read (permission denied)",
+                                        "check the file's permissions, or remove it")
+    if isinstance(error, FileNotFoundError):
+        return UndecodableImageError.of(path, "is gone (moved or deleted since it was listed)", "run the command again")
+    return UndecodableImageError.of(path, f"cannot be read ({error.strerror or error})", ADVICE)
+
+
+def read_hashed(path: Path, min_size: int | None = None) -> tuple[np.ndarray, str]:
+    """A file's decoded RGB pixels (H, W, 3) and the SHA-256 of the very bytes they were decoded from: the file is
+    read once, so a file changed meanwhile can never pair one content's hash with another's pixels."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise unreadable(Path(path), error) from None
+    return np.asarray(open_rgb(io.BytesIO(data), min_size, name=path)), hashlib.sha256(data).hexdigest()

@@ -20,3 +20,33 @@ def test_symlinked_folders_are_followed_once_and_left_out_files_are_counted_by_f
         found = list_images(photos)
     assert found == [photos / "a.png", photos / "trip" / "b.jpg"]
     assert "left out 3 file(s)" in caplog.text and "2 .heic" in caplog.text and "1 .txt" in caplog.text
+
+
+def test_broken_links_fifos_and_unreadable_folders_are_each_named_for_what_they_are(tmp_path, caplog, monkeypatch):
+    """Issue 38: broken links and FIFOs were called "not images liteclip reads", and an unreadable subfolder was
+    left out without a word."""
+    import os
+
+    from liteclip.data import image_folder
+
+    photos = tmp_path / "photos"
+    draw_image(photos / "a.png", (10, 10, 10))
+    (photos / "moved.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(photos / "pipe.png")
+    (photos / "private").mkdir()
+    real_walk = os.walk
+
+    def walk(top, **kwargs):  # the suite may run as root, whom chmod 000 does not stop: the OS's error, as it comes
+        for entry in real_walk(top, **kwargs):
+            if entry[0] == str(photos):
+                kwargs["onerror"](PermissionError(13, "Permission denied", str(photos / "private")))
+                entry[1].remove("private")
+            yield entry
+
+    monkeypatch.setattr(image_folder.os, "walk", walk)
+    with caplog.at_level(logging.WARNING, logger="liteclip.data.image_folder"):
+        assert list_images(photos) == [photos / "a.png"]  # and the FIFO is never opened, so nothing hangs
+    assert "1 link(s) that lead to no file, first: " in caplog.text and "moved.jpg" in caplog.text
+    assert "1 image name(s) that are not regular files" in caplog.text and "pipe.png" in caplog.text
+    assert "1 folder(s) that cannot be read" in caplog.text and "private" in caplog.text
+    assert "not images liteclip reads" not in caplog.text

@@ -1,4 +1,4 @@
-// The page's only script: it calls the JSON API under it (see /docs) and draws what comes back.
+// The page's only script: it calls the JSON API under it (see /openapi.json) and draws what comes back.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -31,7 +31,17 @@ function showResults(data, what) {
     more.className = "more";
     more.textContent = "more like this";
     more.addEventListener("click", () => run(api(`/api/similar?id=${hit.id}&k=24`), `image ${hit.path}`));
-    meta.append(score, more);
+    // an image term of a weighted query is an indexed image's id: the server never opens a path from the page
+    const add = document.createElement("button");
+    add.className = "add";
+    add.textContent = "+ query";
+    add.title = "add this image to the query as a term (then weight it, or subtract it with -)";
+    add.addEventListener("click", () => {
+      const box = $("query");
+      box.value = box.value.trim() ? `${box.value.trim()} + id:${hit.id}` : `id:${hit.id}`;
+      box.focus();
+    });
+    meta.append(score, more, add);
     card.append(img, meta);
     grid.append(card);
   }
