@@ -119,7 +119,21 @@ def read_hf_checkpoint(name_or_dir: str, base: ModelConfig | None = None) -> Con
     """A transformers CLIP or SigLIP checkpoint (by its config's model_type) as liteclip's config and weights."""
     from transformers import AutoConfig
 
-    model_type = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False).model_type
+    path = Path(name_or_dir)
+    if path.is_dir() and not (path / "config.json").is_file():
+        what = ("a liteclip model folder; init_from takes Hugging Face CLIP and SigLIP checkpoints and open_clip "
+                "specs (to train a saved liteclip model further, load it with CLIP.from_pretrained)"
+                if (path / "config.yaml").is_file() else "a folder without the config.json of a Hugging Face model")
+        raise ConfigError(f"model.init_from={name_or_dir!r} is {what}")
+    try:
+        model_type = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False).model_type
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.init_from={name_or_dir!r} could not be read as a Hugging Face checkpoint "
+                          f"({str(error).splitlines()[0][:200]})") from None
+    if model_type not in HF_CHECKPOINT_TYPES:
+        raise ConfigError(f"model.init_from={name_or_dir!r} is a {model_type!r} model, not a CLIP or SigLIP "
+                          f"checkpoint ({', '.join(sorted(HF_CHECKPOINT_TYPES))}); name a checkpoint of one of those, "
+                          f"or set the towers by model.image.name and model.text.name")
     if model_type == "siglip2":
         raise ConfigError(f"{name_or_dir} is a SigLIP 2 NaFlex checkpoint (Siglip2Model), whose image tower takes "
                           f"patches at each image's own resolution; liteclip feeds fixed-size images. Use a "

@@ -82,17 +82,23 @@ def data_config_of(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def create(architecture: str, pretrained: str | None) -> torch.nn.Module:
-    """open_clip.create_model, with its errors as one clear line naming the architecture or the weights."""
+    """open_clip.create_model, with its errors as one clear line naming the architecture or the weights. A spec
+    that names no weights is refused: open_clip would build the model with random weights and only warn."""
     import open_clip
 
+    if pretrained is None and not architecture.startswith(("local-dir:", "hf-hub:")):
+        if architecture not in open_clip.list_models():
+            raise unknown_architecture(architecture)
+        tags = open_clip.list_pretrained_tags_by_model(architecture)
+        raise ConfigError(f"open_clip:{architecture} names no weights, so the model would be random; write "
+                          f"open_clip:{architecture}@TAG (its tags: {tags or 'none'}) or "
+                          f"open_clip:{architecture}@/path/to/weights")
     try:
         return open_clip.create_model(architecture, pretrained=pretrained)
     except RuntimeError as error:
         message = str(error)
         if "not found in built-ins" in message:
-            close = difflib.get_close_matches(architecture, open_clip.list_models(), n=5, cutoff=0.5)
-            raise ConfigError(f"model.init_from: open_clip knows no architecture {architecture!r}; close names: "
-                              f"{close or 'none'} (open_clip.list_models() lists them)") from None
+            raise unknown_architecture(architecture) from None
         if "not a known tag" in message:
             tags = open_clip.list_pretrained_tags_by_model(architecture)
             raise ConfigError(f"model.init_from: {pretrained!r} is neither a pretrained tag of {architecture} "
@@ -105,7 +111,41 @@ def create(architecture: str, pretrained: str | None) -> torch.nn.Module:
             detail = " ".join(message.split())[:300]
             raise ConfigError(f"model.init_from: the weights in {pretrained} do not fit the open_clip architecture "
                               f"{architecture} ({detail}); name the architecture they were saved from") from None
+        refuse_unreadable_weights(architecture, pretrained, error)
         raise
+    except Exception as error:  # a file that is no checkpoint: open_clip's loaders raise many kinds
+        refuse_unreadable_weights(architecture, pretrained, error)
+        raise
+
+
+def unknown_architecture(architecture: str) -> ConfigError:
+    import open_clip
+
+    close = difflib.get_close_matches(architecture, open_clip.list_models(), n=5, cutoff=0.5)
+    return ConfigError(f"model.init_from: open_clip knows no architecture {architecture!r}; close names: "
+                       f"{close or 'none'} (open_clip.list_models() lists them)")
+
+
+def hf_folders_named(directory: Path) -> list[str]:
+    """The local folders a saved open_clip model's config names as its Hugging Face text tower or tokenizer (open_clip
+    loads them with transformers, which would run code they carry)."""
+    try:
+        text_config = json.loads((directory / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    names = [text_config.get(key) for key in ("hf_model_name", "hf_tokenizer_name")]
+    return sorted({name for name in names if isinstance(name, str) and Path(name).is_dir()})
+
+
+def refuse_unreadable_weights(architecture: str, pretrained: str | None, error: Exception) -> None:
+    """A ConfigError naming the file, when `pretrained` is a file open_clip could not read as weights (a pickle
+    that needs code to load, text, a truncated download)."""
+    if pretrained is None or not Path(pretrained).expanduser().is_file():
+        return
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+    raise ConfigError(f"open_clip:{architecture}@{pretrained}: the file is not a checkpoint that loads without "
+                      f"running code (safetensors, or a plain tensor checkpoint torch.load reads with "
+                      f"weights_only=True); {reason}") from None
 
 
 def model_config_of(architecture: str) -> dict[str, Any]:

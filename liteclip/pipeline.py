@@ -26,7 +26,7 @@ from liteclip.data.image_folder import IMAGE_SUFFIXES, list_images
 from liteclip.data.transforms import eval_transform
 from liteclip.embedding import (batches_with_progress, encode_decodable_image_files, encode_labels, encode_texts,
                                 image_file_loader)
-from liteclip.errors import DataError, InputError, NonFiniteError
+from liteclip.errors import DataError, InputError, ModelLoadError, NonFiniteError
 from liteclip.model import CLIP
 from liteclip.pretrained import WEIGHTS_NAME
 from liteclip.query import QueryTerm, parse_query
@@ -441,8 +441,16 @@ class ImageSearch:
     def _previous_entries(index_path: Path, fingerprint: str) -> Entries:
         """Embeddings an earlier index of the same model holds, and those an unfinished run left in chunks."""
         previous = {}
+        if index_path.exists() and not index_path.is_file():
+            raise InputError(f"the index path {index_path} is a folder; give the index a file name of its own, such "
+                             f"as photos.index (nothing was written)")
         if index_path.is_file():
-            meta, embeddings = read_index(index_path)
+            try:
+                meta, embeddings = read_index(index_path)
+            except ModelLoadError:  # the user's own file of that name, or a damaged index: never written over
+                raise InputError(f"{index_path} exists and is not a liteclip search index, so it is left as it is "
+                                 f"and nothing was written; give --index another name (or, if it is a damaged "
+                                 f"index of yours, delete it and index again)") from None
             if meta.get("model") == fingerprint:
                 previous = entries_of(meta, embeddings)
         previous.update(PartialIndex(index_path).entries(fingerprint))

@@ -254,9 +254,13 @@ def remote_code_in(directory: str | Path) -> list[str]:
     entry of the towers' and the tokenizer's configs, as "file: Auto class -> module.Class"."""
     directory = Path(directory)
     found = []
-    for sub in (TEXT_CONFIG_DIR, VISION_CONFIG_DIR, TOKENIZER_DIR):
+    # an open_clip model's Hugging Face text tower may live in a folder its open_clip_config.json names
+    folders = [directory / sub for sub in (TEXT_CONFIG_DIR, VISION_CONFIG_DIR, TOKENIZER_DIR)]
+    folders += [Path(name) for name in convert_open_clip.hf_folders_named(directory)]
+    for folder in folders:
+        sub = folder.name if folder.parent == directory else str(folder)
         for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
-            path = directory / sub / name
+            path = folder / name
             if not path.is_file():
                 continue
             try:

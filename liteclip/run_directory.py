@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 LAST, BEST = "last.pt", "best.pt"
 LOCK_NAME = ".liteclip.lock"
+# what a run writes in its folder: in a folder no run has used (no lock file), a file of one of these names is the
+# user's, and the run is refused rather than write over it
+RUN_FILES = ("config.yaml", "metrics.csv", "epochs.csv", "final_metrics.csv", LAST, BEST, "tensorboard")
 
 
 @dataclass
@@ -163,6 +166,7 @@ class RunDirectory:
         over by the next run. Where flock is missing (Windows) or does not span machines (some network file
         systems), runs are not locked.
         """
+        refuse_a_folder_of_other_files(self.path)
         check_writable(self.path)
         try:
             import fcntl
@@ -191,7 +195,7 @@ class RunDirectory:
         model_dir = Path(config.train.model_dir)
         for directory in (self.path, model_dir.parent):
             check_writable(directory)
-            remove_stale_temporaries(directory)
+        remove_stale_temporaries(self.path)
         if replaced is not None:
             step, old = replaced
             atomic_write_bytes(self.path / f"config.until_step_{step}.yaml",
@@ -284,9 +288,23 @@ def checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 def remove_stale_temporaries(directory: Path) -> None:
-    """Temporary files left by a run killed in the middle of a checkpoint write (never a finished checkpoint)."""
-    for stale in directory.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    """Temporary files a run killed in the middle of a write left (atomic_write_bytes names them .NAME.XXXX.tmp):
+    only those of the run's own files, never a finished file, never anything else."""
+    for name in (*RUN_FILES, "config.until_step_*.yaml"):
+        for stale in directory.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def refuse_a_folder_of_other_files(directory: Path) -> None:
+    """An OutputDirectoryError when `directory` holds files of the names a run writes but no run has used it (no
+    lock file): they are someone else's, and a run would write over them."""
+    if not directory.is_dir() or (directory / LOCK_NAME).exists():
+        return
+    theirs = [name for name in RUN_FILES if os.path.lexists(directory / name)]
+    if theirs:
+        raise OutputDirectoryError(f"train.output_dir {directory} holds {', '.join(theirs)}, which no liteclip run "
+                                   f"wrote there; a run writes files of those names. Choose a new folder for "
+                                   f"train.output_dir (nothing was written)")
 
 
 # ------------------------------------------------------------------------------------------------------- resume

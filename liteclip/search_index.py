@@ -17,10 +17,10 @@ This module is file I/O only; liteclip.pipeline.ImageSearch decides what to enco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -105,7 +105,11 @@ class PartialIndex:
                     torch.stack([entry.embedding for entry in entries.values()]), meta)
 
     def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Deletes the chunks (what append wrote) and the folder once empty; anything else put there stays."""
+        for chunk in self.directory.glob("chunk-*.safetensors"):
+            chunk.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()
 
 
 # ------------------------------------------------------------------------------------------------------ FAISS

@@ -296,14 +296,21 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
     window_sum = torch.tensor(state.window_loss_sum, device=device)
     window_start = time.perf_counter()
     iterator = iter(setup.train_loader)
+    first_step = True
     while state.epoch_step < last_step:
         batches = [next(iterator) for _ in range(train_config.accum_steps)]
         setup.skipped_images.add(entry for batch in batches for entry in batch.get("skipped", ()))
         state.stream_shards.update(batch["stream_position"] for batch in batches if "stream_position" in batch)
         micro_batches = [to_device(batch, device) for batch in batches]
         set_lr(optimizer, lr_multiplier(state.step, setup.total_steps, optim_config))
-        loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler, setup.loss_name,
-                                setup.distill, setup.mask_same_image)
+        try:
+            loss = contrastive_step(setup.train_model, micro_batches, setup.precision, setup.scaler, setup.loss_name,
+                                    setup.distill, setup.mask_same_image)
+        except (TypeError, ValueError, RuntimeError) as error:
+            if first_step:
+                refuse_tower_arguments(setup.model, error)
+            raise
+        first_step = False
         optimizer_step(setup.train_model, optimizer, setup.scaler, optim_config.grad_clip)
         if setup.ema is not None:
             setup.ema.update(setup.model)
@@ -327,6 +334,17 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
                 raise checkpoints.stop_error(path, state.step)
     progress.close()
     return (loss_sum / max(state.epoch_step, 1)).item()
+
+
+def refuse_tower_arguments(model: CLIP, error: Exception) -> None:
+    """A ConfigError naming model.image.model_kwargs when the first step fails and the config passed the tower
+    arguments of its own: timm takes some values it cannot use (a drop rate of 2) and fails only when it runs."""
+    kwargs = model.config.image.model_kwargs
+    if kwargs:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        raise ConfigError(f"the first training step failed ({reason}); model.image.model_kwargs={kwargs} are "
+                          f"arguments {model.config.image.name} takes, but may not be values it can run with: "
+                          f"check them, or set model.image.model_kwargs={{}}") from error
 
 
 def window_row(state: TrainState, window_sum: torch.Tensor, elapsed: float, optimizer: torch.optim.Optimizer,

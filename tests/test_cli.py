@@ -169,3 +169,11 @@ def test_an_index_path_naming_an_image_is_refused_and_the_image_kept(model_dir, 
     assert photo.read_bytes() == before
     assert main(["search", "x", "--index", str(photo), "--model-dir", str(model_dir)]) == 2
     assert "is an image file, not an index" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["65536", "0", "99999999", "http"])
+def test_a_port_outside_1_to_65535_is_a_usage_error_not_a_traceback(port, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", port])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--port" in err and "Traceback" not in err

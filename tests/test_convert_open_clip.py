@@ -169,3 +169,58 @@ def test_unknown_names_unfetchable_tags_and_weights_of_another_architecture_are_
         CLIP.from_pretrained("open_clip:RN50@openai")
     with pytest.raises(ConfigError, match="do not fit the open_clip architecture liteclip-test-timm"):
         CLIP.from_pretrained(f"open_clip:liteclip-test-timm@{checkpoints['liteclip-test-vit']}")
+
+
+# ----------------------------------------------------------------------------- messy specs and folders (issue 38)
+
+
+def test_a_spec_without_weights_is_refused_instead_of_predicting_with_random_ones(checkpoints, capsys, tmp_path):
+    from liteclip.cli import main
+
+    with pytest.raises(ConfigError, match="names no weights, so the model would be random"):
+        ZeroShotPipeline("open_clip:liteclip-test-vit", device="cpu")
+    with pytest.raises(ConfigError, match="no architecture 'liteclip-test-vjt'"):
+        ZeroShotPipeline("open_clip:liteclip-test-vjt", device="cpu")
+    image = photos(tmp_path, 1)[0]
+    assert main(["predict", str(image), "--model-dir", "open_clip:liteclip-test-vit", "--labels", "a", "b"]) == 2
+    assert "names no weights" in capsys.readouterr().err
+
+
+def test_weights_that_are_text_or_a_code_running_pickle_are_one_clear_error_and_run_nothing(checkpoints, tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights")
+    code = tmp_path / "weights.pt"
+    code.write_bytes(pickle.dumps({"state_dict": Payload()}))
+    for weights in (text, code):
+        with pytest.raises(ConfigError, match="not a checkpoint that loads without running code"):
+            CLIP.from_pretrained(f"open_clip:liteclip-test-vit@{weights}")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_saved_open_clip_model_whose_text_tower_folder_carries_code_is_refused_like_any_folder(checkpoints,
+                                                                                                tmp_path, capsys):
+    """Issue 38: open_clip_config.json naming a Hugging Face text tower with an auto_map passed liteclip's check,
+    and transformers then asked y/N (or raised, with stdin closed)."""
+    from liteclip.cli import main
+    from liteclip.errors import ModelLoadError
+
+    saved = tmp_path / "saved"
+    CLIP.from_pretrained(f"open_clip:liteclip-test-vit@{checkpoints['liteclip-test-vit']}").save_pretrained(saved)
+    tower = tmp_path / "tower_with_code"
+    tower.mkdir()
+    (tower / "config.json").write_text(json.dumps({"model_type": "bert", "auto_map": {
+        "AutoModel": "modeling_evil.EvilModel"}}))
+    config = json.loads((saved / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_model_name"] = str(tower)
+    (saved / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="modeling_evil.EvilModel"):
+        CLIP.from_pretrained(saved)
+    image = photos(tmp_path, 1)[0]
+    assert main(["predict", str(image), "--model-dir", str(saved), "--labels", "a", "b"]) == 2
+    assert "asks to run Python code" in capsys.readouterr().err

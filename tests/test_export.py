@@ -215,3 +215,12 @@ def test_a_siglip_onnx_export_records_its_bias_and_that_its_probabilities_are_si
     logits = info["logit_scale"] * image_embeds @ text_embeds.T + info["logit_bias"]  # what an ONNX user computes
     for row, predictions in zip(1 / (1 + np.exp(-logits)), pipeline.predict(images, labels)):
         assert [dict(predictions)[label] for label in labels] == pytest.approx(row.tolist(), abs=1e-4)
+
+
+def test_an_export_into_the_current_folder_writes_there_beside_the_users_files(model_dir, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    before = plant_user_files(here)
+    monkeypatch.chdir(here)
+    assert main(["export", str(model_dir), "--format", "timm", "--out", "."]) == 0
+    assert_user_files_untouched(here, before)
+    assert (here / "model.safetensors").is_file() and (here / "config.json").is_file()

@@ -266,3 +266,22 @@ def test_print0_separates_paths_with_nul_so_a_newline_in_a_name_cannot_split_one
     printed = capsysbinary.readouterr().out.split(b"\0")
     assert printed[-1] == b"" and len(printed) == 14
     assert str(odd.resolve()).encode() in printed[:-1]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_an_index_path_naming_a_file_or_folder_of_the_users_is_refused_and_left_as_it_was(model_dir, photos,
+                                                                                         tmp_path, capsys, kind):
+    from liteclip.cli import main
+    from tests.user_files import assert_user_files_untouched, plant_user_files, snapshot
+
+    if kind == "file":
+        target = tmp_path / "notes.txt"
+        target.write_text("my notes")
+        before = snapshot(tmp_path)
+    else:
+        target = tmp_path / "albums"
+        before = plant_user_files(target)
+    assert main(["index", str(photos), "--index", str(target), "--model-dir", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert ("is not a liteclip search index, so it is left as it is" if kind == "file" else "is a folder") in err
+    assert_user_files_untouched(tmp_path if kind == "file" else target, before, exactly=True)

@@ -696,3 +696,53 @@ def test_weights_that_went_nan_with_a_finite_loss_stop_the_run_and_are_never_sco
         assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
     assert [row["epoch"] for row in read_rows(tmp_path / "run" / "epochs.csv")] == ["1"]  # epoch 2 never logged
     assert not (tmp_path / "model").exists()
+
+
+def test_tower_arguments_timm_accepts_but_cannot_run_with_are_a_config_error_at_the_first_step(tmp_path, capsys):
+    """Issue 38: `model_kwargs` that timm rejects only when the tower runs were a raw traceback."""
+    config = ["--config", "configs/demo.yaml", "--no-progress", "--set", *tiny_overrides(tmp_path),
+              "model.image.name=resnet10t", "model.image.model_kwargs={drop_rate: 2.0}"]
+    assert main(["train", *config]) == 2
+    err = capsys.readouterr().err
+    assert "the first training step failed (ValueError: dropout probability" in err
+    assert "model.image.model_kwargs={'drop_rate': 2.0}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("what", ["liteclip model", "bert tower", "empty folder"])
+def test_init_from_a_folder_that_is_not_a_clip_checkpoint_is_one_line_naming_what_it_is(tmp_path, tiny_text_dir,
+                                                                                        capsys, what):
+    import shutil
+
+    folder = tmp_path / "folder"
+    if what == "liteclip model":
+        train_tiny_model(tmp_path / "trained", "train.max_steps=1")
+        shutil.copytree(tmp_path / "trained" / "model", folder)
+        expected = "is a liteclip model folder"
+    elif what == "bert tower":
+        shutil.copytree(tiny_text_dir, folder)
+        expected = "is a 'bert' model, not a CLIP or SigLIP checkpoint"
+    else:
+        folder.mkdir()
+        expected = "a folder without the config.json of a Hugging Face model"
+    assert main(["train", "--config", "configs/demo.yaml", "--no-progress", "--set", *tiny_overrides(tmp_path),
+                 f"model.init_from={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_a_run_into_a_folder_of_the_users_files_is_refused_and_their_temporary_files_are_never_removed(tmp_path,
+                                                                                                      capsys):
+    """A run writes config.yaml, metrics.csv ... into train.output_dir: a folder no run has used that holds files of
+    those names is the user's. And only the run's own half-written temporaries are cleaned up."""
+    from tests.user_files import assert_user_files_untouched, plant_user_files
+
+    theirs = tmp_path / "project"
+    before = plant_user_files(theirs, names=("config.yaml", "metrics.csv"))
+    assert main(["train", "--config", "configs/demo.yaml", "--no-progress", "--set", *tiny_overrides(tmp_path),
+                 f"train.output_dir={theirs}"]) == 2
+    err = capsys.readouterr().err
+    assert "holds config.yaml, metrics.csv, which no liteclip run wrote there" in err and "Traceback" not in err
+    assert_user_files_untouched(theirs, before, exactly=True)
+    (tmp_path / ".my-editor-swap.tmp").write_text("unsaved work")  # beside the model folder: the user's
+    fit(tiny_config(tmp_path, "train.epochs=1", "train.max_steps=1"), show_progress=False)
+    assert (tmp_path / ".my-editor-swap.tmp").read_text() == "unsaved work"

@@ -118,6 +118,12 @@ def resolve_image_path(image_root: Path, name: str) -> Path | None:
     return path.resolve() if path.is_relative_to(root) else None
 
 
+def image_key(name: str) -> str:
+    """An image name as written in a captions file, normalised so that `img/a.jpg`, `./img/a.jpg` and `img//a.jpg`
+    are one image (and so land in one split, never in two)."""
+    return os.path.normpath(name.strip())
+
+
 def group_captions(rows: Iterable[tuple[int, Any, Any]], image_root: Path, source: Path,
                    policy: BadRowPolicy) -> dict[str, CaptionedImage]:
     """Groups (line, image name, caption) rows by image, reporting each bad row once.
@@ -131,7 +137,7 @@ def group_captions(rows: Iterable[tuple[int, Any, Any]], image_root: Path, sourc
         if not isinstance(name, str) or not name.strip():
             policy.report(source, line, "empty image name")
             continue
-        name = name.strip()
+        name = image_key(name)
         if not isinstance(caption, str) or not caption.strip():
             policy.report(source, line, f"empty or non-text caption for {name}: {caption!r}")
             continue
@@ -160,12 +166,22 @@ def split_by_image(names: list[str], val_fraction: float, test_fraction: float, 
     return {"test": order[:num_test], "val": order[num_test:num_test + num_val], "train": order[num_test + num_val:]}
 
 
-def csv_records(handle: Iterable[str], delimiter: str) -> Iterable[tuple[int, list[str]]]:
+def csv_records(handle: Iterable[str], delimiter: str, source: Path | str = "the captions file"
+                ) -> Iterable[tuple[int, list[str]]]:
     """(line, fields) of every non-empty record, `line` being the 1-based line it starts on: a quoted caption
-    that spans several lines does not shift the numbers of the rows after it."""
+    that spans several lines does not shift the numbers of the rows after it. A record the csv module cannot read
+    (a field past its size limit: an unclosed quote swallowing the lines after it) is a DataError at its line."""
     reader = csv.reader(handle, delimiter=delimiter)
     start = 1
-    for fields in reader:
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            raise DataError(f"{source}:{start}: the record starting here cannot be read ({error}); look for a "
+                            f"quote (\") that is opened and never closed, or a caption longer than "
+                            f"{csv.field_size_limit() // 1024} KiB") from None
         line, start = start, reader.line_num + 1
         if fields and any(field.strip() for field in fields):
             yield line, fields
@@ -193,7 +209,7 @@ def read_caption_csv(csv_path: Path, image_root: Path, image_column: str, captio
         raise DataError(f"captions file {csv_path} does not exist (data.captions_file is relative to data.root)")
     delimiter = "\t" if csv_path.suffix.lower() in (".tsv", ".tab") else ","
     with read_captions_text(csv_path, encoding) as handle:
-        records = csv_records(handle, delimiter)
+        records = csv_records(handle, delimiter, csv_path)
         header_line, header = next(records, (1, []))
         needed = [c for c in (image_column, caption_column, split_column) if c]
         absent = [c for c in needed if c not in header]
@@ -217,9 +233,9 @@ def read_caption_csv(csv_path: Path, image_root: Path, image_column: str, captio
             split = {"validation": "val", "dev": "val"}.get(split, split)
             if split not in ("train", "val", "test"):
                 policy.report(csv_path, number, f"split {split!r} is not train, val or test")
-                images.pop(str(name).strip(), None)
+                images.pop(image_key(str(name)), None)
             else:
-                split_of.setdefault(str(name).strip(), split)
+                split_of.setdefault(image_key(str(name)), split)
         return {s: [images[n] for n in images if split_of.get(n) == s] for s in ("train", "val", "test")}
     names = split_by_image(list(images), val_fraction, test_fraction, seed)
     return {s: [images[n] for n in names[s]] for s in ("train", "val", "test")}

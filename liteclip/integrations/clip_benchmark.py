@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from liteclip.errors import InputError
+from liteclip.errors import InputError, LiteclipError
 from liteclip.pipeline import ZeroShotPipeline
 
 MODEL_TYPE = "liteclip"
@@ -85,7 +85,16 @@ def register() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLIP_benchmark's own command line, with `--model_type liteclip` registered and made the default."""
+    """CLIP_benchmark's own command line, with `--model_type liteclip` registered and made the default. A problem
+    liteclip can name (a folder that is no model, a missing file) is one line and exit status 2, as in `liteclip`."""
+    try:
+        run_cli(argv)
+    except (LiteclipError, OSError) as error:
+        print(f"liteclip clip_benchmark: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(argv: list[str] | None) -> None:
     register()
     from clip_benchmark import cli
 

@@ -261,3 +261,26 @@ def test_a_csv_with_a_header_and_no_rows_is_a_bad_file(csv_root):
     write_csv(csv_root / "caps.csv", [])
     with pytest.raises(DataError, match=r"caps.csv:1: no caption rows below the header"):
         read(csv_root, "caps.csv")
+
+
+def test_one_image_written_three_ways_is_one_image_in_one_split(csv_root):
+    """Issue 38: `img/a.jpg`, `./img/a.jpg` and `img//a.jpg` were three images, split across train and val."""
+    rows = [(f"img/{i}.png", f"caption {i}") for i in range(6)]
+    rows += [("./img/0.png", "a second caption of 0"), ("img//0.png", "a third caption of 0")]
+    write_csv(csv_root / "caps.csv", rows, header=("path", "text"))
+    splits = read(csv_root, "caps.csv", split_column=None)
+    images = [image for split in splits.values() for image in split]
+    assert len(images) == 6
+    zero = [image for image in images if image.image_path.name == "0.png"]
+    assert len(zero) == 1 and sorted(zero[0].captions) == ["a second caption of 0", "a third caption of 0",
+                                                           "caption 0"]
+    rows = [(f"img/{i}.png", f"caption {i}", "train") for i in range(6)] + [("./img/0.png", "again", "test")]
+    write_csv(csv_root / "split.csv", rows)
+    splits = read(csv_root, "split.csv")
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [6, 0, 0]  # the first split named wins, once
+
+
+def test_an_unclosed_quote_or_a_huge_field_is_one_error_at_its_line(csv_root):
+    (csv_root / "caps.csv").write_text("path,text\nimg/0.png,fine\nimg/1.png,\"" + "x" * 200_000 + "\nimg/2.png,ok\n")
+    with pytest.raises(DataError, match=r"caps.csv:3: the record starting here cannot be read .*never closed"):
+        read(csv_root, "caps.csv", split_column=None)

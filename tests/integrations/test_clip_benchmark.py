@@ -93,3 +93,16 @@ def test_a_folder_that_is_not_a_model_is_named(tmp_path):
 
     with pytest.raises(InputError, match="not a liteclip model directory"):
         load_liteclip(pretrained=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("pretrained", ["nowhere", "empty"])
+def test_the_command_line_given_a_folder_that_is_not_a_model_says_so_in_one_line(tmp_path, capsys, pretrained):
+    """Issue 38: CLIP_benchmark's command line given a bad --pretrained printed a traceback."""
+    from liteclip.integrations.clip_benchmark import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--dataset", "flickr8k", "--dataset_root", str(tmp_path), "--pretrained",
+              str(tmp_path / pretrained), "--task", "zeroshot_retrieval", "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "liteclip clip_benchmark: error:" in err and "Traceback" not in err
