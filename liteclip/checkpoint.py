@@ -95,7 +95,7 @@ def write_directory(directory: str | Path, write_contents: Callable[[Path], None
         raise InputError(f"{what}: {directory} is a file, not a folder; give a folder path for the output")
     if directory.is_dir() and any(directory.iterdir()):
         check_replaceable(directory, owned_names, what, owns)
-        return _swap_into(directory, write_contents, what, owned_names)
+        return _swap_into(directory, write_contents, what, owned_names, owns)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".staging", dir=directory.parent))
     try:
@@ -116,25 +116,49 @@ def write_directory(directory: str | Path, write_contents: Callable[[Path], None
 
 def written_names(directory: Path) -> set[str]:
     """The entries a liteclip writer recorded in `directory`'s manifest (empty without one)."""
+    return set(_manifest(directory).get("names", ()))
+
+
+def _manifest(directory: Path) -> dict[str, list[str]]:
+    """{"names": top-level entries, "files": every file below them, relative} from the manifest ({} without one)."""
     try:
-        names = json.loads((directory / MANIFEST_NAME).read_text()).get("names", [])
-    except (OSError, ValueError, AttributeError):
-        return set()
-    return {name for name in names if isinstance(name, str)}
+        data = json.loads((directory / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: [item for item in data.get(key) or () if isinstance(item, str)] for key in ("names", "files")
+            if isinstance(data.get(key), list)}
 
 
 def check_replaceable(directory: Path, owned_names: set[str], what: str,
-                      owns: Callable[[Path, str], bool] | None = None) -> None:
-    """Raises InputError naming every entry of owned_names in `directory` that liteclip did not write there."""
+                      owns: Callable[[Path, str], bool] | None = None, staged: Path | None = None) -> None:
+    """Raises InputError naming what in `directory` liteclip did not write there but a write would replace: an
+    entry of owned_names it did not record, or a file someone put inside one of its folders (a note in tokenizer/).
+
+    staged: the new contents, once written: a folder an older liteclip wrote (no manifest of its files) may then
+    hold only files the new one holds too.
+    """
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         return
-    ours = written_names(directory)
-    foreign = sorted(name for name in owned_names
-                     if os.path.lexists(directory / name) and name not in ours
-                     and not (owns is not None and owns(directory, name)))
+    manifest = _manifest(directory)
+    ours = set(manifest.get("names", ()))
+    present = [name for name in owned_names if os.path.lexists(directory / name)]
+    foreign = sorted(name for name in present
+                     if name not in ours and not (owns is not None and owns(directory, name)))
+    known_files = set(manifest["files"]) if "files" in manifest else None
+    if known_files is None and staged is not None:
+        known_files = {str(path.relative_to(staged)) for path in staged.rglob("*")}
+    if known_files is not None:
+        known = known_files | {str(Path(name).parent) for name in known_files}  # the folders on the way
+        for name in present:
+            if name not in foreign and (directory / name).is_dir() and not (directory / name).is_symlink():
+                foreign += sorted(str(path.relative_to(directory)) for path in (directory / name).rglob("*")
+                                  if str(path.relative_to(directory)) not in known)
     if foreign:
-        raise InputError(f"{what}: {directory} already holds {', '.join(foreign)}, which liteclip did not write there; "
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise InputError(f"{what}: {directory} already holds {shown}, which liteclip did not write there; "
                          f"nothing was written. Choose a new or empty folder, or move those files away first")
 
 
@@ -156,11 +180,14 @@ def _stage(staging: Path, write_contents: Callable[[Path], None], what: str, own
         elif entry.is_dir():
             entry.chmod(folder_mode)
     staging.chmod(folder_mode)
-    (staging / MANIFEST_NAME).write_text(json.dumps({"written_by": "liteclip", "what": what, "names": names}))
+    files = sorted(str(path.relative_to(staging)) for path in staging.rglob("*") if not path.is_dir())
+    (staging / MANIFEST_NAME).write_text(json.dumps({"written_by": "liteclip", "what": what, "names": names,
+                                                     "files": files}))
     (staging / MANIFEST_NAME).chmod(file_mode)
 
 
-def _swap_into(directory: Path, write_contents: Callable[[Path], None], what: str, owned_names: set[str]) -> Path:
+def _swap_into(directory: Path, write_contents: Callable[[Path], None], what: str, owned_names: set[str],
+               owns: Callable[[Path, str], bool] | None) -> Path:
     """Renames each staged entry into an existing directory, keeping what it replaces until all are in."""
     work = Path(tempfile.mkdtemp(prefix=".liteclip-staging-", dir=directory))
     staged, previous = work / "new", work / "previous"
@@ -170,6 +197,9 @@ def _swap_into(directory: Path, write_contents: Callable[[Path], None], what: st
     new_names: set[str] = set()
     try:
         _stage(staged, write_contents, what, owned_names)
+        # checked again now that the new contents exist, right before the swap: a file put there meanwhile, or
+        # into a folder an older liteclip wrote, is refused rather than replaced
+        check_replaceable(directory, owned_names, what, owns, staged=staged)
         new_names = {entry.name for entry in staged.iterdir()}
         # entries an earlier write made that this one does not make again (a vision_config/ of another tower)
         stale = [name for name in (written_names(directory) & owned_names) - new_names

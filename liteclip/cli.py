@@ -241,6 +241,7 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from liteclip.checkpoint import written_names
     from liteclip.export import export_onnx, export_timm
     from liteclip.model import CLIP
 
@@ -248,7 +249,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = args.out or f"{str(args.model_dir).rstrip('/')}_{args.format}"
     written = export_onnx(model, out, args.opset) if args.format == "onnx" else export_timm(model, out)
     print(f"{args.format} export of {args.model_dir} written to {written}: "
-          + ", ".join(sorted(p.name for p in Path(written).iterdir())))
+          + ", ".join(sorted(written_names(Path(written)))))
     return 0
 
 

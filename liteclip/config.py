@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import reprlib
 import types
 import typing
@@ -328,6 +329,19 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.1's numbers minus its base-60 ones, so `1:30` stays the text it looks like (YAML 1.1 reads it as 90; YAML
+# 1.2 dropped the rule); hex, octal, binary and underscores stay as YAML 1.1 has them
+YAML_INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+YAML_FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+                        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in entries if tag not in NUMBER_TAGS]
+    for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+StrictLoader.add_implicit_resolver(NUMBER_TAGS[0], YAML_INT, list("-+0123456789"))
+StrictLoader.add_implicit_resolver(NUMBER_TAGS[1], YAML_FLOAT, list("-+0123456789."))
+
+
 def read_yaml(path: Path, error_type: type[Exception]) -> Any:
     """A YAML file's data, read strictly (StrictLoader); text that is not UTF-8 or not YAML is `error_type`."""
     data = path.read_bytes()
@@ -335,6 +349,9 @@ def read_yaml(path: Path, error_type: type[Exception]) -> Any:
         # YAML allows UTF-16 with a byte-order mark (Windows editors write it); anything else must be UTF-8
         text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else data.decode("utf-8-sig")
         return yaml.load(text, Loader=StrictLoader)
+    except RecursionError:
+        raise error_type(f"{path}: nests lists or mappings too deep to read; a config needs a handful of "
+                         f"levels") from None
     except UnicodeDecodeError as error:
         raise error_type(f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
                          f"save it as UTF-8, the encoding YAML configs use") from None
@@ -343,28 +360,32 @@ def read_yaml(path: Path, error_type: type[Exception]) -> Any:
 
 
 MAX_CONFIG_VALUES = 10_000  # a config has a few hundred; YAML aliases nested in aliases can make billions
+MAX_CONFIG_DEPTH = 32  # sections, lists and mappings inside one another (a config goes five deep)
 
 
-def count_values(value: Any, budget: int) -> int:
-    """How many values `value` holds once every shared (aliased) part is counted each time it appears, counting no
-    further than `budget`."""
-    count, stack = 0, [value]
+def count_values(value: Any, budget: int) -> tuple[int, int]:
+    """(how many values `value` holds, counting every shared (aliased) part each time it appears, and how deep it
+    nests), counting no further than `budget` values."""
+    count, depth, stack = 0, 0, [(value, 1)]
     while stack and count <= budget:
-        item = stack.pop()
-        count += 1
+        item, level = stack.pop()
+        count, depth = count + 1, max(depth, level)
         if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            stack.extend((child, level + 1) for child in (*item.keys(), *item.values()))
         elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-    return count
+            stack.extend((child, level + 1) for child in item)
+    return count, depth
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Builds a Config from nested plain data, with the same strict checks as load_config."""
-    if count_values(raw, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+    count, depth = count_values(raw, MAX_CONFIG_VALUES)
+    if count > MAX_CONFIG_VALUES:
         raise ConfigError(f"{source}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases, *name, "
                           f"repeated inside one another); a config needs a few hundred: write the values out")
+    if depth > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"{source}: nests lists or mappings more than {MAX_CONFIG_DEPTH} deep; a config needs a "
+                          f"handful of levels")
     config = _build(Config, raw, prefix="", source=source)
     config = with_siglip_init(config, raw)
     validate(config, source)
@@ -393,9 +414,11 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r} must look like key.sub=value, e.g. optim.lr=1e-4")
     try:
-        value = yaml.safe_load(value_text)
+        value = yaml.load(value_text, Loader=StrictLoader)
     except yaml.YAMLError:
         value = value_text
+    except RecursionError:
+        raise ConfigError(f"override {key.strip()}=...: the value nests lists or mappings too deep to read") from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -547,10 +570,12 @@ def validate(config: Config, source: str = "<config>") -> None:
          config.model.image.image_size, "must be > 0 pixels, or null for the tower's own size"),
         (config.data.demo_num_images >= 20, "data.demo_num_images", config.data.demo_num_images,
          "must be >= 20 (a tenth each goes to validation and test)"),
-        (config.data.demo_image_size >= 16, "data.demo_image_size", config.data.demo_image_size, "must be >= 16"),
+        (16 <= config.data.demo_image_size <= 4096, "data.demo_image_size", config.data.demo_image_size,
+         "must be between 16 and 4096"),
         (0 <= config.model.projection.dropout < 1, "model.projection.dropout", config.model.projection.dropout,
          "must be in [0, 1)"),
-        (config.model.projection.dim > 0, "model.projection.dim", config.model.projection.dim, "must be > 0"),
+        (0 < config.model.projection.dim <= 65536, "model.projection.dim", config.model.projection.dim,
+         "must be between 1 and 65536"),
         (config.model.text.max_length > 1, "model.text.max_length", config.model.text.max_length, "must be > 1"),
         (config.model.text.length_groups >= 1, "model.text.length_groups", config.model.text.length_groups,
          "must be >= 1 (1: each batch encoded whole)"),

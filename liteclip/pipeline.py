@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence, Union
 
@@ -240,6 +241,16 @@ def view_of(keys: list[str], hashes: dict[str, str], known: dict[str, torch.Tens
                       [stamps[group[0]] for group in groups.values()])
 
 
+def first_of_each_new_content(keys: list[str], hashes: dict[str, str], known: dict[str, torch.Tensor]) -> list[str]:
+    """One file per content not seen before: a renamed, moved or copied photo is never encoded again."""
+    todo, queued = [], set()
+    for key in keys:
+        if hashes[key] not in known and hashes[key] not in queued:
+            queued.add(hashes[key])
+            todo.append(key)
+    return todo
+
+
 def readable_stamps(files: list[Path]) -> tuple[dict[str, Path], dict[str, list[int]], list[BadRow]]:
     """Each file by its key (its resolved path), and its [size, mtime_ns]; a file gone or unreadable since it was
     listed is skipped with the reason, not an error that stops the run."""
@@ -349,14 +360,16 @@ class ImageSearch:
         """A stable id per indexed image (its content hash, shortened): the same across renames and re-indexing."""
         return self.view.ids
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
+        """The model's weights' hash, read once: an index made by another model is never mixed with this one's."""
         return model_fingerprint(self.pipeline.model_dir)
 
     def indexed_file(self, identifier: str) -> tuple[Path, list[int]] | None:
         """The file and [size, mtime_ns] stamp the indexed image with this id was indexed from (None: no such id)."""
         view = self.view
-        if not isinstance(identifier, str) or identifier not in view.ids:
+        identifier = identifier.lower() if isinstance(identifier, str) else None
+        if identifier not in view.ids:
             return None
         row = view.ids.index(identifier)
         return view.paths[row], view.stamps[row]
@@ -392,33 +405,10 @@ class ImageSearch:
         hashes, known, unreadable_files = content_hashes(list(listed), stamps, previous)
         self.skipped += unreadable_files  # not indexed, so the next run tries them again
         keys = [key for key in listed if key in hashes]
-        # one file per content not seen before: a renamed, moved or copied photo is never encoded again
-        todo, queued = [], set()
-        for key in keys:
-            if hashes[key] not in known and hashes[key] not in queued:
-                queued.add(hashes[key])
-                todo.append(key)
-        self.progress = {"done": 0, "total": len(todo)}
+        todo = first_of_each_new_content(keys, hashes, known)
         self.view = view_of(keys, hashes, known, stamps)  # what is searchable already, while the rest is encoded
-        with tqdm(total=len(todo), desc="indexing", unit="img", disable=not show_progress or not todo) as progress:
-            for start in range(0, len(todo), chunk_size):
-                chunk = todo[start:start + chunk_size]
-                # each file is hashed again from the bytes it is decoded from: one changed since the hashing above
-                # is filed under its new content, never its old content with the new one's embedding
-                fresh = encode_decodable_image_files(self.pipeline.model, [listed[key] for key in chunk], batch_size,
-                                                     self.pipeline.device, num_workers=num_workers, progress=progress,
-                                                     hash_content=True)
-                entries = {}
-                for row, j in enumerate(fresh.kept):
-                    key = chunk[j]
-                    hashes[key] = fresh.sha256[row]
-                    entries[key] = IndexedFile(stamps[key], fresh.embeds[row].cpu(), hashes[key])
-                if partial is not None:
-                    partial.append(fingerprint, entries)
-                known.update({entry.sha256: entry.embedding for entry in entries.values()})
-                self.skipped += fresh.skipped  # not indexed, so the next run tries them again
-                self.progress = {"done": min(start + chunk_size, len(todo)), "total": len(todo)}
-                self.view = view_of(keys, hashes, known, stamps)  # one assignment: the old view or this one
+        encoded = self._encode(todo, keys, listed, stamps, hashes, known, partial, batch_size, num_workers,
+                               chunk_size, show_progress)
         groups = content_groups(keys, hashes, known)
         if not groups:
             first = f" (first: {self.skipped[0]})" if self.skipped else ""
@@ -433,9 +423,37 @@ class ImageSearch:
             write_index(index_path, self.embeddings, meta)
             partial.remove()
         logger.info("indexed %d images, %d distinct (%d encoded, %d reused, %d skipped)",
-                    sum(map(len, groups.values())), len(groups), len(todo) - len(self.skipped),
-                    len(files) - len(todo), len(self.skipped))
-        return len(todo) - len(self.skipped)
+                    sum(map(len, groups.values())), len(groups), encoded, len(keys) - len(todo), len(self.skipped))
+        return encoded
+
+    def _encode(self, todo: list[str], keys: list[str], listed: dict[str, Path], stamps: dict[str, list[int]],
+                hashes: dict[str, str], known: dict[str, torch.Tensor], partial: PartialIndex | None,
+                batch_size: int, num_workers: int, chunk_size: int, show_progress: bool) -> int:
+        """Encodes the files `todo` names a chunk at a time (each chunk saved to `partial` and made searchable as it
+        is done), filling `hashes` and `known`; returns how many were encoded."""
+        self.progress = {"done": 0, "total": len(todo)}
+        encoded = 0
+        with tqdm(total=len(todo), desc="indexing", unit="img", disable=not show_progress or not todo) as progress:
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start:start + chunk_size]
+                # each file is hashed again from the bytes it is decoded from: one changed since the hashing above
+                # is filed under its new content, never its old content with the new one's embedding
+                fresh = encode_decodable_image_files(self.pipeline.model, [listed[key] for key in chunk], batch_size,
+                                                     self.pipeline.device, num_workers=num_workers, progress=progress,
+                                                     hash_content=True)
+                entries = {}
+                for row, j in enumerate(fresh.kept):
+                    key = chunk[j]
+                    hashes[key] = fresh.sha256[row]
+                    entries[key] = IndexedFile(stamps[key], fresh.embeds[row].cpu(), hashes[key])
+                if partial is not None:
+                    partial.append(self.fingerprint, entries)
+                known.update({entry.sha256: entry.embedding for entry in entries.values()})
+                encoded += len(entries)
+                self.skipped += fresh.skipped  # not indexed, so the next run tries them again
+                self.progress = {"done": min(start + chunk_size, len(todo)), "total": len(todo)}
+                self.view = view_of(keys, hashes, known, stamps)  # one assignment: the old view or this one
+        return encoded
 
     @staticmethod
     def _previous_entries(index_path: Path, fingerprint: str) -> Entries:
@@ -525,7 +543,10 @@ class ImageSearch:
         # weights are scaled by the largest first: the direction is the same, and 1e300 * an embedding overflows
         largest = max(abs(term.weight) for term in terms)
         combined = sum((term.weight / largest) * embedding(term) for term in terms)
-        if not torch.isfinite(combined).all() or combined.norm() < 1e-6:
+        if not torch.isfinite(combined).all():
+            raise NonFiniteError(f"the model in {self.pipeline.model_dir} gives embeddings that are not finite (NaN "
+                                 f"or infinity) for this query: its weights have diverged")
+        if combined.norm() < 1e-6:
             raise InputError("the query's terms cancel each other out (their weighted sum is zero); change a weight "
                              "or a term")
         return self._rank(torch.nn.functional.normalize(combined, dim=-1), top_k)
@@ -533,6 +554,7 @@ class ImageSearch:
     def indexed_embedding(self, identifier: str | None) -> torch.Tensor:
         """(D,) the embedding of the indexed image with this id; an unknown id is an InputError."""
         view = self.view
+        identifier = identifier.lower() if isinstance(identifier, str) else identifier
         if identifier not in view.ids:
             raise InputError(f"no indexed image {identifier!r}")
         row = view.ids.index(identifier)

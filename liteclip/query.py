@@ -27,7 +27,7 @@ from liteclip.errors import InputError
 
 TERM_SEPARATOR = re.compile(r"\s+([+-])\s+")
 LEADING_SIGN = re.compile(r"^([+-])\s+(.*)$", re.DOTALL)
-WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(.+)$", re.DOTALL)
+WEIGHT = re.compile(r"^\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\s*:\s*(.+)$", re.DOTALL)
 INDEXED_TERM = re.compile(r"^id:\s*([0-9a-fA-F]{1,64})$")
 PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\", "\\", "file:")
 
@@ -75,7 +75,8 @@ def parse_query(query: str) -> list[QueryTerm]:
         if looks_like_image(body):
             path = expanded(body)
             if not is_file(path):
-                raise InputError(f"query {shown(query)}: the image {body} does not exist")
+                what = "is not a regular file" if exists(path) else "does not exist"
+                raise InputError(f"query {shown(query)}: the image {body} {what}")
             terms.append(QueryTerm(weight, image=path))
         else:
             terms.append(QueryTerm(weight, text=body))
@@ -115,7 +116,7 @@ def expanded(term: str) -> Path:
     """The term as a path, ~ expanded where there is a home to expand it to (`~nobody/x` stays as written)."""
     try:
         return Path(term).expanduser()
-    except RuntimeError:
+    except (RuntimeError, ValueError, KeyError):  # no such user, or a name no user can have (a NUL in it)
         return Path(term)
 
 
@@ -123,6 +124,13 @@ def is_file(path: Path) -> bool:
     """Path.is_file, false for names the file system cannot even look up (over 255 bytes, a NUL inside)."""
     try:
         return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def exists(path: Path) -> bool:
+    try:
+        return path.exists()
     except (OSError, ValueError):
         return False
 

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from liteclip.checkpoint import atomic_write_bytes, file_stamp, read_safetensors
+from liteclip.data.image_folder import DERIVED_MARKER  # in every folder of pictures liteclip makes
 from liteclip.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,17 @@ def thumbnails_folder(index_path: Path) -> Path:
 
 
 def derived_folders(index_path: Path) -> list[Path]:
-    """The folders liteclip keeps beside an index: never indexed as photos, even when the index lies in the folder."""
+    """The folders liteclip keeps beside an index: never indexed as photos, even when the index lies in the folder
+    (those of any other index are known by the marker inside them)."""
     return [PartialIndex(index_path).directory, thumbnails_folder(index_path)]
+
+
+def make_derived_folder(folder: Path) -> None:
+    """Creates a folder liteclip fills itself, marked so that indexing any folder above it leaves it out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / DERIVED_MARKER
+    if not marker.exists():
+        marker.write_text("made by liteclip: thumbnails or index chunks, never indexed as photos\n")
 
 
 class PartialIndex:
@@ -97,7 +107,7 @@ class PartialIndex:
     def append(self, fingerprint: str, entries: Entries) -> None:
         if not entries:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_derived_folder(self.directory)
         number = len(list(self.directory.glob("chunk-*.safetensors")))
         meta = {"model": fingerprint, "files": [{"path": key, "stamp": entry.stamp, "sha256": entry.sha256}
                                                 for key, entry in entries.items()]}
@@ -106,7 +116,7 @@ class PartialIndex:
 
     def remove(self) -> None:
         """Deletes the chunks (what append wrote) and the folder once empty; anything else put there stays."""
-        for chunk in self.directory.glob("chunk-*.safetensors"):
+        for chunk in [*self.directory.glob("chunk-*.safetensors"), self.directory / DERIVED_MARKER]:
             chunk.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.directory.rmdir()

@@ -20,11 +20,13 @@ another website can do, is written down in docs/guarantees.md ("the web page"); 
 
 # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time, and the
 # framework's types are imported inside create_app (the web extra is optional)
+import hashlib
 import io
 import ipaddress
 import logging
 import mimetypes
 import os
+import re
 import secrets
 import socket
 import stat
@@ -43,12 +45,13 @@ from liteclip.data.transforms import image_size
 from liteclip.errors import InputError, LiteclipError
 from liteclip.pipeline import ImageSearch
 from liteclip.query import parse_web_query
-from liteclip.search_index import thumbnails_folder
+from liteclip.search_index import make_derived_folder, thumbnails_folder
 
 logger = logging.getLogger(__name__)
 
 WEB = Path(__file__).parent / "web"
 MAX_UPLOAD_BYTES = 20 * 2**20
+FORM_OVERHEAD = 2**20  # a multipart body is the file plus its boundaries, headers and the other fields
 MAX_UPLOAD_PIXELS = 50_000_000  # a 48-megapixel phone photo passes; a 12,000 px square PNG would take gigabytes
 THUMBNAIL_SIDE = 320
 MAX_RESULTS = 500
@@ -63,52 +66,70 @@ TOKEN_COOKIE = "liteclip_token"
 
 @dataclass(frozen=True)
 class AccessPolicy:
-    """Which Host names are answered, and the token a request must carry (None on this machine alone)."""
+    """Which Host names are answered (None: any, for a wildcard bind, where the token is the gate), and the token a
+    request must carry (None on this machine alone)."""
 
-    hosts: frozenset[str]
+    hosts: frozenset[str] | None
     token: str | None = None
-    bound_to: str = "127.0.0.1"
+    port: int = 8765
 
     @classmethod
-    def for_host(cls, host: str, allowed_hosts: tuple[str, ...] = (), token: str | None = None) -> "AccessPolicy":
-        """The policy of a server bound to `host`: the loopback names, the host itself, and for a wildcard address
-        the machine's own names and addresses; a token (made here unless given) whenever it is not loopback."""
-        names = set(LOOPBACK_NAMES) | {normal_host(host)} | {normal_host(name) for name in allowed_hosts}
-        if is_wildcard(host):
-            names |= machine_names()
-        local = is_loopback(host)
-        return cls(frozenset(name for name in names if name), None if local else (token or secrets.token_urlsafe(24)),
-                   host)
+    def for_host(cls, host: str, allowed_hosts: tuple[str, ...] = (), token: str | None = None,
+                 port: int = 8765) -> "AccessPolicy":
+        """The policy of a server bound to `host`: the loopback names, the host itself and `allowed_hosts`; a
+        wildcard address (0.0.0.0, ::) answers whatever name the machine is reached by, since each of its
+        addresses is one. Anything but loopback needs a token (made here unless given), as Jupyter does: a page
+        that rebinds its name to this machine has neither the token nor the cookie."""
+        names = None if is_wildcard(host) else frozenset(
+            {*LOOPBACK_NAMES, normal_host(host), *(normal_host(name) for name in allowed_hosts)} - {""})
+        token = None if is_loopback(host) else (token or secrets.token_urlsafe(24))
+        return cls(names, token, port)
+
+    @property
+    def cookie(self) -> str:
+        return f"{TOKEN_COOKIE}_{self.port}"  # cookies ignore ports: two servers on one machine keep their own
 
     def refusal(self, method: str, path: str, headers: Any, cookies: dict[str, str],
                 query: dict[str, str]) -> tuple[int, str] | None:
         """(status, reason) when the request must be refused, None when it may be answered."""
         name = normal_host(headers.get("host", ""))
-        if name not in self.hosts:
+        if self.hosts is not None and name not in self.hosts:
             return 403, (f"this server answers only for {', '.join(sorted(self.hosts))}, not the host name "
                          f"{name or '(none)'!r}; open it by one of those (or start it with --allow-host NAME)")
         origin = headers.get("origin")
         if origin is not None and not same_origin(origin, headers.get("host", "")):
             return 403, "requests from other websites are refused"
-        site, mode = headers.get("sec-fetch-site"), headers.get("sec-fetch-mode")
+        site, mode = (headers.get("sec-fetch-site") or "").lower(), (headers.get("sec-fetch-mode") or "").lower()
         if site in ("cross-site", "same-site") and not (method == "GET" and path == "/" and mode == "navigate"):
             return 403, "requests from other websites are refused"
         if self.token is not None:
-            given = cookies.get(TOKEN_COOKIE) or query.get("token") or headers.get("x-liteclip-token") or ""
-            if not secrets.compare_digest(given.encode(), self.token.encode()):
+            given = [query.get("token"), headers.get("x-liteclip-token"), cookies.get(self.cookie)]
+            if not any(secrets.compare_digest(candidate.encode(), self.token.encode())
+                       for candidate in given if isinstance(candidate, str)):
                 return 403, "this page needs its access token: open the address `liteclip serve` printed"
+        if method == "POST":
+            length = headers.get("content-length")
+            if length is None or not length.isdigit():
+                return 411, "send uploads with a Content-Length"
+            if int(length) > MAX_UPLOAD_BYTES + FORM_OVERHEAD:
+                return 413, f"uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MiB"
         return None
 
 
+HOST_HEADER = re.compile(r"^(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?$")
+
+
 def normal_host(header: str) -> str:
-    """The host name of a Host header or a --host value, lower case, without port, brackets or trailing dot."""
+    """The host name of a Host header or a --host value, lower case, without port, brackets or one trailing dot;
+    "" for anything else (a Host header browsers would never send)."""
     header = header.strip().lower()
-    if header.startswith("["):
-        end = header.find("]")
-        return header[1:end] if end > 0 else ""
-    if header.count(":") == 1:  # name:port; more than one colon is a bare IPv6 address
-        header = header.split(":")[0]
-    return header.rstrip(".")
+    if header.count(":") > 1 and not header.startswith("["):  # a bare IPv6 address, as --host takes it
+        header = f"[{header}]"
+    match = HOST_HEADER.match(header)
+    if match is None:
+        return ""
+    name = match[1].strip("[]") if match[1].startswith("[") else match[1]
+    return name[:-1] if name.endswith(".") and not name.endswith("..") else name
 
 
 def same_origin(origin: str, host_header: str) -> bool:
@@ -121,7 +142,7 @@ def same_origin(origin: str, host_header: str) -> bool:
 
 
 def is_wildcard(host: str) -> bool:
-    return normal_host(host) in ("0.0.0.0", "::", "")
+    return host.strip() in ("0.0.0.0", "::", "[::]", "")
 
 
 def is_loopback(host: str) -> bool:
@@ -134,14 +155,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def machine_names() -> set[str]:
-    """This machine's host name and the addresses it resolves to: what others use to reach a wildcard bind."""
-    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+def reachable_address() -> str:
+    """An address others on the network can use for this machine (the one its default route leaves from; no packet
+    is sent), or its host name."""
     try:
-        names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # a documentation address: only the route is looked up
+            return probe.getsockname()[0]
     except OSError:
-        pass
-    return {normal_host(name) for name in names}
+        return socket.gethostname()
 
 
 # ------------------------------------------------------------------------------------------- files and uploads
@@ -165,10 +187,19 @@ def open_indexed(search: ImageSearch, identifier: str) -> tuple[Path, list[int],
         raise HTTPException(status_code=404, detail=f"indexed image {identifier} is no longer there") from None
     with os.fdopen(handle, "rb") as file:
         status = os.fstat(file.fileno())
-        if not stat.S_ISREG(status.st_mode) or [status.st_size, status.st_mtime_ns] != stamp:
-            raise HTTPException(status_code=404, detail=f"indexed image {identifier} changed since it was indexed; "
-                                                        f"index the folder again")
-        return path, stamp, file.read()
+        unchanged = stat.S_ISREG(status.st_mode) and [status.st_size, status.st_mtime_ns] == stamp
+        data = file.read() if unchanged else b""
+    # the id is the content's hash: bytes that are not that content (swapped in with the old size and time kept)
+    # are not the indexed photo, whatever the file system says
+    if not unchanged or (is_content_id(identifier) and hashlib.sha256(data).hexdigest()[:16] != identifier.lower()):
+        raise HTTPException(status_code=404, detail=f"indexed image {identifier} changed since it was indexed; "
+                                                    f"index the folder again")
+    return path, stamp, data
+
+
+def is_content_id(identifier: str) -> bool:
+    """Ids of indexes with content hashes are 16 hex digits; older indexes number their rows."""
+    return len(identifier) == 16 and all(c in "0123456789abcdef" for c in identifier.lower())
 
 
 class Thumbnails:
@@ -183,11 +214,12 @@ class Thumbnails:
         cached = self.directory / f"{identifier}-{stamp[0]}-{stamp[1]}.jpg"
         if cached.is_file():
             return cached.read_bytes()
-        picture = open_rgb(io.BytesIO(data), min_size=THUMBNAIL_SIDE, name=path)
+        picture = open_rgb(io.BytesIO(data), min_size=THUMBNAIL_SIDE, name=path, shrink_to=THUMBNAIL_SIDE)
         picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
         buffer = io.BytesIO()
         picture.save(buffer, format="JPEG", quality=85)
         with self.lock:
+            make_derived_folder(self.directory)
             atomic_write_bytes(cached, buffer.getvalue())
         return buffer.getvalue()
 
@@ -210,15 +242,17 @@ def decode_upload(data: bytes, name: str, min_size: int | None = None) -> Image.
     if width * height > MAX_UPLOAD_PIXELS:
         raise InputError(f"{name} is {width} x {height} pixels; uploads are limited to "
                          f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels: send a smaller copy")
-    return open_rgb(io.BytesIO(data), min_size=min_size, name=name)
+    return open_rgb(io.BytesIO(data), min_size=min_size, name=name, shrink_to=min_size)
 
 
-async def read_upload(file: Any, min_size: int | None) -> Image.Image:
-    """An uploaded image, decoded; 413 past the size limits, 400 naming why for anything that is not an image."""
+def read_upload(file: Any, min_size: int | None) -> Image.Image:
+    """An uploaded image, decoded; 413 past the size limits, 400 naming why for anything that is not an image.
+    The endpoints that call this are plain functions, run in FastAPI's thread pool, so decoding a large picture
+    never stalls the server's other requests."""
     from fastapi import HTTPException
 
     name = (file.filename or "the upload")[:200]
-    data = await file.read(MAX_UPLOAD_BYTES + 1)
+    data = file.file.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
         raise HTTPException(status_code=413, detail=f"{name}: uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MiB")
     try:
@@ -257,8 +291,8 @@ def create_app(search: ImageSearch, index_path: Path, access: AccessPolicy | Non
         if refusal is not None:
             return JSONResponse(status_code=refusal[0], content={"detail": refusal[1]})
         response = await call_next(request)
-        if access.token is not None and request.cookies.get(TOKEN_COOKIE) != access.token:
-            response.set_cookie(TOKEN_COOKIE, access.token, httponly=True, samesite="strict")
+        if access.token is not None and request.cookies.get(access.cookie) != access.token:
+            response.set_cookie(access.cookie, access.token, httponly=True, samesite="strict")
         return response
 
     @app.exception_handler(LiteclipError)
@@ -302,17 +336,17 @@ def add_api(app: Any, search: ImageSearch, index_path: Path) -> None:
         return ranked(search, search.similar_to_indexed(id, k))
 
     @app.post("/api/similar")
-    async def similar_upload(file: UploadFile = File(...), k: int = Form(24)) -> dict[str, Any]:
+    def similar_upload(file: UploadFile = File(...), k: int = Form(24)) -> dict[str, Any]:
         if not 1 <= k <= MAX_RESULTS:
             raise HTTPException(status_code=400, detail=f"k={k} must be between 1 and {MAX_RESULTS}")
-        return ranked(search, search.similar(await read_upload(file, decode_side), k))
+        return ranked(search, search.similar(read_upload(file, decode_side), k))
 
     @app.post("/api/classify")
-    async def classify(file: UploadFile = File(...), labels: str = Form(..., max_length=100_000)) -> dict[str, Any]:
+    def classify(file: UploadFile = File(...), labels: str = Form(..., max_length=100_000)) -> dict[str, Any]:
         names = [line.strip() for line in labels.splitlines() if line.strip()]
         if len(names) > MAX_LABELS:
             raise HTTPException(status_code=400, detail=f"{len(names)} labels; the page takes up to {MAX_LABELS}")
-        predictions = pipeline.predict(await read_upload(file, decode_side), names)
+        predictions = pipeline.predict(read_upload(file, decode_side), names)
         return {"probabilities": pipeline.probabilities,
                 "predictions": [{"label": label, "probability": probability} for label, probability in predictions]}
 
@@ -363,13 +397,13 @@ def serve(search: ImageSearch, index_path: Path, host: str = "127.0.0.1", port: 
     loud first and needs the access token printed with the address."""
     import uvicorn
 
-    access = AccessPolicy.for_host(host, allowed_hosts)
+    access = AccessPolicy.for_host(host, allowed_hosts, port=port)
     if access.token is not None:
         logger.warning("serving on %s: anyone who can reach this machine on port %d and has the address with its "
                        "token can see every indexed photo", host, port)
     if folder is not None:
         index_in_background(search, folder, index_path)
-    shown = f"[{host}]" if ":" in host else host
+    shown = reachable_address() if is_wildcard(host) else f"[{host}]" if ":" in host else host
     address = f"http://{shown}:{port}/" + (f"?token={access.token}" if access.token else "")
     print(f"liteclip: {len(search.paths)} images from {index_path}{f', indexing {folder}' if folder else ''} on "
           f"{address}  (Ctrl-C stops)")

@@ -337,14 +337,17 @@ def train_one_epoch(setup: TrainingSetup, state: TrainState, train_config: Train
 
 
 def refuse_tower_arguments(model: CLIP, error: Exception) -> None:
-    """A ConfigError naming model.image.model_kwargs when the first step fails and the config passed the tower
-    arguments of its own: timm takes some values it cannot use (a drop rate of 2) and fails only when it runs."""
-    kwargs = model.config.image.model_kwargs
-    if kwargs:
+    """A ConfigError naming model.image.model_kwargs or model.image.image_size when the first step fails and the
+    config set them: timm takes values a tower cannot run with (a drop rate of 2, 1-pixel images) and fails only
+    when it runs."""
+    image = model.config.image
+    settings = [f"model.image.model_kwargs={image.model_kwargs}"] if image.model_kwargs else []
+    settings += [f"model.image.image_size={image.image_size}"] if image.image_size is not None else []
+    if settings:
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
-        raise ConfigError(f"the first training step failed ({reason}); model.image.model_kwargs={kwargs} are "
-                          f"arguments {model.config.image.name} takes, but may not be values it can run with: "
-                          f"check them, or set model.image.model_kwargs={{}}") from error
+        raise ConfigError(f"the first training step failed ({reason}); the config sets {' and '.join(settings)}, "
+                          f"which {image.name} may not run with: check them (model.image.model_kwargs={{}} and "
+                          f"model.image.image_size=null give the tower's own)") from error
 
 
 def window_row(state: TrainState, window_sum: torch.Tensor, elapsed: float, optimizer: torch.optim.Optimizer,

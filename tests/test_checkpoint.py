@@ -273,3 +273,55 @@ def test_a_folder_an_older_liteclip_wrote_without_a_manifest_is_recognised_by_th
     older = lambda directory, name: b"liteclip" in (directory / "config.json").read_bytes()  # noqa: E731
     write_directory(out, written_by(FIRST), "the test export", OWNED, owns=older)
     assert (out / "weights.bin").read_bytes() == b"first" and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_the_user_put_inside_one_of_its_folders_is_refused_not_deleted_with_the_folder(tmp_path):
+    """Review of issue 38: a re-export swapped tokenizer/ whole and deleted the user's note inside it."""
+    from liteclip.checkpoint import write_directory
+    from liteclip.errors import InputError
+
+    out = tmp_path / "out"
+    write_directory(out, written_by(FIRST), "the test export", OWNED)
+    (out / "tokenizer" / "my_notes.txt").write_text("mine")
+    (out / "tokenizer" / "mine").mkdir()
+    before = snapshot(out)
+    with pytest.raises(InputError, match=r"tokenizer/mine, tokenizer/my_notes.txt, which liteclip did not write"):
+        write_directory(out, written_by(SECOND), "the test export", OWNED)
+    assert_user_files_untouched(out, before, exactly=True)
+
+
+def test_a_file_of_the_same_name_made_while_the_new_contents_are_written_is_refused_not_replaced(tmp_path):
+    """Review of issue 38: the check ran only before staging, so a file made during a slow export was replaced."""
+    from liteclip.checkpoint import write_directory
+    from liteclip.errors import InputError
+
+    out = tmp_path / "out"
+    plant_user_files(out)
+
+    def slow_writer(staging):
+        written_by(FIRST)(staging)
+        (out / "config.json").write_text('{"my": "precious"}')  # the user, meanwhile
+
+    with pytest.raises(InputError, match="already holds config.json"):
+        write_directory(out, slow_writer, "the test export", OWNED)
+    assert (out / "config.json").read_text() == '{"my": "precious"}'
+    assert not [p for p in out.iterdir() if p.name.startswith(".liteclip")]
+
+
+def test_a_folder_an_older_liteclip_wrote_may_hold_only_what_the_new_contents_hold(tmp_path):
+    from liteclip.checkpoint import write_directory
+    from liteclip.errors import InputError
+
+    out = tmp_path / "old"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "weights.bin").write_bytes(b"old")
+    (out / "config.json").write_bytes(b"liteclip")
+    (out / "tokenizer" / "vocab.txt").write_text("old vocab")
+    (out / "tokenizer" / "added_by_me.txt").write_text("mine")
+    older = lambda directory, name: True  # noqa: E731  (recognised as an older liteclip's folder)
+    with pytest.raises(InputError, match="tokenizer/added_by_me.txt"):
+        write_directory(out, written_by(FIRST), "the test export", OWNED, owns=older)
+    assert (out / "tokenizer" / "added_by_me.txt").read_text() == "mine"
+    (out / "tokenizer" / "added_by_me.txt").unlink()
+    write_directory(out, written_by(FIRST), "the test export", OWNED, owns=older)
+    assert (out / "tokenizer" / "vocab.txt").read_text() == "a b"

@@ -214,3 +214,19 @@ def test_no_set_value_gives_anything_but_a_config_or_a_one_line_config_error(key
     floats = [v for section in (config.optim, config.train, config.distill, config.model) for v in vars(section).values()
               if isinstance(v, float)]
     assert all(math.isfinite(v) for v in floats)
+
+
+def test_yaml_base_60_numbers_stay_text_and_deep_nesting_is_one_line(tmp_path):
+    """Review of issue 38: `train.epochs=1:30` became 90 (YAML 1.1), and 3000 nested brackets a RecursionError."""
+    with pytest.raises(ConfigError, match="train.epochs must be int, got '1:30'"):
+        load_config(None, ["train.epochs=1:30"])
+    assert load_config(None, ["train.epochs=0x10"]).train.epochs == 16  # other YAML numbers as they were
+    deep = "[" * 3000 + "]" * 3000
+    with pytest.raises(ConfigError, match="too deep"):
+        load_config(None, [f"model.image.model_kwargs={deep}"])
+    with pytest.raises(ConfigError, match="too deep"):
+        load_config(write(tmp_path, f"model:\n  image:\n    model_kwargs: {{a: {deep}}}\n"))
+    with pytest.raises(ConfigError, match="more than 32 deep"):
+        load_config(None, ["model.image.model_kwargs={a: " + "[" * 40 + "]" * 40 + "}"])
+    with pytest.raises(ConfigError, match="model.projection.dim=100000000000 must be between 1 and 65536"):
+        load_config(None, ["model.projection.dim=100000000000"])

@@ -2,8 +2,8 @@
 in a sandbox with the repository's configs, where configs/demo.yaml trains a tiny model; and every relative link
 points at a file that exists.
 
-Rules of the sandbox: `pip install ...` commands are not run (the suite runs in the installed package), nor is
-`python -m pytest` (this is the suite). `liteclip` and `python` are the interpreter running the tests. Blocks without
+Rules of the sandbox: `pip install ...` and `python3 -m venv ...` commands are not run (the suite runs in the
+installed package, in its environment), nor is `python -m pytest` (this is the suite). `liteclip` and `python` are the interpreter running the tests. Blocks without
 the marker are not run: commands that need the network, GPUs or data you download, and placeholders like photo.jpg.
 """
 
@@ -24,6 +24,7 @@ DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 RUNNABLE_BLOCK = re.compile(r"^```(bash|python) runnable\n(.*?)^```", re.MULTILINE | re.DOTALL)
 LINK = re.compile(r"\[[^\]]*\]\(([^)#\s]+)(?:#[^)]*)?\)")
 NOT_RUN = re.compile(r"^\s*(pip install\b|python -m pytest\b)")
+NEW_ENVIRONMENT = re.compile(r"^\s*python3? -m venv\b")  # the line, activation included: the suite's own is used
 # the demo, small enough for a test: 64 images at 32 px, timm's test network, 2 epochs
 TINY_DEMO = {"model": {"image": {"name": "test_convnext3", "image_size": 32, "model_kwargs": {}},
                        "text": {"max_length": 16}, "projection": {"dim": 32}},
@@ -51,7 +52,9 @@ def sandbox(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     demo.write_text(yaml.safe_dump(merged(yaml.safe_load(demo.read_text()), TINY_DEMO)))
     tools = root / ".bin"
     tools.mkdir()
-    (tools / "python").symlink_to(sys.executable)
+    # a script, not a link: a venv's interpreter started through a link outside the venv misses its pyvenv.cfg
+    (tools / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (tools / "python").chmod(0o755)
     (tools / "liteclip").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m liteclip "$@"\n')
     (tools / "liteclip").chmod(0o755)
     environment = {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
@@ -64,7 +67,7 @@ def run(root: Path, environment: dict[str, str], language: str, code: str) -> No
     if language == "bash":
         # a `pip install ... && next` line keeps what follows the &&
         lines = [line.split("&&", 1)[1] if NOT_RUN.match(line) and "&&" in line else line
-                 for line in code.splitlines()]
+                 for line in code.splitlines() if not NEW_ENVIRONMENT.match(line)]
         code = "\n".join(line for line in lines if not NOT_RUN.match(line))
         command = ["bash", "-euo", "pipefail", "-c", code]
     else:
@@ -102,3 +105,14 @@ def test_the_readme_reaches_its_first_section_within_thirty_lines():
     lines = (REPO / "README.md").read_text().splitlines()
     first_section = next(number for number, line in enumerate(lines, 1) if line.startswith("## "))
     assert first_section <= 30
+
+
+def test_every_test_the_docs_name_as_proof_exists():
+    """docs/guarantees.md (and any page) proves each promise by naming tests: a renamed or deleted test must not
+    leave a promise standing on nothing."""
+    named = {(path, name) for document in DOCUMENTS
+             for path, name in re.findall(r"`(tests/[\w/]+\.py)::(\w+)", document.read_text())}
+    assert len(named) > 40
+    missing = [f"{path}::{name}" for path, name in sorted(named)
+               if not re.search(rf"^def {name}\(", (REPO / path).read_text(), re.MULTILINE)]
+    assert not missing, f"the docs name tests that do not exist: {missing}"

@@ -1,6 +1,7 @@
 """What a non-editable install ships: the package builds into a wheel that holds the configs, and from that wheel,
 outside the repository, the shipped configs load by name."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -38,3 +39,33 @@ def test_the_wheel_ships_the_configs_and_they_load_by_name_from_anywhere(tmp_pat
     module_file, demo_tower, liteclip_text = result.stdout.split()
     assert Path(module_file).is_relative_to(installed)  # the wheel's copy, not the checkout
     assert demo_tower == "resnet10t" and liteclip_text == "google/bert_uncased_L-4_H-256_A-4"
+
+
+# what each extra's feature imports: an extra that misses one fails here, in the environment CI built from the README
+EXTRA_ENTRY_POINTS = {
+    "lora": ["peft", "liteclip.lora"],
+    "export": ["onnx", "onnxruntime", "liteclip.export"],
+    "shards": ["webdataset", "liteclip.data.shards"],
+    "search": ["faiss"],
+    "serve": ["fastapi", "uvicorn", "python_multipart", "fastapi.testclient", "liteclip.serve"],
+    "clip-benchmark": ["clip_benchmark.cli", "liteclip.integrations.clip_benchmark"],  # the cli imports requests
+}
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_extra_installs_what_its_feature_imports_and_dev_holds_every_extra():
+    import importlib
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras) - {"dev"} == set(EXTRA_ENTRY_POINTS), "name the modules a new extra's feature imports"
+    dev = {requirement_name(requirement) for requirement in extras["dev"]}
+    for extra, requirements in extras.items():
+        missing = {requirement_name(requirement) for requirement in requirements} - dev
+        assert not missing, f"dev lacks {missing} of the {extra} extra, so the suite would not test it"
+    for extra, modules in EXTRA_ENTRY_POINTS.items():
+        for module in modules:
+            importlib.import_module(module)  # no skip: CI installs .[dev], which holds every extra

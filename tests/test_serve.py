@@ -258,19 +258,42 @@ def test_beyond_this_machine_every_request_needs_the_access_token(served):
     from fastapi.testclient import TestClient
 
     _, search, _ = served
-    access = serve_module.AccessPolicy.for_host("0.0.0.0", allowed_hosts=("photos.lan",))
+    access = serve_module.AccessPolicy.for_host("0.0.0.0", port=8765)
     assert access.token and len(access.token) >= 24
-    client = TestClient(serve_module.create_app(search, search.pipeline.model_dir, access),
-                        base_url="http://photos.lan:8765")
-    for url in ("/", "/api/info", f"/image/{search.ids[0]}"):
+    app = serve_module.create_app(search, search.pipeline.model_dir, access)
+    client = TestClient(app, base_url="http://192.168.1.5:8765")  # any address of the machine, token or nothing
+    for url in ("/", "/api/info", f"/image/{search.ids[0]}", "/static/app.js"):
         answer = client.get(url)
         assert answer.status_code == 403 and "access token" in answer.json()["detail"], url
     assert client.get("/", params={"token": access.token[:-1] + "x"}).status_code == 403
     assert client.get("/", params={"token": access.token}).status_code == 200  # sets the cookie the page then uses
-    assert client.get("/api/info").status_code == 200 and client.cookies.get(serve_module.TOKEN_COOKIE)
-    assert client.get("/api/info", headers={"host": "evil.example:8765"}).status_code == 403  # token or not
+    assert client.cookies.get("liteclip_token_8765") == access.token  # named by port: two servers keep theirs
+    assert client.get("/api/info").status_code == 200
+    rebound = TestClient(app, base_url="http://evil.example:8765")  # a rebinding page has neither token nor cookie
+    assert rebound.get("/api/info").status_code == 403
+    stale = TestClient(app, base_url="http://192.168.1.5:8765", cookies={"liteclip_token_8765": "from-last-run"})
+    assert stale.get("/", params={"token": access.token}).status_code == 200  # the fresh address wins over it
     assert serve_module.AccessPolicy.for_host("127.0.0.1").token is None
     assert serve_module.AccessPolicy.for_host("::1").token is None
+
+
+def test_a_server_bound_to_one_address_answers_only_that_name_and_needs_its_token(served):
+    from fastapi.testclient import TestClient
+
+    _, search, _ = served
+    access = serve_module.AccessPolicy.for_host("192.168.1.5", allowed_hosts=("photos.lan",))
+    app = serve_module.create_app(search, search.pipeline.model_dir, access)
+    for base, status in (("http://photos.lan:8765", 200), ("http://192.168.1.5:8765", 200),
+                         ("http://evil.example:8765", 403)):
+        client = TestClient(app, base_url=base)
+        assert client.get("/api/info", params={"token": access.token}).status_code == status, base
+
+
+@pytest.mark.parametrize("host", ["[::1].evil.com", "[::1]evil.com:80", "localhost:evil", "[localhost]",
+                                  "localhost....", "localhost:80:80", "local host"])
+def test_host_headers_no_browser_sends_are_refused(served, host):
+    client, _, _ = served
+    assert client.get("/api/info", headers={"host": host}).status_code == 403
 
 
 def test_a_photo_replaced_by_a_link_or_changed_after_indexing_is_not_served(served, tmp_path):
@@ -352,3 +375,111 @@ def test_no_request_parameter_gives_a_500_or_a_traceback(served, q, k, identifie
     for answer in answers:
         assert answer.status_code in (200, 400, 404, 405, 413, 422), (answer.request.url, answer.text[:300])
         assert "Traceback" not in answer.text
+
+
+def test_a_second_index_of_the_same_folder_leaves_out_the_first_ones_thumbnails(model_dir, tmp_path):
+    """Review of issue 38: only an index's own thumbnail folder was left out, so a second index listed every photo
+    twice."""
+    from fastapi.testclient import TestClient
+
+    folder = tmp_path / "photos"
+    for i, colour in enumerate(COLOURS):
+        draw_image(folder / f"{i}.png", colour)
+    first = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
+    first.index(folder, folder / "first.index", show_progress=False)
+    client = TestClient(serve_module.create_app(first, folder / "first.index"), base_url=LOCAL)
+    assert all(client.get(f"/thumb/{identifier}").status_code == 200 for identifier in first.ids)
+    second = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
+    second.index(folder, tmp_path / "second.index", show_progress=False)
+    assert len(second.paths) == len(COLOURS)
+
+
+def test_a_photo_swapped_for_other_bytes_with_its_size_and_time_kept_is_not_served(served, tmp_path):
+    """Review of issue 38: the check was size and time only, which `touch -r` and padding restore."""
+    import os
+
+    client, search, photos = served
+    identifier = search.ids[search.paths.index(photos[0].resolve())]
+    original = photos[0].stat()
+    secret = b"TOP SECRET " + b"x" * (original.st_size - 11)
+    photos[0].write_bytes(secret)
+    os.utime(photos[0], ns=(original.st_atime_ns, original.st_mtime_ns))
+    assert photos[0].stat().st_size == original.st_size
+    for kind in ("image", "thumb"):
+        answer = client.get(f"/{kind}/{identifier}")
+        assert answer.status_code == 404 and b"SECRET" not in answer.content
+
+
+def test_an_id_in_capitals_is_the_same_image_everywhere(served):
+    client, search, _ = served
+    upper = search.ids[1].upper()
+    assert client.get(f"/image/{upper}").status_code == 200
+    assert client.get("/api/similar", params={"id": upper, "k": 1}).json()["results"][0]["id"] == search.ids[1]
+    assert client.get("/api/search", params={"q": f"id:{upper}", "k": 1}).json()["results"][0]["id"] == search.ids[1]
+
+
+def test_an_upload_is_refused_by_its_declared_length_before_its_body_is_read(served):
+    """Review of issue 38: the 20 MiB limit applied only after the whole body (1000 MiB) had been spooled to disk."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from tests.test_serve_browser import free_port
+
+    _, search, _ = served
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(serve_module.create_app(search, search.pipeline.model_dir), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for length, status in ((str(1000 * 2**20), b"413"), (None, b"411")):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                framing = f"Content-Length: {length}" if length else "Transfer-Encoding: chunked"
+                connection.sendall(f"POST /api/classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{framing}\r\n"
+                                   f"Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode())
+                reply = connection.recv(4096)  # answered at once: not a byte of the body was sent
+            assert reply.split(b" ")[1] == status, reply[:200]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_big_upload_decodes_small_and_never_stalls_the_other_requests(served, monkeypatch):
+    """Review of issue 38: a 297 KB 7000 x 7000 float TIFF took the server from 1.2 to 2.5 GB and stalled every
+    other request for 4 s while it decoded on the event loop."""
+    import threading
+    import tracemalloc
+
+    client, _, _ = served
+    buffer = io.BytesIO()
+    deep = np.full((4000, 4000), 0.25, dtype=np.float32)
+    deep[1000:3000, 1000:3000] = 0.75
+    Image.fromarray(deep, mode="F").save(buffer, format="TIFF", compression="tiff_deflate")
+    tracemalloc.start()
+    picture = serve_module.decode_upload(buffer.getvalue(), "deep.tif", min_size=48)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert min(picture.size) >= 48 and max(picture.size) <= 4 * 48
+    assert peak < 4000 * 4000 * 2  # its float conversion ran on the shrunk picture, not on 16 million pixels
+
+    real_decode = serve_module.decode_upload
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(3)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(serve_module, "decode_upload", slow_decode)
+    upload = threading.Thread(target=client.post, args=("/api/similar",),
+                              kwargs={"files": {"file": ("q.png", png_bytes(), "image/png")}})
+    upload.start()
+    time.sleep(0.5)
+    started = time.perf_counter()
+    assert client.get("/api/info").status_code == 200
+    waited = time.perf_counter() - started
+    upload.join()
+    assert waited < 1.5, f"/api/info waited {waited:.1f} s behind an upload being decoded"

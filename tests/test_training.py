@@ -706,6 +706,10 @@ def test_tower_arguments_timm_accepts_but_cannot_run_with_are_a_config_error_at_
     err = capsys.readouterr().err
     assert "the first training step failed (ValueError: dropout probability" in err
     assert "model.image.model_kwargs={'drop_rate': 2.0}" in err and "Traceback" not in err
+    assert main(["train", "--config", "configs/demo.yaml", "--no-progress", "--set", *tiny_overrides(tmp_path),
+                 "model.image.image_size=1"]) == 2
+    err = capsys.readouterr().err
+    assert "the first training step failed" in err and "model.image.image_size=1" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("what", ["liteclip model", "bert tower", "empty folder"])

@@ -142,11 +142,17 @@ def group_captions(rows: Iterable[tuple[int, Any, Any]], image_root: Path, sourc
             policy.report(source, line, f"empty or non-text caption for {name}: {caption!r}")
             continue
         if name not in images:
-            path = resolve_image_path(image_root, name)
+            try:
+                path = resolve_image_path(image_root, name)
+                is_file = path is not None and path.is_file()
+            except (OSError, ValueError) as error:  # a name the file system cannot look up (over 255 bytes, a NUL)
+                reason = getattr(error, "strerror", None) or str(error)[:100]
+                policy.report(source, line, f"image name {name[:60]!r}... cannot be looked up ({reason})")
+                continue
             if path is None:
                 policy.report(source, line, f"image path {name!r} escapes the image root {image_root}")
                 continue
-            if not path.is_file():
+            if not is_file:
                 if name not in missing:
                     policy.report(source, line, f"{path} is a folder, not an image file" if path.is_dir()
                                   else f"missing image {path}")

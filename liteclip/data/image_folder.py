@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 # the formats liteclip reads from a folder; AVIF, HEIC and JPEG XL too where the installed Pillow (or a plugin such
 # as pillow-heif) registers them
+DERIVED_MARKER = ".liteclip-derived"  # liteclip.search_index marks the folders of pictures it makes with it
 IMAGE_SUFFIXES = ({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
                   | {suffix for suffix in (".avif", ".heic", ".heif", ".jxl")
                      if suffix in Image.registered_extensions()})
@@ -28,7 +29,8 @@ def list_images(folder: str | Path, exclude: Sequence[str | Path] = ()) -> list[
 
     What is left out is said in warnings: files of other formats (counted by suffix, hidden files aside), links that
     lead nowhere, image names that are not regular files (a FIFO, a device), and folders that cannot be read.
-    `exclude`: folders not to enter (an index's own thumbnails, when the index lies inside the folder).
+    `exclude`: folders not to enter (an index's own thumbnails, when the index lies inside the folder); a folder
+    holding a `.liteclip-derived` marker (the thumbnails and chunks of any index) is never entered either.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -38,7 +40,7 @@ def list_images(folder: str | Path, exclude: Sequence[str | Path] = ()) -> list[
     broken_links, not_files, unreadable = [], [], []
     for directory, subfolders, names in os.walk(folder, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(directory)
-        if real in seen or real in excluded:  # a link back up the tree, a second link to one folder, or our own
+        if real in seen or real in excluded or DERIVED_MARKER in names:  # a link back up, a second link, or ours
             subfolders.clear()
             continue
         seen.add(real)

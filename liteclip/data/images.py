@@ -82,6 +82,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def shrunk(image: Image.Image, side: int) -> Image.Image:
+    """The image turned upright and reduced by a whole factor (box filter) to a shorter side of at least `side`."""
+    image = upright(image)
+    if image.mode in ("P", "PA", "1"):  # palettes cannot be averaged: their colours first
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    try:
+        return image.reduce(max(1, min(image.size) // side))
+    except (ValueError, NotImplementedError):  # a mode PIL does not reduce: converted whole, as before
+        return image
+
+
 def load_image(path: Path, min_size: int | None = None) -> np.ndarray:
     """Decodes an image file to an RGB uint8 array (H, W, 3); a file that cannot be decoded is a DataError.
 
@@ -91,15 +102,23 @@ def load_image(path: Path, min_size: int | None = None) -> np.ndarray:
     return np.asarray(open_rgb(path, min_size))
 
 
-def open_rgb(path: Path | BinaryIO, min_size: int | None = None, name: str | Path | None = None) -> Image.Image:
+def open_rgb(path: Path | BinaryIO, min_size: int | None = None, name: str | Path | None = None,
+             shrink_to: int | None = None) -> Image.Image:
     """The decoded 8-bit RGB PIL image of a file, or of an open binary stream such as a tar member's bytes, whose
-    errors then name `name` (see load_image)."""
+    errors then name `name` (see load_image).
+
+    shrink_to: shrink by a whole factor right after decoding, to a shorter side of at least this many pixels,
+    before any mode conversion (a 16-bit or transparent image converts through float arrays eight times its size):
+    for pictures only ever seen small (uploads, thumbnails), never for the pixels a model trains or evaluates on.
+    """
     name = Path(name if name is not None else path)
     try:
         with Image.open(path) as image:
             if min_size is not None and image.format == "JPEG":
                 image.draft("RGB", (min_size, min_size))
             image.load()
+            if shrink_to is not None and min(image.size) >= 2 * shrink_to:
+                return to_rgb(shrunk(image, shrink_to))
             return to_rgb(image)
     except Image.DecompressionBombError as error:
         raise UndecodableImageError.of(

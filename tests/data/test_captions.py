@@ -284,3 +284,12 @@ def test_an_unclosed_quote_or_a_huge_field_is_one_error_at_its_line(csv_root):
     (csv_root / "caps.csv").write_text("path,text\nimg/0.png,fine\nimg/1.png,\"" + "x" * 200_000 + "\nimg/2.png,ok\n")
     with pytest.raises(DataError, match=r"caps.csv:3: the record starting here cannot be read .*never closed"):
         read(csv_root, "caps.csv", split_column=None)
+
+
+def test_an_image_name_the_file_system_cannot_look_up_is_a_bad_row_not_a_crash(csv_root):
+    rows = [(f"img/{i}.png", f"caption {i}") for i in range(6)] + [("x" * 5000 + ".png", "a long name")]
+    write_csv(csv_root / "caps.csv", rows, header=("path", "text"))
+    policy = BadRowPolicy("collect")
+    splits = read(csv_root, "caps.csv", split_column=None, policy=policy)
+    assert sum(map(len, splits.values())) == 6
+    assert [row.line for row in policy.rows] == [8] and "cannot be looked up (File name too long)" in policy.rows[0].reason
