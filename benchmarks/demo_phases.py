@@ -35,10 +35,10 @@ from benchmarks.kernels import cpu_model_name, fp32_peaks
 from liteclip import distributed
 from liteclip.config import Config, load_config
 from liteclip.data import load_splits, prepare_dataset, set_data_epoch
-from liteclip.optim import lr_multiplier, set_lr
+from liteclip.train.optim import lr_multiplier, set_lr
 from liteclip.loss import clip_loss, siglip_loss
 from liteclip.runtime import keep_freed_memory_for
-from liteclip.training import (TrainingSetup, build_training, evaluate_split, optimizer_step, pair_logits,
+from liteclip.train.loop import (TrainingSetup, build_training, evaluate_split, optimizer_step, pair_logits,
                                same_image_pairs, seed_everything, to_device, zero_shot_metrics)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -90,7 +90,8 @@ def liteclip_overrides(args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def run_liteclip(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from liteclip import evaluation, training
+    from liteclip import evaluation
+    from liteclip.train import loop as training
     from liteclip.config import load_config
     from liteclip.data import load_splits
     from liteclip.model import CLIP

@@ -34,7 +34,8 @@ if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repos
 
 from benchmarks.train_throughput import write_text_shape
 from liteclip.model import build_model
-from liteclip.pipeline import ImageSearch, ZeroShotPipeline
+from liteclip.pipeline import ZeroShotPipeline
+from liteclip.search.image_search import ImageSearch
 
 LABELS = [f"a photo of a {name}" for name in
           ("dog", "cat", "car", "bird", "boat", "horse", "child", "bicycle", "mountain", "beach")]

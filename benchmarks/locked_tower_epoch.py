@@ -43,12 +43,12 @@ from liteclip.config import TextEncoderConfig, config_from_dict
 from liteclip.data.captions import CaptionCollator, CaptionedImage, ImageCaptionDataset, SeededSampler
 from liteclip.distributed import resolve_device
 from liteclip.evaluation import evaluate_retrieval
-from liteclip.feature_cache import CachedFeatureDataset
+from liteclip.train.feature_cache import CachedFeatureDataset
 from liteclip.model import build_model
-from liteclip.optim import build_optimizer, lr_multiplier, set_lr
+from liteclip.train.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.precision import resolve_precision
 from liteclip.runtime import keep_freed_memory_for
-from liteclip.training import compile_towers, contrastive_step, optimizer_step
+from liteclip.train.loop import compile_towers, contrastive_step, optimizer_step
 
 
 def caption_texts(path: Path | None, count: int) -> list[str]:

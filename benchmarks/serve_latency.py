@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repos
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from liteclip import ImageSearch, ZeroShotPipeline
-from liteclip.serve import create_app
+from liteclip.search.serve import create_app
 
 QUERIES = ["a red circle", "a blue square on the left", "two shapes: a green star above a yellow triangle",
            "a small purple triangle", "an orange star in the middle"]

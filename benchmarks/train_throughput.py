@@ -62,7 +62,7 @@ from liteclip.data.captions import CaptionCollator
 from liteclip.data.demo import write_text_tower
 from liteclip.loss import clip_loss
 from liteclip.model import build_model
-from liteclip.optim import build_optimizer, param_groups
+from liteclip.train.optim import build_optimizer, param_groups
 from liteclip.runtime import keep_freed_memory_for
 from liteclip.precision import Precision, resolve_precision
 

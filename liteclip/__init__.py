@@ -25,8 +25,12 @@ def __getattr__(name: str) -> Any:
         from liteclip import loss
 
         return loss.clip_loss
-    if name in ("ZeroShotPipeline", "ImageSearch"):
-        from liteclip import pipeline
+    if name == "ZeroShotPipeline":
+        from liteclip.pipeline import ZeroShotPipeline
 
-        return getattr(pipeline, name)
+        return ZeroShotPipeline
+    if name == "ImageSearch":
+        from liteclip.search.image_search import ImageSearch
+
+        return ImageSearch
     raise AttributeError(f"module 'liteclip' has no attribute {name!r}")

@@ -1,5 +1,5 @@
-"""Every command line of the project: `liteclip train | predict | index | search | eval-zeroshot |
-eval-retrieval | data ...`. `train.py` and `python -m liteclip.data` are thin doors into this module.
+"""Every command line of the project: `liteclip train | predict | index | search | serve | eval-zeroshot |
+eval-retrieval | export | data ...`. `train.py` and `python -m liteclip.data` are thin doors into this module.
 
 Each command imports what it needs when it runs, so parsing and `--help` never load torch.
 """
@@ -53,8 +53,8 @@ def _setup_logging(verbose: bool = False) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from liteclip.config import load_config
-    from liteclip.preemption import TrainingStopped
-    from liteclip.training import fit
+    from liteclip.train.preemption import TrainingStopped
+    from liteclip.train.loop import fit
 
     config = load_config(args.config, args.set)
     resume_command = shlex.join([*args.invoked_as, "--config", args.config, *(["--set", *args.set] if args.set
@@ -148,7 +148,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from liteclip.pipeline import ImageSearch
+    from liteclip.search.image_search import ImageSearch
 
     search = ImageSearch(_pipeline(args))
     encoded = search.index(args.folder, args.index, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -161,7 +161,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from liteclip.pipeline import ImageSearch
+    from liteclip.search.image_search import ImageSearch
 
     search = ImageSearch(_pipeline(args))
     if not Path(args.index).is_file():
@@ -185,8 +185,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from liteclip.pipeline import ImageSearch
-    from liteclip.serve import serve
+    from liteclip.search.image_search import ImageSearch
+    from liteclip.search.serve import serve
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise InputError("liteclip serve needs its web framework: pip install -e '.[serve]'")
@@ -241,7 +241,7 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from liteclip.checkpoint import written_names
+    from liteclip.files import written_names
     from liteclip.export import export_onnx, export_timm
     from liteclip.model import CLIP
 

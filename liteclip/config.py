@@ -131,7 +131,7 @@ class LossConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     # a frozen CLIP teacher: a liteclip model directory or a Hugging Face CLIP checkpoint; its embeddings of the
-    # training set are computed once and cached (liteclip.distill); null: no distillation
+    # training set are computed once and cached (liteclip.train.distill); null: no distillation
     teacher: str | None = None
     weight: float = 1.0  # the KL term's weight next to the contrastive loss
     temperature: float = 1.0  # both similarity distributions are softened by it
@@ -217,7 +217,7 @@ class TrainConfig:
     log_every: int = 10  # steps between loss read-backs (each one is a host-device sync)
     eval_every: int = 1  # epochs between evaluations
     # minutes between checkpoints written inside an epoch (a crash then costs minutes, not the epoch); null: only
-    # at the end of each epoch. SIGTERM and SIGINT always write one and stop (liteclip.preemption)
+    # at the end of each epoch. SIGTERM and SIGINT always write one and stop (liteclip.train.preemption)
     checkpoint_every_minutes: float | None = 15.0
     max_steps: int | None = None  # stop early (tests, smoke runs)
     # exponential moving average of the weights, updated after every optimiser step and used for evaluation, the
@@ -584,22 +584,26 @@ def validate(config: Config, source: str = "<config>") -> None:
          "data.val_fraction/test_fraction", (config.data.val_fraction, config.data.test_fraction),
          "must be fractions that leave some training images"),
     ]
-    checks.extend(_stream_checks(config))
-    checks.extend(_optimiser_checks(config.optim))
-    checks.extend(_adapter_and_cache_checks(config))
-    checks.append((config.model.image.source == "timm" or not config.model.image.model_kwargs,
-                   "model.image.model_kwargs", config.model.image.model_kwargs,
-                   "is for timm towers; a Hugging Face tower's architecture comes from its config.json"))
-    # YAML reads {stem_width:16} (no space after the colon) as one key with no value, which timm drops unread
-    checks.append((all(str(key).isidentifier() and value is not None
-                       for key, value in config.model.image.model_kwargs.items()),
-                   "model.image.model_kwargs", config.model.image.model_kwargs,
-                   "must be argument names with values, written {name: value} with a space after each colon"))
-    checks.append((config.distill.weight >= 0, "distill.weight", config.distill.weight, "must be >= 0"))
-    checks.append((config.distill.temperature > 0, "distill.temperature", config.distill.temperature, "must be > 0"))
+    checks += [*_stream_checks(config), *_optimiser_checks(config.optim), *_adapter_and_cache_checks(config),
+               *_tower_and_teacher_checks(config)]
     for ok, key, value, rule in checks:
         if not ok:
             raise ConfigError(f"{source}: {key}={_shown(value)} {rule}")
+
+
+def _tower_and_teacher_checks(config: Config) -> list[tuple[bool, str, Any, str]]:
+    """Tower arguments only where timm reads them, and written as YAML reads them; the teacher's ranges."""
+    kwargs = config.model.image.model_kwargs
+    return [
+        (config.model.image.source == "timm" or not kwargs, "model.image.model_kwargs", kwargs,
+         "is for timm towers; a Hugging Face tower's architecture comes from its config.json"),
+        # YAML reads {stem_width:16} (no space after the colon) as one key with no value, which timm drops unread
+        (all(str(key).isidentifier() and value is not None for key, value in kwargs.items()),
+         "model.image.model_kwargs", kwargs,
+         "must be argument names with values, written {name: value} with a space after each colon"),
+        (config.distill.weight >= 0, "distill.weight", config.distill.weight, "must be >= 0"),
+        (config.distill.temperature > 0, "distill.temperature", config.distill.temperature, "must be > 0"),
+    ]
 
 
 def _optimiser_checks(optim: OptimConfig) -> list[tuple[bool, str, Any, str]]:
@@ -644,6 +648,10 @@ def _stream_checks(config: Config) -> list[tuple[bool, str, Any, str]]:
          "eval_dataset"),
         (not (eval_from_shards and data.eval_dataset), "data.eval_dataset", data.eval_dataset,
          "and data.val_shards/test_shards are two sources for evaluation: set one of them"),
+        # both run over the list of training images before the first step; a stream has no such list
+        (not (stream and (config.train.cache_image_features or config.distill.teacher)), "data.dataset",
+         data.dataset, "cannot be used with train.cache_image_features or distill.teacher yet: they need a list of "
+                       "training images (use data.dataset: csv or flickr8k)"),
     ]
 
 

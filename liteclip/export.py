@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from liteclip.checkpoint import refuse_overlap, write_directory
+from liteclip.files import refuse_overlap, write_directory
 from liteclip.data.transforms import image_size
 from liteclip.embedding import encode_labels
 from liteclip.errors import InputError
-from liteclip.lora import merged_copy
+from liteclip.weights.lora import merged_copy
 from liteclip.model import CLIP
 
 ONNX_OPSET = 17  # onnxruntime 1.16 and newer run it; LayerNormalization is a single op from opset 17

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from liteclip.config import ImageEncoderConfig, ModelConfig, ProjectionConfig, TextEncoderConfig
-from liteclip.convert import clip_data_config
-from liteclip.convert_open_clip import data_config_of
+from liteclip.weights.huggingface import clip_data_config
+from liteclip.weights.openclip import data_config_of
 from liteclip.errors import ConfigError
-from liteclip.lora import add_lora
+from liteclip.weights.lora import add_lora
 from liteclip.pretrained import PretrainedMixin
 
 
@@ -152,7 +152,7 @@ class ImageEncoder(nn.Module):
             raise ConfigError(f"model.image.source=open_clip ({config.name}) is built from an open_clip checkpoint: "
                               f"set model.init_from: open_clip:{config.name}@TAG_OR_FILE")
         self.model = open_clip_model.visual
-        self.num_features = int(open_clip_model.liteclip_embed_dim)  # set by liteclip.convert_open_clip
+        self.num_features = int(open_clip_model.liteclip_embed_dim)  # set by liteclip.weights.openclip
         preprocess = getattr(self.model, "preprocess_cfg", None)
         self.data_config = data_config_of(preprocess) if preprocess else clip_data_config(224)
 

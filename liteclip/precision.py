@@ -81,22 +81,24 @@ class Bf16Measurement:
 
 
 @functools.lru_cache(maxsize=1)
-def measure_cpu_bf16(rows: int = 512, width: int = 1024, repeats: int = 5) -> Bf16Measurement:
+def measure_cpu_bf16(rows: int = 512, width: int = 1024, repeats: int = 9) -> Bf16Measurement:
     """Times a (rows x width) @ (width x width) matmul in bf16 and in fp32, best of `repeats` after one warm-up
-    each (the best is what the hardware does when nothing interrupts it). A fraction of a second, once per process."""
+    each (the best is what the hardware does when nothing interrupts it). The two formats take turns, so another
+    process busy for a moment slows both alike and cannot tip the choice one way in one run and the other way in the
+    next. A fraction of a second, once per process."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
     left, right = torch.randn(rows, width, generator=generator), torch.randn(width, width, generator=generator)
-    gflops = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        a, b = left.to(dtype), right.to(dtype)
+    operands = {dtype: (left.to(dtype), right.to(dtype)) for dtype in (torch.bfloat16, torch.float32)}
+    best = {dtype: math.inf for dtype in operands}
+    for a, b in operands.values():
         torch.mm(a, b)  # warm-up: kernel selection and first-touch memory
-        best = math.inf
-        for _ in range(repeats):
+    for _ in range(repeats):
+        for dtype, (a, b) in operands.items():
             tick = time.perf_counter()
             torch.mm(a, b)
-            best = min(best, time.perf_counter() - tick)
-        gflops[dtype] = 2 * rows * width * width / best / 1e9
+            best[dtype] = min(best[dtype], time.perf_counter() - tick)
+    gflops = {dtype: 2 * rows * width * width / seconds / 1e9 for dtype, seconds in best.items()}
     return Bf16Measurement(gflops[torch.bfloat16], gflops[torch.float32], time.perf_counter() - start)
 
 

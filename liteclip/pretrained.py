@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import yaml
 
-from liteclip.checkpoint import check_replaceable, load_weights, read_safetensors, write_directory
+from liteclip.files import check_replaceable, load_weights, read_safetensors, write_directory
 from liteclip.config import Config, ConfigError, ModelConfig, config_from_dict, read_yaml
-from liteclip import convert_open_clip
-from liteclip.convert import ConvertedCLIP, FixedLengthTokenizer, is_hf_clip, read_hf_checkpoint
+from liteclip.weights import openclip
+from liteclip.weights.huggingface import ConvertedCLIP, FixedLengthTokenizer, is_hf_clip, read_hf_checkpoint
 from liteclip.errors import ModelLoadError, NonFiniteError
-from liteclip.lora import add_lora, merged_copy
+from liteclip.weights.lora import add_lora, merged_copy
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ TEXT_CONFIG_DIR = "text_config"
 VISION_CONFIG_DIR = "vision_config"  # only for Hugging Face image towers; timm towers rebuild from their name
 TOKENIZER_DIR = "tokenizer"
 OWNED_NAMES = {CONFIG_NAME, WEIGHTS_NAME, PREPROCESSOR_NAME, TEXT_CONFIG_DIR, TOKENIZER_DIR, VISION_CONFIG_DIR,
-               convert_open_clip.CONFIG_FILE}
+               openclip.CONFIG_FILE}
 CARD_NAME = "README.md"
 # the files any Hugging Face tokenizer is read from: one of them must be in a local text tower's folder
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
@@ -54,8 +54,8 @@ class PretrainedMixin:
         """Builds the model and its tokenizer from the model section of a config (`init_from`: a HF CLIP)."""
         from transformers import AutoTokenizer
 
-        if convert_open_clip.is_open_clip(config.init_from):
-            return from_converted(cls, convert_open_clip.read_open_clip(config.init_from, base=config))
+        if openclip.is_open_clip(config.init_from):
+            return from_converted(cls, openclip.read_open_clip(config.init_from, base=config))
         if config.init_from:
             return from_converted(cls, read_hf_checkpoint(config.init_from, base=config))
         model = cls(config)  # the towers first: their errors name a wrong model name most clearly
@@ -90,8 +90,8 @@ class PretrainedMixin:
         A folder whose towers or tokenizer come with their own Python code (an `auto_map` in their config) is
         refused unless `trust_remote_code=True` is passed here: what the folder's own files say never decides it.
         """
-        if convert_open_clip.is_open_clip(str(name_or_dir)):  # "open_clip:ARCH@TAG_OR_FILE"
-            converted = convert_open_clip.read_open_clip(str(name_or_dir))
+        if openclip.is_open_clip(str(name_or_dir)):  # "open_clip:ARCH@TAG_OR_FILE"
+            converted = openclip.read_open_clip(str(name_or_dir))
             return from_converted(cls, converted).to(device=device, dtype=dtype).eval()
         if not (Path(name_or_dir) / CONFIG_NAME).is_file() and is_hf_clip(name_or_dir):
             try:
@@ -163,7 +163,7 @@ def save_model_dir(model: Any, directory: str | Path, full_config: Config | None
                                                       "divergence")
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "library": "liteclip"})
         if model.config.text.source == "open_clip":
-            convert_open_clip.write_saved_config(model, staging)
+            openclip.write_saved_config(model, staging)
         else:
             model.text_encoder.model.config.save_pretrained(staging / TEXT_CONFIG_DIR)
         if model.config.image.source == "hf":
@@ -256,7 +256,7 @@ def remote_code_in(directory: str | Path) -> list[str]:
     found = []
     # an open_clip model's Hugging Face text tower may live in a folder its open_clip_config.json names
     folders = [directory / sub for sub in (TEXT_CONFIG_DIR, VISION_CONFIG_DIR, TOKENIZER_DIR)]
-    folders += [Path(name) for name in convert_open_clip.hf_folders_named(directory)]
+    folders += [Path(name) for name in openclip.hf_folders_named(directory)]
     for folder in folders:
         sub = folder.name if folder.parent == directory else str(folder)
         for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
@@ -301,7 +301,7 @@ def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = F
     refuse_remote_code(directory, trust_remote_code)
     # the weights come from the directory, so the towers are built empty and never touch the network
     if config.text.source == "open_clip":  # open_clip rebuilds the architecture from open_clip_config.json
-        source, tokenizer, saved = convert_open_clip.read_saved(directory)
+        source, tokenizer, saved = openclip.read_saved(directory)
         model = cls(config, tokenizer=tokenizer, open_clip_model=source)
         model.open_clip_config = saved
     else:

@@ -3,9 +3,9 @@ again after it; never on import.
 
 Why the CPU allocator matters: glibc serves every block above 32 MiB with its own mmap and unmaps it again on free.
 Most activations of a 224 px batch are that large, so each training step faults gigabytes back in page by page and
-the kernel zeroes every page: 1.4 million page faults per convnext_tiny step at batch 32, and up to two fifths of
-the step's time on the 2-core development VM, where faults are dear (`python -m benchmarks.train_throughput
---without keep_cpu_memory`). keep_freed_memory() tells glibc to serve large blocks from its heap and keep what is
+the kernel zeroes every page, a large share of the step on a small VM where faults are dear (`python -m
+benchmarks.train_throughput --without keep_cpu_memory` measures it; benchmarks/README.md has the figures).
+keep_freed_memory() tells glibc to serve large blocks from its heap and keep what is
 freed for the next step, as PyTorch's caching allocator does on CUDA and as jemalloc or tcmalloc (Intel's advice
 for CPU training) do when preloaded. The price is a higher resident peak.
 """

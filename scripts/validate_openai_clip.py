@@ -3,7 +3,7 @@
     python scripts/validate_openai_clip.py [--model openai/clip-vit-base-patch32]
 
 Needs the Hugging Face hub (or its cache). Without it, it says that it skipped and exits 0; the offline test
-(tests/test_convert.py) makes the same comparison on a tiny random CLIP.
+(tests/weights/test_huggingface.py) makes the same comparison on a tiny random CLIP.
 """
 
 from __future__ import annotations

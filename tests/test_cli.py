@@ -60,7 +60,12 @@ def test_predict_with_one_label_is_refused(model_dir, tmp_path, capsys):
 
 
 def test_help_for_every_command(capsys):
-    for command in ("train", "predict", "index", "search", "eval-zeroshot", "eval-retrieval", "data"):
+    from liteclip.cli import build_parser
+
+    commands = next(action for action in build_parser()._actions if action.dest == "command").choices
+    assert {"train", "predict", "index", "search", "serve", "eval-zeroshot", "eval-retrieval", "export",
+            "data"} <= set(commands)
+    for command in commands:  # every command the parser has, a new one included
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
@@ -120,14 +125,14 @@ def test_eval_retrieval_applies_set_to_the_models_own_config_without_config(mode
 ])
 def test_an_interrupted_run_prints_the_command_that_was_run_to_resume(started_as, resume, tmp_path, capsys,
                                                                       monkeypatch):
-    import liteclip.training
+    import liteclip.train.loop
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     (tmp_path / "c.yaml").write_text("train:\n  epochs: 1\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(liteclip.training, "fit", interrupted)
+    monkeypatch.setattr(liteclip.train.loop, "fit", interrupted)
     monkeypatch.setattr("sys.argv", [started_as])
     assert main(["train", "--config", "c.yaml"]) == 130
     assert f"resume: {resume}" in capsys.readouterr().err

@@ -230,3 +230,11 @@ def test_yaml_base_60_numbers_stay_text_and_deep_nesting_is_one_line(tmp_path):
         load_config(None, ["model.image.model_kwargs={a: " + "[" * 40 + "]" * 40 + "}"])
     with pytest.raises(ConfigError, match="model.projection.dim=100000000000 must be between 1 and 65536"):
         load_config(None, ["model.projection.dim=100000000000"])
+
+
+@pytest.mark.parametrize("needs_a_list", ["train.cache_image_features=true", "distill.teacher=some/teacher"])
+def test_a_stream_with_what_needs_a_list_of_training_images_is_refused_when_the_config_loads(needs_a_list):
+    """It was refused only after the model and the data were built (issue 40's detours)."""
+    stream = ["data.dataset=webdataset", "data.shards=x/train-{000000..000001}.tar", "data.epoch_samples=100"]
+    with pytest.raises(ConfigError, match="data.dataset='webdataset' cannot be used with train.cache_image_features"):
+        load_config(None, [*stream, needs_a_list])

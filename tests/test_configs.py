@@ -7,8 +7,8 @@ import timm
 
 from liteclip import build_model
 from liteclip.config import load_config
-from tests.test_convert import write_tiny_hf_clip, write_tiny_siglip
-from tests.test_convert_open_clip import write_tiny_open_clip
+from tests.weights.test_huggingface import write_tiny_hf_clip, write_tiny_siglip
+from tests.weights.test_openclip import write_tiny_open_clip
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -17,8 +17,8 @@ from liteclip.cli import main
 from liteclip.export import ONNX_OPSET, ZeroShotClassifier, export_onnx, export_timm, zero_shot_head
 from liteclip.pipeline import ZeroShotPipeline
 from tests.conftest import draw_image
-from tests.test_convert import write_tiny_hf_clip
-from tests.test_training import train_tiny_model
+from tests.weights.test_huggingface import write_tiny_hf_clip
+from tests.train.test_loop import train_tiny_model
 from tests.user_files import assert_user_files_untouched, plant_user_files, snapshot
 
 CAPTIONS = ["a red circle", "two shapes: a blue square above a yellow triangle", "a star", "a small green square"]
@@ -119,7 +119,7 @@ def test_export_command(demo_model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("export_format", ["timm", "onnx"])
 def test_an_export_into_or_around_its_own_model_is_refused_and_the_model_is_untouched(model_dir, capsys, out,
                                                                                     export_format):
-    from liteclip.checkpoint import sha256_of
+    from liteclip.files import sha256_of
     from liteclip.errors import InputError
 
     weights = sha256_of(model_dir / "model.safetensors")
@@ -198,7 +198,7 @@ def test_a_saved_model_folder_is_refused_over_the_users_files_and_replaced_over_
 
 
 def test_a_siglip_onnx_export_records_its_bias_and_that_its_probabilities_are_sigmoids(tmp_path):
-    from tests.test_convert import siglip_inputs, write_tiny_siglip
+    from tests.weights.test_huggingface import siglip_inputs, write_tiny_siglip
 
     siglip = write_tiny_siglip(tmp_path / "siglip")
     out = export_onnx(CLIP.from_pretrained(siglip), tmp_path / "onnx")

@@ -43,11 +43,11 @@ def test_the_wheel_ships_the_configs_and_they_load_by_name_from_anywhere(tmp_pat
 
 # what each extra's feature imports: an extra that misses one fails here, in the environment CI built from the README
 EXTRA_ENTRY_POINTS = {
-    "lora": ["peft", "liteclip.lora"],
+    "lora": ["peft", "liteclip.weights.lora"],
     "export": ["onnx", "onnxruntime", "liteclip.export"],
     "shards": ["webdataset", "liteclip.data.shards"],
     "search": ["faiss"],
-    "serve": ["fastapi", "uvicorn", "python_multipart", "fastapi.testclient", "liteclip.serve"],
+    "serve": ["fastapi", "uvicorn", "python_multipart", "fastapi.testclient", "liteclip.search.serve"],
     "clip-benchmark": ["clip_benchmark.cli", "liteclip.integrations.clip_benchmark"],  # the cli imports requests
 }
 

@@ -1,4 +1,4 @@
-"""ZeroShotPipeline, ImageSearch and evaluation on a tiny model saved to a temporary directory."""
+"""ZeroShotPipeline (and ImageSearch where a test covers both) on a tiny model saved to a temporary directory."""
 
 import numpy as np
 import pytest
@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from liteclip import build_model
 from liteclip.errors import ModelLoadError
-from liteclip.pipeline import ImageSearch, ZeroShotPipeline
+from liteclip.pipeline import ZeroShotPipeline
+from liteclip.search.image_search import ImageSearch
 from tests.conftest import draw_image
 
 LABELS = ['a photo of a dog', 'a photo of a cat', 'the photo of a human baby']
@@ -124,68 +124,6 @@ def test_missing_model_directory(tmp_path):
         ZeroShotPipeline(tmp_path / "nowhere")
 
 
-def test_index_is_incremental_and_search_returns_paths(model_dir, tmp_path):
-    folder = tmp_path / "photos"
-    for i in range(5):
-        draw_image(folder / f"{i}.png", (50 * i, 100, 150))
-    search = ImageSearch(ZeroShotPipeline(model_dir))
-    index_path = tmp_path / "photos.index"
-    assert search.index(folder, index_path, show_progress=False) == 5
-    assert search.index(folder, index_path, show_progress=False) == 0  # nothing changed
-    draw_image(folder / "new.png", (1, 2, 3))
-    draw_image(folder / "0.png", (9, 9, 9), size=48)  # changed file
-    assert search.index(folder, index_path, show_progress=False) == 2
-    hits = search.search("a red circle", top_k=3)
-    assert len(hits) == 3 and hits[0][1] >= hits[1][1] >= hits[2][1]
-    assert all(path.parent == folder.resolve() for path, _ in hits)
-    same = search.similar(folder / "3.png", top_k=1)
-    assert same[0][0].name == "3.png" and same[0][1] == pytest.approx(1.0, abs=1e-4)
-    fresh = ImageSearch(ZeroShotPipeline(model_dir))
-    fresh.load(index_path)
-    loaded = fresh.search("a red circle", top_k=3)  # through the FAISS copy when faiss-cpu is installed
-    assert [p for p, _ in loaded] == [p for p, _ in hits]
-    assert [s for _, s in loaded] == pytest.approx([s for _, s in hits], abs=1e-5)
-
-
-def test_empty_folder_is_an_error(model_dir, tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images"):
-        ImageSearch(ZeroShotPipeline(model_dir)).index(tmp_path / "empty")
-
-
-def test_search_ranks_a_planted_match_first_after_a_few_training_steps(tiny_config, tmp_path):
-    from liteclip.data.captions import CaptionCollator
-    from liteclip.optim import build_optimizer
-    from liteclip.precision import Precision
-    from liteclip.training import contrastive_step, optimizer_step
-
-    colors = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
-    toy = {name: draw_image(tmp_path / "toy" / f"{name}.png", rgb) for name, rgb in colors.items()}
-    torch.manual_seed(0)
-    model = build_model(tiny_config.model)
-    pipeline = ZeroShotPipeline(tmp_path, model=model, device="cpu")  # its eval transform, for identical preprocessing
-    samples = [{"pixel_values": pipeline.transform(np.asarray(Image.open(path).convert("RGB"))),
-                "caption": f"a {name} square", "image_index": i} for i, (name, path) in enumerate(toy.items())]
-    batch = CaptionCollator(model.tokenizer, 16)(samples)
-    batch.pop("image_index")
-    optimizer = build_optimizer(model, tiny_config.optim)
-    model.train()
-    for _ in range(40):
-        contrastive_step(model, [batch], Precision(None, "cpu"), None)
-        optimizer_step(model, optimizer, None, 1.0)
-    model.save_pretrained(tmp_path / "trained")
-
-    folder = tmp_path / "gallery"
-    planted = draw_image(folder / "photo_017.png", colors["red"])
-    for name in ("green", "blue", "yellow"):
-        draw_image(folder / f"photo_{name}.png", colors[name])
-    search = ImageSearch(ZeroShotPipeline(tmp_path / "trained"))
-    search.index(folder, show_progress=False)
-    hits = search.search("a red square", top_k=4)
-    assert hits[0][0] == planted.resolve()
-    assert hits[0][1] > hits[1][1]
-
-
 def test_an_undecodable_file_is_skipped_by_index_and_batched_predict_and_named_when_alone(model_dir, tmp_path, caplog):
     folder = tmp_path / "photos"
     for i in range(3):
@@ -206,19 +144,6 @@ def test_an_undecodable_file_is_skipped_by_index_and_batched_predict_and_named_w
     assert [p for _, p in batched[0]] == pytest.approx([p for _, p in single], abs=1e-5)
     with pytest.raises(ValueError, match="broken.jpg: cannot decode image"):
         pipeline.predict(folder / "broken.jpg", LABELS)
-
-
-def test_a_damaged_index_or_weights_file_is_named_not_a_raw_safetensors_error(model_dir, tmp_path, images):
-    search = ImageSearch(ZeroShotPipeline(model_dir))
-    search.index(images, tmp_path / "photos.index", show_progress=False)
-    index_bytes = (tmp_path / "photos.index").read_bytes()
-    (tmp_path / "photos.index").write_bytes(index_bytes[: len(index_bytes) // 2])
-    with pytest.raises(ModelLoadError, match=r"photos\.index is damaged.*liteclip index"):
-        ImageSearch(ZeroShotPipeline(model_dir)).load(tmp_path / "photos.index")
-    weights = model_dir / "model.safetensors"
-    weights.write_bytes(b"\xff" * 64 + weights.read_bytes()[64:])  # the header overwritten
-    with pytest.raises(ModelLoadError, match=r"model\.safetensors is damaged"):
-        ZeroShotPipeline(model_dir)
 
 
 def test_top_k_below_one_and_a_missing_cuda_device_are_clear_errors(model_dir, images, monkeypatch):
@@ -293,30 +218,6 @@ def test_labels_from_a_generator_are_taken_and_non_texts_or_empty_ones_refused(m
             pipeline.predict(images[0], bad)
     with pytest.raises(InputError, match="has no pixels"):
         pipeline.predict(np.zeros((0, 0, 3), dtype=np.uint8), LABELS)
-
-
-def test_a_path_given_twice_is_indexed_once(model_dir, tmp_path):
-    paths = [draw_image(tmp_path / f"{i}.png", (60 * i, 9, 9)) for i in range(3)]
-    search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
-    search.index([paths[0], paths[1], paths[0], str(paths[2]), tmp_path / "." / "1.png"], tmp_path / "i.index",
-                 show_progress=False)
-    assert search.paths == [p.resolve() for p in paths] and search.embeddings.shape[0] == 3
-
-
-def test_search_passes_over_files_deleted_since_indexing_and_says_so(model_dir, tmp_path, caplog):
-    folder = tmp_path / "photos"
-    for i in range(6):
-        draw_image(folder / f"{i}.png", (40 * i, 100, 9))
-    search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
-    search.index(folder, tmp_path / "p.index", show_progress=False)
-    full = search.search("a red circle", top_k=6)
-    for path, _ in full[:2]:  # the two best hits are gone
-        path.unlink()
-    search.load(tmp_path / "p.index")
-    with caplog.at_level("WARNING", logger="liteclip.pipeline"):
-        hits = search.search("a red circle", top_k=3)
-    assert hits == [(path, pytest.approx(score, abs=1e-5)) for path, score in full[2:5]]
-    assert "2 indexed file(s) among the nearest no longer exist" in caplog.text and "liteclip index" in caplog.text
 
 
 def test_a_diverged_model_is_refused_when_loaded_used_or_saved_never_printed_as_nan_percent(model_dir, images,

@@ -91,7 +91,7 @@ def plant_remote_code(model_dir, marker):
 def test_a_model_folder_never_runs_its_own_code_unless_the_caller_allows_it(model_dir, tmp_path, capsys):
     from liteclip import CLIP, ZeroShotPipeline
     from liteclip.cli import main
-    from liteclip.distill import teacher_embeddings
+    from liteclip.train.distill import teacher_embeddings
     from liteclip.errors import ModelLoadError
     from liteclip.precision import resolve_precision
     from tests.conftest import draw_image

@@ -115,7 +115,7 @@ def build_datasets(config: DataConfig, data_config: dict[str, Any],
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn: workers leave SIGINT and SIGTERM to the main process (liteclip.preemption), which finishes
+    """worker_init_fn: workers leave SIGINT and SIGTERM to the main process (liteclip.train.preemption), which finishes
     its step and stops them itself; a signal sent to the whole process group must not kill a worker first."""
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.SIG_IGN)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from liteclip.checkpoint import ordinary_mode
+from liteclip.files import ordinary_mode
 from liteclip.data.captions import LabelledImage, ZeroShotTask
 from liteclip.data.flickr8k import SPLIT_FILES
 

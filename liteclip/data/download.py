@@ -21,7 +21,7 @@ from typing import NamedTuple
 from PIL import Image
 from tqdm.auto import tqdm
 
-from liteclip.checkpoint import MANIFEST_NAME, sha256_of, write_directory, written_names
+from liteclip.files import MANIFEST_NAME, sha256_of, write_directory, written_names
 from liteclip.data.captions import BadRow, BadRowPolicy, DataError, read_caption_csv
 from liteclip.data.flickr8k import read_flickr8k
 from liteclip.data.images import UndecodableImageError, open_rgb

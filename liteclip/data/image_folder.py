@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 # the formats liteclip reads from a folder; AVIF, HEIC and JPEG XL too where the installed Pillow (or a plugin such
 # as pillow-heif) registers them
-DERIVED_MARKER = ".liteclip-derived"  # liteclip.search_index marks the folders of pictures it makes with it
+DERIVED_MARKER = ".liteclip-derived"  # liteclip.search.store marks the folders of pictures it makes with it
 IMAGE_SUFFIXES = ({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
                   | {suffix for suffix in (".avif", ".heic", ".heif", ".jxl")
                      if suffix in Image.registered_extensions()})

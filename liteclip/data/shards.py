@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
-from liteclip.checkpoint import atomic_write_bytes, file_stamp
+from liteclip.files import atomic_write_bytes, file_stamp
 from liteclip.data.captions import BadRow, CaptionedImage
 from liteclip.data.images import UndecodableImageError, open_rgb
 from liteclip.errors import ConfigError, DataError

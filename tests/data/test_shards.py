@@ -15,16 +15,16 @@ import webdataset as wds
 from PIL import Image
 
 from liteclip import build_model
-from liteclip.checkpoint import load_checkpoint
+from liteclip.train.run_directory import load_checkpoint
 from liteclip.cli import main
 from liteclip.data import build_dataloaders, build_datasets, load_splits
 from liteclip.data.captions import CaptionCollator, CaptionedImage
 from liteclip.data.shards import ShardStream, expand_shards, write_shards
 from liteclip.errors import DataError
-from liteclip.preemption import StepCheckpoints, TrainingStopped
-from liteclip.training import contrastive_step, fit
+from liteclip.train.preemption import StepCheckpoints, TrainingStopped
+from liteclip.train.loop import contrastive_step, fit
 from tests.conftest import draw_image
-from tests.test_training import FP32, grads_of, join_cpu_process_group, read_rows, tiny_config
+from tests.train.test_loop import FP32, grads_of, join_cpu_process_group, read_rows, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

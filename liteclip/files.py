@@ -1,18 +1,17 @@
-"""File I/O that must survive a crash: atomic file and directory writes, training checkpoints, weights into a
-module, file hashes. It knows no model: what goes into a model directory is liteclip.pretrained's business.
+"""File I/O that must survive a crash and never touch what it did not write: atomic file writes, folders written
+beside the user's files (write_directory), safetensors reads that name a damaged file, weights into a module, file
+hashes. It knows no model: what goes into a model directory is liteclip.pretrained's business, and a training
+checkpoint is liteclip.train.run_directory's.
 
 Writes go to a temporary file that is flushed, fsynced and renamed over the target (timm's checkpoint_saver does the
-same), so a crash at any moment leaves either the old file or the new one, never a truncated one. Reads never
-unpickle: model weights are safetensors, training checkpoints load with `torch.load(weights_only=True)`.
+same), so a crash at any moment leaves either the old file or the new one, never a truncated one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -312,30 +311,3 @@ def atomic_link(source: str | Path, target: str | Path) -> None:
     finally:
         staged.unlink(missing_ok=True)  # left only if the rename failed
     _fsync_directory(target.parent)
-
-
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Writes a training checkpoint (tensors, numbers, strings, dicts and lists only) atomically."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a training checkpoint without running any code it may carry."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # weights_only refused an object; its own messages are many and deep
-        raise ModelLoadError(
-            f"refused to load {path}: it is not a plain-tensor checkpoint that loads with weights_only=True "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). liteclip never unpickles arbitrary "
-            f"objects; re-export the weights as safetensors.") from None
-    except Exception as error:  # a cut zip archive, an empty file, bytes that are no checkpoint at all
-        reason = ": ".join(filter(None, [type(error).__name__, *str(error).split(". ")[:1]]))[:160]
-        raise ModelLoadError(
-            f"{path} is truncated or damaged ({path.stat().st_size:,} bytes; {reason}). Checkpoints are written "
-            f"whole, so it was cut or changed afterwards (a full disk while copying, a partial download): resume "
-            f"from another copy, or from best.pt beside it (--resume RUN_DIR/best.pt).") from None

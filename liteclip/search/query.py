@@ -6,7 +6,7 @@
 
 Terms are joined by " + " or " - " (spaces around the sign); a leading sign applies to the first term; each term
 may start with a weight and a colon. The query's embedding is the weighted sum of the terms' normalised embeddings,
-normalised again (liteclip.pipeline.ImageSearch.query).
+normalised again (liteclip.search.image_search.ImageSearch.query).
 
 Which terms are images depends on who asks. On the command line (parse_query) a term naming an existing image file
 (by its path, or one ending in an image suffix that starts with ./ ../ / or ~/) is that image: the user's own
@@ -76,7 +76,7 @@ def parse_query(query: str) -> list[QueryTerm]:
             path = expanded(body)
             if not is_file(path):
                 what = "is not a regular file" if exists(path) else "does not exist"
-                raise InputError(f"query {shown(query)}: the image {body} {what}")
+                raise InputError(f"query {shown(query)}: the image {shown(body)} {what}")
             terms.append(QueryTerm(weight, image=path))
         else:
             terms.append(QueryTerm(weight, text=body))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from liteclip.ema import WeightAverage
+from liteclip.train.ema import WeightAverage
 
 
 def test_two_steps_by_hand():

@@ -1,13 +1,17 @@
-"""The run directory's logs: every column kept whatever the first row held, and exact trimming on resume."""
+"""The run directory: logs that keep every column whatever the first row held and trim exactly on resume, and
+training checkpoints that load without running code and survive a crash."""
 
 import csv
 import os
+import pickle
 import shutil
 
 import pytest
+import torch
 
-from liteclip.errors import DiskSpaceError, LiteclipError, RunInUseError
-from liteclip.run_directory import CsvLog, RunDirectory, check_writable, checkpoint_bytes
+from liteclip.errors import DiskSpaceError, LiteclipError, ModelLoadError, RunInUseError
+from liteclip.train.run_directory import (CsvLog, RunDirectory, check_writable, checkpoint_bytes, load_checkpoint,
+                                          save_checkpoint)
 
 
 def read(path):
@@ -58,7 +62,7 @@ def test_an_unwritable_directory_is_a_liteclip_error_naming_it(tmp_path):
 
 HOLDER = """
 import sys, time
-from liteclip.run_directory import RunDirectory
+from liteclip.train.run_directory import RunDirectory
 with RunDirectory(sys.argv[1]).locked():
     print("locked", flush=True)
     time.sleep(120)
@@ -90,7 +94,7 @@ def test_a_run_directory_in_use_is_refused_naming_the_holder_and_a_killed_holder
 def test_free_space_is_checked_against_the_runs_real_checkpoint_size(tmp_path, monkeypatch):
     import torch
 
-    from liteclip.checkpoint import save_checkpoint
+    from liteclip.train.run_directory import save_checkpoint
 
     model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200))
     model[1].requires_grad_(False)
@@ -116,7 +120,7 @@ def test_free_space_is_checked_against_the_runs_real_checkpoint_size(tmp_path, m
 def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
     import errno
 
-    from liteclip.checkpoint import atomic_write_bytes
+    from liteclip.files import atomic_write_bytes
 
     target = tmp_path / "last.pt"
     atomic_write_bytes(target, b"the previous checkpoint")
@@ -129,3 +133,61 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeyp
         atomic_write_bytes(target, b"x" * 1000)
     assert target.read_bytes() == b"the previous checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+class Payload:
+    """A pickle that runs code when unpickled: it would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_round_trip_of_a_plain_training_state(tmp_path):
+    state = {"model": {"w": torch.randn(3, 3)}, "step": 7, "best_metric": 1.5, "config": {"a": [1, 2]}}
+    save_checkpoint(tmp_path / "last.pt", state)
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+
+def test_code_executing_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Payload(marker)}, path)
+    with pytest.raises(ModelLoadError, match="weights_only"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    with open(tmp_path / "raw.pkl", "wb") as handle:
+        pickle.dump(Payload(marker), handle)
+    with pytest.raises(ModelLoadError):
+        load_checkpoint(tmp_path / "raw.pkl")
+    assert not marker.exists()
+
+
+def test_crash_during_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(4)})
+
+    def crash(fd):
+        raise OSError("disk pulled out mid-write")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="mid-write"):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(4)})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_truncated_checkpoint_is_called_truncated_not_a_pickle(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.randn(64, 64)}, "step": 3})
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ModelLoadError, match=r"last.pt is truncated or damaged \(.*\)\. .*best.pt") as error:
+        load_checkpoint(tmp_path / "last.pt")
+    assert "pickle" not in str(error.value) and "safetensors" not in str(error.value)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"empty.pt is truncated or damaged \(0 bytes"):
+        load_checkpoint(tmp_path / "empty.pt")

@@ -3,13 +3,14 @@ no peft."""
 
 import dataclasses
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from liteclip import CLIP, build_model
 from liteclip.config import LoraConfig
-from liteclip.optim import build_optimizer
+from liteclip.train.optim import build_optimizer
 
 
 def lora_model(tiny_config, image_targets=()):
@@ -89,13 +90,12 @@ def test_a_timm_tower_needs_named_targets(tiny_config):
 
 
 def test_a_run_with_a_lora_text_tower_trains_only_adapters_and_exports_a_plain_model(tmp_path, monkeypatch):
-    import os
 
-    from liteclip.checkpoint import load_checkpoint
-    from liteclip.training import fit
-    from tests.test_training import tiny_config as run_config
+    from liteclip.train.run_directory import load_checkpoint
+    from liteclip.train.loop import fit
+    from tests.train.test_loop import tiny_config as run_config
 
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     fit(run_config(tmp_path, "model.text.tune=lora", "model.text.lora.rank=4", "train.epochs=1", "train.max_steps=3"),
         show_progress=False)
     last = load_checkpoint(tmp_path / "run" / "last.pt")

@@ -5,7 +5,7 @@ import pytest
 
 from liteclip import build_model
 from liteclip.config import OptimConfig
-from liteclip.optim import build_optimizer, lr_multiplier, param_groups
+from liteclip.train.optim import build_optimizer, lr_multiplier, param_groups
 
 
 def test_warmup_then_cosine_numbers():

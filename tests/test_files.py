@@ -1,57 +1,14 @@
+"""File I/O that survives a crash and touches only its own files: atomic writes with ordinary modes, links, and
+folders written beside the user's files (write_directory)."""
+
 import os
-import pickle
 
 import pytest
 import torch
 
-from liteclip.checkpoint import ModelLoadError, atomic_link, atomic_write_bytes, load_checkpoint, save_checkpoint
+from liteclip.files import atomic_link, atomic_write_bytes
+from liteclip.train.run_directory import load_checkpoint, save_checkpoint
 from tests.user_files import assert_user_files_untouched, plant_user_files, snapshot
-
-
-class Payload:
-    """A pickle that runs code when unpickled: it would create a marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
-def test_round_trip_of_a_plain_training_state(tmp_path):
-    state = {"model": {"w": torch.randn(3, 3)}, "step": 7, "best_metric": 1.5, "config": {"a": [1, 2]}}
-    save_checkpoint(tmp_path / "last.pt", state)
-    loaded = load_checkpoint(tmp_path / "last.pt")
-    assert loaded["step"] == 7 and torch.equal(loaded["model"]["w"], state["model"]["w"])
-
-
-def test_code_executing_pickle_is_refused(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pt"
-    torch.save({"model": {}, "payload": Payload(marker)}, path)
-    with pytest.raises(ModelLoadError, match="weights_only"):
-        load_checkpoint(path)
-    assert not marker.exists()
-    with open(tmp_path / "raw.pkl", "wb") as handle:
-        pickle.dump(Payload(marker), handle)
-    with pytest.raises(ModelLoadError):
-        load_checkpoint(tmp_path / "raw.pkl")
-    assert not marker.exists()
-
-
-def test_crash_during_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, {"step": 1, "w": torch.ones(4)})
-
-    def crash(fd):
-        raise OSError("disk pulled out mid-write")
-
-    monkeypatch.setattr(os, "fsync", crash)
-    with pytest.raises(OSError, match="mid-write"):
-        save_checkpoint(path, {"step": 2, "w": torch.zeros(4)})
-    monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -108,8 +65,9 @@ def test_atomic_writes_give_the_modes_an_ordinary_write_would(tmp_path, umask_02
 def test_a_saved_model_a_run_directory_and_an_index_are_readable_by_others(model_dir, tiny_config, tmp_path,
                                                                            umask_022):
     from liteclip import build_model
-    from liteclip.pipeline import ImageSearch, ZeroShotPipeline
-    from liteclip.run_directory import RunDirectory
+    from liteclip.pipeline import ZeroShotPipeline
+    from liteclip.search.image_search import ImageSearch
+    from liteclip.train.run_directory import RunDirectory
     from tests.conftest import draw_image
 
     build_model(tiny_config.model).save_pretrained(tmp_path / "saved")
@@ -123,18 +81,6 @@ def test_a_saved_model_a_run_directory_and_an_index_are_readable_by_others(model
     ImageSearch(ZeroShotPipeline(model_dir, device="cpu")).index(tmp_path / "photos", tmp_path / "p.index",
                                                                   show_progress=False)
     assert {mode(p) for p in tmp_path.glob("p.index*")} == {oct(0o644)}
-
-
-def test_a_truncated_checkpoint_is_called_truncated_not_a_pickle(tmp_path):
-    save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.randn(64, 64)}, "step": 3})
-    data = (tmp_path / "last.pt").read_bytes()
-    (tmp_path / "last.pt").write_bytes(data[:len(data) // 2])
-    with pytest.raises(ModelLoadError, match=r"last.pt is truncated or damaged \(.*\)\. .*best.pt") as error:
-        load_checkpoint(tmp_path / "last.pt")
-    assert "pickle" not in str(error.value) and "safetensors" not in str(error.value)
-    (tmp_path / "empty.pt").write_bytes(b"")
-    with pytest.raises(ModelLoadError, match=r"empty.pt is truncated or damaged \(0 bytes"):
-        load_checkpoint(tmp_path / "empty.pt")
 
 
 # ------------------------------------------------------------------ a folder writer touches only its own files
@@ -155,7 +101,7 @@ SECOND = {"weights.bin": b"second", "config.json": b"{\"v\": 2}", "tokenizer/voc
 
 
 def test_a_new_folder_appears_whole_with_a_manifest_of_what_liteclip_wrote(tmp_path):
-    from liteclip.checkpoint import MANIFEST_NAME, write_directory, written_names
+    from liteclip.files import MANIFEST_NAME, write_directory, written_names
 
     out = write_directory(tmp_path / "new" / "out", written_by(FIRST), "the test export", OWNED)
     assert (out / "weights.bin").read_bytes() == b"first" and (out / "tokenizer" / "vocab.txt").read_bytes() == b"a b"
@@ -164,7 +110,7 @@ def test_a_new_folder_appears_whole_with_a_manifest_of_what_liteclip_wrote(tmp_p
 
 
 def test_writing_into_a_folder_of_the_users_files_keeps_every_one_of_them_and_replaces_only_its_own(tmp_path):
-    from liteclip.checkpoint import write_directory
+    from liteclip.files import write_directory
 
     out = tmp_path / "photos"
     before = plant_user_files(out)
@@ -178,7 +124,7 @@ def test_writing_into_a_folder_of_the_users_files_keeps_every_one_of_them_and_re
 
 def test_a_path_through_dot_dot_writes_where_the_kernel_says_and_moves_none_of_the_users_files(tmp_path):
     """Issue 38: `--out victim/inner/..` moved the victim's files into a staging folder and deleted it on an error."""
-    from liteclip.checkpoint import write_directory
+    from liteclip.files import write_directory
 
     victim = tmp_path / "victim"
     (victim / "inner").mkdir(parents=True)
@@ -190,7 +136,7 @@ def test_a_path_through_dot_dot_writes_where_the_kernel_says_and_moves_none_of_t
 
 @pytest.mark.parametrize("theirs", ["config.json", "tokenizer"])
 def test_a_file_of_the_same_name_the_user_made_is_refused_and_nothing_is_written(tmp_path, theirs):
-    from liteclip.checkpoint import write_directory
+    from liteclip.files import write_directory
     from liteclip.errors import InputError
 
     out = tmp_path / "mine"
@@ -202,8 +148,8 @@ def test_a_file_of_the_same_name_the_user_made_is_refused_and_nothing_is_written
 
 @pytest.mark.parametrize("failing_rename", [1, 2, 4])
 def test_an_error_midway_leaves_the_folder_exactly_as_it_was_found(tmp_path, monkeypatch, failing_rename):
-    from liteclip import checkpoint
-    from liteclip.checkpoint import write_directory
+    from liteclip import files
+    from liteclip.files import write_directory
 
     out = tmp_path / "out"
     plant_user_files(out)
@@ -217,7 +163,7 @@ def test_an_error_midway_leaves_the_folder_exactly_as_it_was_found(tmp_path, mon
             raise OSError(28, "No space left on device")
         return real_rename(source, target)
 
-    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    monkeypatch.setattr(files.os, "rename", rename)
     with pytest.raises(OSError, match="No space left"):
         write_directory(out, written_by(SECOND), "the test export", OWNED)
     monkeypatch.undo()
@@ -238,7 +184,7 @@ def test_a_process_killed_midway_leaves_the_users_files_as_they_were(tmp_path, w
     script = textwrap.dedent(f"""
         import os, signal, sys
         from pathlib import Path
-        from liteclip import checkpoint
+        from liteclip import files
 
         def write_contents(staging):
             (staging / "weights.bin").write_bytes(b"new")
@@ -251,8 +197,8 @@ def test_a_process_killed_midway_leaves_the_users_files_as_they_were(tmp_path, w
             real_rename(source, target)
             if Path(target).name == "config.json":  # one entry in, the next not yet
                 os.kill(os.getpid(), signal.SIGKILL)
-        checkpoint.os.rename = rename
-        checkpoint.write_directory(sys.argv[1], write_contents, "the test export", {{"weights.bin", "config.json"}})
+        files.os.rename = rename
+        files.write_directory(sys.argv[1], write_contents, "the test export", {{"weights.bin", "config.json"}})
     """)
     process = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True)
     assert process.returncode == -9, process.stderr.decode()
@@ -263,7 +209,7 @@ def test_a_process_killed_midway_leaves_the_users_files_as_they_were(tmp_path, w
 
 
 def test_a_folder_an_older_liteclip_wrote_without_a_manifest_is_recognised_by_the_writers_rule(tmp_path):
-    from liteclip.checkpoint import write_directory
+    from liteclip.files import write_directory
 
     out = tmp_path / "old"
     out.mkdir()
@@ -277,7 +223,7 @@ def test_a_folder_an_older_liteclip_wrote_without_a_manifest_is_recognised_by_th
 
 def test_a_file_the_user_put_inside_one_of_its_folders_is_refused_not_deleted_with_the_folder(tmp_path):
     """Review of issue 38: a re-export swapped tokenizer/ whole and deleted the user's note inside it."""
-    from liteclip.checkpoint import write_directory
+    from liteclip.files import write_directory
     from liteclip.errors import InputError
 
     out = tmp_path / "out"
@@ -292,7 +238,7 @@ def test_a_file_the_user_put_inside_one_of_its_folders_is_refused_not_deleted_wi
 
 def test_a_file_of_the_same_name_made_while_the_new_contents_are_written_is_refused_not_replaced(tmp_path):
     """Review of issue 38: the check ran only before staging, so a file made during a slow export was replaced."""
-    from liteclip.checkpoint import write_directory
+    from liteclip.files import write_directory
     from liteclip.errors import InputError
 
     out = tmp_path / "out"
@@ -309,7 +255,7 @@ def test_a_file_of_the_same_name_made_while_the_new_contents_are_written_is_refu
 
 
 def test_a_folder_an_older_liteclip_wrote_may_hold_only_what_the_new_contents_hold(tmp_path):
-    from liteclip.checkpoint import write_directory
+    from liteclip.files import write_directory
     from liteclip.errors import InputError
 
     out = tmp_path / "old"

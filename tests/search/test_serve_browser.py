@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from liteclip.serve import create_app
-from tests.test_serve import indexed_photos
+from liteclip.search.serve import create_app
+from tests.search.test_serve import indexed_photos
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

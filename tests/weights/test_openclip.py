@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from liteclip import CLIP, ZeroShotPipeline
 from liteclip.config import load_config
 from liteclip.errors import ConfigError
-from liteclip.lora import merged_copy
-from liteclip.training import fit
+from liteclip.weights.lora import merged_copy
+from liteclip.train.loop import fit
 
 TEXT = {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
 ARCHITECTURES = {
@@ -141,7 +141,7 @@ def test_a_fine_tune_starts_from_the_checkpoint_and_its_loss_falls(name, tune, c
 
 def test_a_saved_open_clip_model_is_a_distillation_teacher_with_open_clips_own_embeddings(checkpoints, tmp_path):
     from liteclip.data.captions import CaptionedImage
-    from liteclip.distill import teacher_embeddings
+    from liteclip.train.distill import teacher_embeddings
     from liteclip.precision import Precision
 
     name = "liteclip-test-timm"

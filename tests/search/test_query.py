@@ -7,7 +7,7 @@ import pytest
 from liteclip.errors import InputError
 from hypothesis import given, settings, strategies as st
 
-from liteclip.query import QueryTerm, parse_query, parse_web_query
+from liteclip.search.query import QueryTerm, parse_query, parse_web_query
 from tests.conftest import draw_image
 
 

@@ -13,20 +13,22 @@ import torch
 import torch.multiprocessing as mp
 
 from liteclip import CLIP, build_model
-from liteclip.checkpoint import load_checkpoint
+from liteclip.train.run_directory import load_checkpoint
 from liteclip.cli import main
 from liteclip.config import load_config
 from liteclip.data import build_dataloaders, ignore_stop_signals, load_splits
 from liteclip.loss import clip_loss
-from liteclip.optim import build_optimizer
+from liteclip.train.optim import build_optimizer
 from liteclip.runtime import keep_freed_memory_for
-from liteclip import training
+from liteclip.train import loop as training
 from liteclip.errors import NonFiniteLossError
 from liteclip.precision import Precision
-from liteclip.preemption import StepCheckpoints, TrainingStopped
-from liteclip.training import contrastive_step, fit, optimizer_step, to_device
+from liteclip.train.preemption import StepCheckpoints, TrainingStopped
+from liteclip.train.loop import contrastive_step, fit, optimizer_step, to_device
 
 FP32 = Precision(None, "cpu")
+
+REPO = Path(__file__).resolve().parents[2]  # the repository root: configs/demo.yaml is relative to it
 
 
 def tiny_overrides(tmp_path, *extra):
@@ -50,7 +52,7 @@ def tiny_config(tmp_path, *extra):
 
 @pytest.fixture(autouse=True)
 def repo_root(monkeypatch):
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.chdir(REPO)
 
 
 def read_rows(path):
@@ -176,7 +178,7 @@ def crash_in_second_epoch(monkeypatch, config):
 def train_tiny_model(tmp_path, *extra):
     """A model trained for a few steps on the demo data, exported as train.py exports it; returns its directory."""
     here = os.getcwd()
-    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/demo.yaml is relative
+    os.chdir(REPO)  # configs/demo.yaml is relative
     try:
         fit(tiny_config(tmp_path, "train.epochs=1", "train.zero_shot_eval=false", *extra), show_progress=False)
     finally:
@@ -549,7 +551,7 @@ def test_a_run_over_planted_bad_images_completes_names_each_once_and_resumes_exa
 
 def test_a_second_training_on_a_run_directory_in_use_fails_at_once(tmp_path):
     from liteclip.errors import RunInUseError
-    from liteclip.run_directory import RunDirectory
+    from liteclip.train.run_directory import RunDirectory
 
     with RunDirectory(tmp_path / "run").locked():  # as a first training holds it
         with pytest.raises(RunInUseError, match=f"in use by process {os.getpid()}"):
@@ -590,7 +592,7 @@ def test_a_resumed_run_compares_its_config_before_writing_refuses_a_new_model_an
         fit(tiny_config(tmp_path, "model.projection.dim=64"), resume="auto", show_progress=False)
     assert (run / "config.yaml").read_text() == written  # refused before anything was written
 
-    with caplog.at_level("WARNING", logger="liteclip.run_directory"):
+    with caplog.at_level("WARNING", logger="liteclip.train.run_directory"):
         fit(tiny_config(tmp_path, "optim.lr=5e-4", "optim.weight_decay=0.2"), resume="auto", show_progress=False)
     assert "optim.lr: 0.001 -> 0.0005" in caplog.text and "optim.weight_decay: 0.05 -> 0.2" in caplog.text
     assert yaml.safe_load((run / f"config.until_step_{step}.yaml").read_text())["optim"]["lr"] == 1e-3
@@ -623,7 +625,7 @@ def test_an_epoch_whose_embeddings_collapse_is_never_kept_as_best(tmp_path, monk
 
 
 def test_every_caption_sampling_never_makes_two_captions_of_one_image_negatives(tmp_path):
-    from liteclip.training import same_image_pairs
+    from liteclip.train.loop import same_image_pairs
 
     config = tiny_config(tmp_path, "data.train_captions=all", "data.batch_size=16")
     load_splits(config.data)  # generates the demo data, its text tower included

@@ -7,9 +7,9 @@ from liteclip import build_model
 from liteclip.config import ConfigError
 from liteclip.data import build_datasets, load_splits
 from liteclip.data.captions import SeededSampler
-from liteclip.feature_cache import check_views_fit, use_feature_cache
+from liteclip.train.feature_cache import check_views_fit, use_feature_cache
 from liteclip.precision import Precision
-from tests.test_training import assert_a_crashed_run_resumes_to_the_same_weights, tiny_config
+from tests.train.test_loop import assert_a_crashed_run_resumes_to_the_same_weights, tiny_config
 
 FP32 = Precision(None, "cpu")
 LOCKED = ("model.image.tune=locked", "train.cache_image_features=true")
@@ -40,7 +40,7 @@ def test_each_training_image_has_k_different_views_and_evaluation_one(cached_vie
 
 def test_the_views_are_the_training_transform_seeded_per_view_and_image(cached_views, tmp_path):
     from liteclip.data.images import load_image
-    from liteclip.feature_cache import view_seed
+    from liteclip.train.feature_cache import view_seed
 
     model, datasets, cached = cached_views
     train = datasets["train"]
@@ -93,7 +93,7 @@ def test_swapped_files_with_their_stamps_restored_are_encoded_again_and_a_damage
     kept each other's features; a truncated cache file was a raw safetensors traceback."""
     import os
 
-    from liteclip.feature_cache import cached_image_features, feature_cache_key
+    from liteclip.train.feature_cache import cached_image_features, feature_cache_key
     from tests.conftest import draw_image
 
     first, second = draw_image(tmp_path / "a.bmp", (200, 20, 20)), draw_image(tmp_path / "b.bmp", (20, 20, 200))

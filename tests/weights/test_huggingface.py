@@ -215,7 +215,7 @@ def test_a_siglip_fine_tune_takes_the_sigmoid_loss_and_its_loss_falls(siglip_dir
     from PIL import Image
 
     from liteclip.config import load_config
-    from liteclip.training import fit
+    from liteclip.train.loop import fit
 
     rng = np.random.default_rng(5)
     rows = []

@@ -1,19 +1,19 @@
 """Distillation from a frozen teacher: the KL term against a written-out reference, its neutral cases, the teacher
 cache, and a student trained from a demo-trained teacher."""
 
-import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from liteclip import distill as distill_module
-from liteclip.distill import DistillTerm, distillation_loss
+from liteclip.train import distill as distill_module
+from liteclip.train.distill import DistillTerm, distillation_loss
 from liteclip.precision import Precision
-from liteclip.training import contrastive_step, fit
-from tests.test_training import fixed_batches, read_rows, tiny_config, train_tiny_model
+from liteclip.train.loop import contrastive_step, fit
+from tests.train.test_loop import fixed_batches, read_rows, tiny_config, train_tiny_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 def naive_kl(student, teacher, temperature):

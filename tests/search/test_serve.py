@@ -17,7 +17,8 @@ from PIL import Image
 
 from liteclip import ImageSearch, ZeroShotPipeline
 from liteclip import pipeline as pipeline_module
-from liteclip import serve as serve_module
+from liteclip.search import image_search as image_search_module
+from liteclip.search import serve as serve_module
 from tests.conftest import draw_image
 
 LOCAL = "http://127.0.0.1:8765"  # the Host the page is opened by (TestClient's default, "testserver", is refused)
@@ -142,10 +143,10 @@ def test_serving_beyond_localhost_says_so(served, monkeypatch, caplog, capsys):
     _, search, _ = served
     started = {}
     monkeypatch.setattr("uvicorn.run", lambda app, host, port, log_level: started.update(host=host, port=port))
-    with caplog.at_level(logging.WARNING, logger="liteclip.serve"):
+    with caplog.at_level(logging.WARNING, logger="liteclip.search.serve"):
         serve_module.serve(search, search.pipeline.model_dir, host="127.0.0.1", port=8766)
     assert started == {"host": "127.0.0.1", "port": 8766} and not caplog.records
-    with caplog.at_level(logging.WARNING, logger="liteclip.serve"):
+    with caplog.at_level(logging.WARNING, logger="liteclip.search.serve"):
         serve_module.serve(search, search.pipeline.model_dir, host="0.0.0.0", port=8766)
     assert "anyone who can reach this machine" in caplog.text and "token" in caplog.text
     assert "?token=" in capsys.readouterr().out
@@ -162,13 +163,13 @@ def test_a_folder_indexed_while_serving_is_searchable_as_it_goes_and_every_answe
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         draw_image(tmp_path / "photos" / f"{i:02d}.png", colour, size=40 + i)
     monkeypatch.setattr(serve_module, "INDEXING_CHUNK", 4)
-    encode = pipeline_module.encode_decodable_image_files
+    encode = image_search_module.encode_decodable_image_files
 
     def slowly(*args, **kwargs):  # a chunk takes a while, as on a real photo library, so queries land between
         time.sleep(0.3)
         return encode(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "encode_decodable_image_files", slowly)
+    monkeypatch.setattr(image_search_module, "encode_decodable_image_files", slowly)
     search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
     client = TestClient(serve_module.create_app(search, tmp_path / "photos.index"), base_url=LOCAL)
     thread = serve_module.index_in_background(search, tmp_path / "photos", tmp_path / "photos.index")
@@ -324,7 +325,7 @@ def test_an_index_inside_its_own_folder_never_indexes_its_thumbnails(model_dir, 
     client = TestClient(serve_module.create_app(search, folder / "photos.index"), base_url=LOCAL)
     for identifier in search.ids:
         assert client.get(f"/thumb/{identifier}").status_code == 200
-    assert len(list((folder / ".photos.index.thumbs").iterdir())) == len(COLOURS)
+    assert len(list((folder / ".photos.index.thumbs").glob("*.jpg"))) == len(COLOURS)
     assert search.index(folder, folder / "photos.index", show_progress=False) == 0
     assert len(search.paths) == len(COLOURS)
 
@@ -425,7 +426,7 @@ def test_an_upload_is_refused_by_its_declared_length_before_its_body_is_read(ser
 
     import uvicorn
 
-    from tests.test_serve_browser import free_port
+    from tests.search.test_serve_browser import free_port
 
     _, search, _ = served
     port = free_port()

@@ -11,17 +11,19 @@ import pytest
 import torch
 from torch.nn.functional import pad
 
-from liteclip.checkpoint import load_checkpoint, save_checkpoint
-from liteclip.optim import build_optimizer
+from liteclip.train.run_directory import load_checkpoint, save_checkpoint
+from liteclip.train.optim import build_optimizer
 from liteclip.runtime import keep_freed_memory
-from liteclip.training import contrastive_step, optimizer_step
-from tests.test_training import FP32, fixed_batches, read_rows, tiny_config, tiny_overrides
+from liteclip.train.loop import contrastive_step, optimizer_step
+from tests.train.test_loop import FP32, fixed_batches, read_rows, tiny_config, tiny_overrides
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def train_command(tmp_path, run_name, resume=False):
-    overrides = tiny_overrides(tmp_path, "data.demo_num_images=120", "train.epochs=3",
+    # one precision for every run compared: `auto` times bf16 against fp32 on some CPUs (AVX-512 BF16 without AMX),
+    # and two separate processes could each decide differently if the machine is busy (resume keeps the started one)
+    overrides = tiny_overrides(tmp_path, "data.demo_num_images=120", "train.epochs=3", "train.precision=fp32",
                                f"train.output_dir={tmp_path / run_name}", f"train.model_dir={tmp_path / run_name}_model")
     return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo.yaml"), "--no-progress",
             *(["--resume", "auto"] if resume else []), "--set", *overrides]
@@ -104,7 +106,7 @@ def test_sigkill_between_two_mid_epoch_checkpoints_then_resume_is_exact(tmp_path
 
 WRITER = """
 import sys, torch
-from liteclip.checkpoint import save_checkpoint
+from liteclip.train.run_directory import save_checkpoint
 save_checkpoint(sys.argv[1], {"step": 2, "w": torch.zeros(150_000_000)})  # 600 MB: slow enough to be caught
 """
 

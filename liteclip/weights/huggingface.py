@@ -1,6 +1,6 @@
 """Foreign weights onto liteclip modules: Hugging Face `transformers` CLIP checkpoints (OpenAI's CLIP and any model
 saved in that layout) and SigLIP checkpoints (`SiglipModel`: SigLIP, and SigLIP 2 at fixed resolution). Nothing else
-in liteclip does weight surgery (open_clip checkpoints keep open_clip's own modules: liteclip.convert_open_clip).
+in liteclip does weight surgery (open_clip checkpoints keep open_clip's own modules: liteclip.weights.openclip).
 
 The towers stay the library's own (CLIPVisionModel, CLIPTextModel: causal mask, final layer norm and all); liteclip
 adds what is equivalent around them: the vision tower's pooled output, the text tower's end-of-text token (`eos`

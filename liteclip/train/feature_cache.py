@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save
 from torch.utils.data import DataLoader
 
-from liteclip.checkpoint import atomic_write_bytes, digest_tensors, read_safetensors, sha256_of
+from liteclip.files import atomic_write_bytes, digest_tensors, read_safetensors, sha256_of
 from liteclip.data.captions import CaptionedImage, ImageCaptionDataset, unpack_sample_key
 from liteclip.data.images import UndecodableImageError, load_image
 from liteclip.data.transforms import image_size

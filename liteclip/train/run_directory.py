@@ -23,6 +23,7 @@ import io
 import logging
 import math
 import os
+import pickle
 import shutil
 import socket
 import time
@@ -35,10 +36,10 @@ import numpy as np
 import torch
 import yaml
 
-from liteclip.checkpoint import atomic_link, atomic_write_bytes, load_checkpoint, load_weights, save_checkpoint
 from liteclip.config import Config
-from liteclip.ema import WeightAverage
 from liteclip.errors import ConfigError, DiskSpaceError, ModelLoadError, OutputDirectoryError, RunInUseError
+from liteclip.files import atomic_link, atomic_write_bytes, load_weights
+from liteclip.train.ema import WeightAverage
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class TrainState:
     best_metric: float = -math.inf
     best_epoch: int = -1
     # a checkpoint written inside an epoch also holds where the epoch and its current log window stood, so a run
-    # resumed from it logs and averages exactly as an uninterrupted one (liteclip.preemption)
+    # resumed from it logs and averages exactly as an uninterrupted one (liteclip.train.preemption)
     epoch_step: int = 0  # optimiser steps done in the unfinished epoch
     epoch_loss_sum: float = 0.0
     window_loss_sum: float = 0.0
@@ -189,9 +190,11 @@ class RunDirectory:
             finally:
                 _rewrite(handle, "")  # a clean exit leaves no holder behind; closing releases the flock
 
-    def prepare(self, config: Config, replaced: tuple[int, dict[str, Any]] | None = None) -> None:
-        """Checks that the run and model directories can take checkpoints, then writes config.yaml; `replaced`
-        (step, config dict) is the config a resumed run used until then, kept as config.until_step_N.yaml."""
+    def prepare(self, config: Config, resume_path: Path | None = None) -> None:
+        """Compares the config with the checkpoint being resumed, if any (a change it cannot resume with is an
+        error, before anything is written), checks that the run and model directories can take checkpoints, then
+        writes config.yaml; a resumed run's earlier config, if it changed, is kept as config.until_step_N.yaml."""
+        replaced = replaced_config(resume_path, config)
         model_dir = Path(config.train.model_dir)
         for directory in (self.path, model_dir.parent):
             check_writable(directory)
@@ -310,6 +313,34 @@ def refuse_a_folder_of_other_files(directory: Path) -> None:
 # ------------------------------------------------------------------------------------------------------- resume
 
 
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Writes a training checkpoint (tensors, numbers, strings, dicts and lists only) atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Reads a training checkpoint without running any code it may carry."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused an object; its own messages are many and deep
+        raise ModelLoadError(
+            f"refused to load {path}: it is not a plain-tensor checkpoint that loads with weights_only=True "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). liteclip never unpickles arbitrary "
+            f"objects; re-export the weights as safetensors.") from None
+    except Exception as error:  # a cut zip archive, an empty file, bytes that are no checkpoint at all
+        reason = ": ".join(filter(None, [type(error).__name__, *str(error).split(". ")[:1]]))[:160]
+        raise ModelLoadError(
+            f"{path} is truncated or damaged ({path.stat().st_size:,} bytes; {reason}). Checkpoints are written "
+            f"whole, so it was cut or changed afterwards (a full disk while copying, a partial download): resume "
+            f"from another copy, or from best.pt beside it (--resume RUN_DIR/best.pt).") from None
+
+
+
 def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler | None, state: TrainState, config: Config,
                      rng_per_rank: list[torch.Tensor] | None = None, ema: WeightAverage | None = None
@@ -395,3 +426,13 @@ def restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     logger.info("resumed from %s at epoch %d, step %d%s", path, state.epoch, state.step,
                 f" ({state.epoch_step} steps into epoch {state.epoch + 1})" if state.epoch_step else "")
+
+
+def replaced_config(resume_path: Path | None, config: Config) -> tuple[int, dict] | None:
+    """(step, config) of the checkpoint being resumed when its config differs from `config` (see
+    resumed_config_changes: an unresumable change is an error), else None."""
+    if resume_path is None:
+        return None
+    checkpoint = load_checkpoint(resume_path)
+    saved = checkpoint.get("config") or {}
+    return (checkpoint.get("step", 0), saved) if resumed_config_changes(saved, config, resume_path) else None

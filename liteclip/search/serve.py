@@ -39,13 +39,13 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from liteclip.checkpoint import atomic_write_bytes
+from liteclip.files import atomic_write_bytes
 from liteclip.data.images import UndecodableImageError, open_rgb
 from liteclip.data.transforms import image_size
 from liteclip.errors import InputError, LiteclipError
-from liteclip.pipeline import ImageSearch
-from liteclip.query import parse_web_query
-from liteclip.search_index import make_derived_folder, thumbnails_folder
+from liteclip.search.image_search import ImageSearch
+from liteclip.search.query import parse_web_query
+from liteclip.search.store import make_derived_folder, thumbnails_folder
 
 logger = logging.getLogger(__name__)
 

@@ -30,25 +30,25 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from liteclip import distributed
-from liteclip.checkpoint import load_checkpoint, load_weights
+from liteclip.files import load_weights
 from liteclip.config import Config, DataConfig, OptimConfig, TrainConfig
 from liteclip.data import (build_dataloaders, build_datasets, ignore_stop_signals, load_splits, set_data_epoch,
                            zero_shot_task)
 from liteclip.data.captions import CaptionedImage, SkippedImages, epoch_seed
-from liteclip.distill import DistillTerm, WithTeacherEmbeddings, teacher_embeddings
-from liteclip.ema import WeightAverage
+from liteclip.train.distill import DistillTerm, WithTeacherEmbeddings, teacher_embeddings
+from liteclip.train.ema import WeightAverage
 from liteclip.embedding import image_file_loader
 from liteclip.errors import ConfigError, NonFiniteError, NonFiniteLossError
 from liteclip.evaluation import evaluate_retrieval, evaluate_zero_shot
-from liteclip.feature_cache import CachedFeatureDataset, use_feature_cache
+from liteclip.train.feature_cache import CachedFeatureDataset, use_feature_cache
 from liteclip.loss import clip_loss, siglip_loss
 from liteclip.model import CLIP, build_model
-from liteclip.optim import build_optimizer, lr_multiplier, set_lr
+from liteclip.train.optim import build_optimizer, lr_multiplier, set_lr
 from liteclip.precision import Precision, cpu_bf16_is_measured, resolve_precision
 from liteclip.pretrained import check_model_folder
-from liteclip.preemption import StepCheckpoints
-from liteclip.run_directory import (BEST, LAST, RunDirectory, TrainState, checkpoint_bytes, checkpoint_state,
-                                    restore, resumed_config_changes)
+from liteclip.train.preemption import StepCheckpoints
+from liteclip.train.run_directory import (BEST, LAST, RunDirectory, TrainState, checkpoint_bytes, checkpoint_state,
+                                          load_checkpoint, restore)
 from liteclip.runtime import keep_freed_memory_for
 
 logger = logging.getLogger(__name__)
@@ -195,9 +195,6 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     datasets = build_datasets(config.data, model.data_config, splits, config.train.seed, ctx.rank, ctx.world_size)
     # auto on a CPU may be measured, and a measurement can differ between ranks: all train in rank 0's choice
     precision = distributed.all_gather_object(resolve_precision(config.train.precision, ctx.device))[0]
-    if config.data.dataset == "webdataset" and (config.train.cache_image_features or config.distill.teacher):
-        raise ConfigError("train.cache_image_features and distill.teacher need a list of training images; they "
-                          "do not work with data.dataset: webdataset yet")
     if config.train.cache_image_features:
         augmentation = f"{config.data.augment}:{config.data.crop_scale}:{config.data.horizontal_flip}"
         datasets = use_feature_cache(model, datasets, Path(config.data.root) / ".liteclip_cache", ctx.device,
@@ -505,16 +502,6 @@ def train_epochs(setup: TrainingSetup, state: TrainState, config: Config, run: R
             distributed.barrier()
 
 
-def replaced_config(resume_path: Path | None, config: Config) -> tuple[int, dict] | None:
-    """(step, config) of the checkpoint being resumed when its config differs from `config` (see
-    resumed_config_changes: an unresumable change is an error), else None."""
-    if resume_path is None:
-        return None
-    checkpoint = load_checkpoint(resume_path)
-    saved = checkpoint.get("config") or {}
-    return (checkpoint.get("step", 0), saved) if resumed_config_changes(saved, config, resume_path) else None
-
-
 def fit(config: Config, resume: str | None = None, show_progress: bool = True) -> dict[str, float]:
     """Trains a CLIP model as the config says; returns the final metrics (test split of the best model).
 
@@ -525,14 +512,15 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
     """
     ctx = distributed.init_distributed(config.train.device)
     run = RunDirectory(config.train.output_dir)
-    # without it a CPU step can spend two fifths of its time faulting freed activations back in (liteclip.runtime)
+    # without it a CPU step spends much of its time faulting freed activations back in (liteclip.runtime)
     with keep_freed_memory_for(ctx.device, config.train.keep_cpu_memory), \
             run.locked() if ctx.is_main else contextlib.nullcontext():
         resume_path = run.resume_path(resume)
         if ctx.is_main:
-            # the checkpoint's config is compared first: a run that cannot resume fails before anything is written
-            check_model_folder(config.train.model_dir)  # and a model folder that would refuse the export, too
-            run.prepare(config, replaced_config(resume_path, config))
+            # nothing is written before the checks: a model folder that would refuse the export, a resumed
+            # checkpoint whose config cannot be resumed with (prepare compares it first)
+            check_model_folder(config.train.model_dir)
+            run.prepare(config, resume_path)
             splits = load_splits(config.data)  # the demo data is generated here, once, by rank 0
         distributed.barrier()
         if not ctx.is_main:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from liteclip.config import ImageEncoderConfig, ModelConfig, ProjectionConfig, TextEncoderConfig
-from liteclip.convert import ConvertedCLIP
+from liteclip.weights.huggingface import ConvertedCLIP
 from liteclip.errors import ConfigError, ModelLoadError
 
 PREFIX = "open_clip:"

@@ -12,7 +12,7 @@ FAISS copy that lets `liteclip search` leave the vectors on disk.
                             once the index is written
     .photos.index.thumbs/   the thumbnails `liteclip serve` shows, one per indexed content
 
-This module is file I/O only; liteclip.pipeline.ImageSearch decides what to encode and ranks.
+This module is file I/O only; liteclip.search.image_search.ImageSearch decides what to encode and ranks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from liteclip.checkpoint import atomic_write_bytes, file_stamp, read_safetensors
+from liteclip.files import atomic_write_bytes, file_stamp, read_safetensors
 from liteclip.data.image_folder import DERIVED_MARKER  # in every folder of pictures liteclip makes
 from liteclip.errors import ModelLoadError
 

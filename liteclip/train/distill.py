@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from liteclip.checkpoint import atomic_write_bytes, digest_tensors
+from liteclip.files import atomic_write_bytes, digest_tensors
 from liteclip.data.captions import CaptionedImage, caption_offsets
 from liteclip.embedding import encode_image_files, encode_texts
 from liteclip.model import CLIP
