@@ -76,8 +76,9 @@ def write_directory(directory: str | Path, write_contents: Callable[[Path], None
                     owned_names: set[str], owns: Callable[[Path, str], bool] | None = None) -> Path:
     """Writes the entries `write_contents(staging)` makes into `directory`, touching nothing else in it.
 
-    A new (or empty) directory appears whole: staged beside it and renamed into place. In an existing one, each
-    entry is swapped in by a rename; an entry of the same name is replaced only if liteclip wrote it (the directory's
+    A new directory appears whole: staged beside it and renamed into place. In an existing one (empty, or a mount
+    point), each entry is staged inside it and swapped in by a rename; an entry of the same name is replaced only if
+    liteclip wrote it (the directory's
     manifest lists it, or `owns(directory, name)` recognises a file an older liteclip wrote), and anything else of
     that name is refused before a byte is written. The user's other files are never moved, renamed or deleted. On an
     error the swapped entries are put back, so the directory is left as it was found; a crash midway leaves each
@@ -92,21 +93,15 @@ def write_directory(directory: str | Path, write_contents: Callable[[Path], None
     directory = Path(directory).expanduser().resolve()
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{what}: {directory} is a file, not a folder; give a folder path for the output")
-    if directory.is_dir() and any(directory.iterdir()):
+    if directory.is_dir():
         check_replaceable(directory, owned_names, what, owns)
         return _swap_into(directory, write_contents, what, owned_names, owns)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".staging", dir=directory.parent))
     try:
         _stage(staging, write_contents, what, owned_names)
-        if directory.is_dir():  # empty: os.replace takes an empty folder's place, unless it is a mount point
-            try:
-                os.replace(staging, directory)
-            except OSError:
-                for entry in sorted(staging.iterdir()):
-                    os.replace(entry, directory / entry.name)
-        else:
-            os.replace(staging, directory)
+        # a folder made meanwhile by someone else is not replaced unless empty (the rename fails on anything in it)
+        os.replace(staging, directory)
         _fsync_directory(directory.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # ours; gone already unless something failed
