@@ -89,8 +89,12 @@ def write_directory(directory: str | Path, write_contents: Callable[[Path], None
         owned_names: every name write_contents may make; entries of these names that an earlier write left and this
             one does not make again are removed (the manifest says liteclip made them).
     """
+    given = Path(directory).expanduser()
+    if given.is_symlink() and not given.exists():  # resolving it would create folders wherever it points
+        raise InputError(f"{what}: {given} is a link to {os.readlink(given)}, which does not exist; create that "
+                         f"folder first, or give another output folder")
     # the path as the kernel reads it (`out/inner/..` is `out`): staging and renames happen where the files go
-    directory = Path(directory).expanduser().resolve()
+    directory = given.resolve()
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{what}: {directory} is a file, not a folder; give a folder path for the output")
     if directory.is_dir():

@@ -271,3 +271,13 @@ def test_a_folder_an_older_liteclip_wrote_may_hold_only_what_the_new_contents_ho
     (out / "tokenizer" / "added_by_me.txt").unlink()
     write_directory(out, written_by(FIRST), "the test export", OWNED, owns=older)
     assert (out / "tokenizer" / "vocab.txt").read_text() == "a b"
+
+
+def test_an_output_that_is_a_link_to_nowhere_is_refused_rather_than_created_where_it_points(tmp_path):
+    from liteclip.errors import InputError
+    from liteclip.files import write_directory
+
+    (tmp_path / "out").symlink_to(tmp_path / "elsewhere" / "deep" / "folder")
+    with pytest.raises(InputError, match="is a link to .* which does not exist"):
+        write_directory(tmp_path / "out", written_by(FIRST), "the test export", OWNED)
+    assert not (tmp_path / "elsewhere").exists()

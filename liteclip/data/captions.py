@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
@@ -193,10 +194,19 @@ def csv_records(handle: Iterable[str], delimiter: str, source: Path | str = "the
             yield line, fields
 
 
+SWALLOWED_ROW = re.compile(r"\n[^\n]*\.(?:jpe?g|png|webp|bmp|gif|tiff?)\s*[,\t]", re.IGNORECASE)
+
+
 def caption_row(fields: list[str], header: list[str], caption_column: str, delimiter: str) -> dict[str, str] | str:
     """One record as {column: value}, or the reason it cannot be read. More fields than the header has are an
     unquoted delimiter inside the caption when the caption is the last column (they are joined back into it);
-    anywhere else it cannot be told which column they belong to."""
+    anywhere else it cannot be told which column they belong to. A quoted field that runs over lines which look like
+    rows of their own (an image file name and a delimiter) is a quote left open, swallowing them."""
+    swallowed = next((field for field in fields if SWALLOWED_ROW.search(field)), None)
+    if swallowed is not None:
+        lines = swallowed.rstrip("\n").count("\n")
+        return (f"a quote (\") opened in this record is never closed and swallows the {lines} line(s) after it, which "
+                f"look like rows of their own; close the quote")
     if len(fields) > len(header):
         if header[-1] != caption_column:
             return (f"{len(fields)} fields where the header has {len(header)}; quote captions that contain "
