@@ -50,8 +50,11 @@ def json_file(path: Path) -> dict:
 
 
 def older_onnx_export(directory: Path, name: str) -> bool:
-    """A file of an ONNX export an older liteclip wrote, before exports carried a manifest: export.json says so."""
-    return name in ONNX_NAMES and json_file(directory / EXPORT_INFO).get("format") == "onnx"
+    """A file of an ONNX export an older liteclip wrote, before exports carried a manifest: its export.json has the
+    fields liteclip writes there."""
+    info = json_file(directory / EXPORT_INFO)
+    return (name in ONNX_NAMES and info.get("format") == "onnx"
+            and {"logit_scale", "embedding_dim", "image_input", "text_inputs"} <= set(info))
 
 
 def older_timm_export(directory: Path, name: str) -> bool:

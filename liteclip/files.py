@@ -104,8 +104,13 @@ def write_directory(directory: str | Path, write_contents: Callable[[Path], None
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".staging", dir=directory.parent))
     try:
         _stage(staging, write_contents, what, owned_names)
-        # a folder made meanwhile by someone else is not replaced unless empty (the rename fails on anything in it)
-        os.replace(staging, directory)
+        try:  # a folder made meanwhile by someone else is not replaced unless empty (the rename fails otherwise)
+            os.replace(staging, directory)
+        except OSError as error:
+            if not directory.exists():
+                raise
+            raise InputError(f"{what}: {directory} was made by something else while this was written; nothing was "
+                             f"written there ({error.strerror})") from None
         _fsync_directory(directory.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # ours; gone already unless something failed
@@ -114,50 +119,80 @@ def write_directory(directory: str | Path, write_contents: Callable[[Path], None
 
 def written_names(directory: Path) -> set[str]:
     """The entries a liteclip writer recorded in `directory`'s manifest (empty without one)."""
-    return set(_manifest(directory).get("names", ()))
+    manifest = _manifest(directory)
+    return set(manifest[0]) if manifest else set()
 
 
-def _manifest(directory: Path) -> dict[str, list[str]]:
-    """{"names": top-level entries, "files": every file below them, relative} from the manifest ({} without one)."""
+def _manifest(directory: Path) -> tuple[list[str], dict[str, str]] | tuple[()]:
+    """(top-level names, {relative path: SHA-256} of every file written below them) from the manifest; () when
+    there is none, or it is not one liteclip writes (then nothing in the folder counts as liteclip's)."""
+    path = directory / MANIFEST_NAME
     try:
-        data = json.loads((directory / MANIFEST_NAME).read_text())
+        if path.is_symlink():
+            return ()
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {key: [item for item in data.get(key) or () if isinstance(item, str)] for key in ("names", "files")
-            if isinstance(data.get(key), list)}
+        return ()
+    names, files = (data.get("names"), data.get("files")) if isinstance(data, dict) else (None, None)
+    if not isinstance(names, list) or not isinstance(files, dict):
+        return ()
+    return ([name for name in names if isinstance(name, str)],
+            {name: digest for name, digest in files.items() if isinstance(name, str) and isinstance(digest, str)})
+
+
+def changed_since_written(directory: Path, name: str, files: dict[str, str]) -> list[str]:
+    """What under entry `name` is not exactly what liteclip recorded writing ([] when it all is): a file with
+    another SHA-256 than the manifest holds (edited, or the user's own under the same name), a file or folder the
+    manifest does not list (a note put into one of liteclip's folders), a link. A manifest left from another write
+    holds other hashes, so nothing of the user's matches it."""
+    path = directory / name
+    if path.is_symlink() or not (path.is_file() or path.is_dir()):
+        return [name]
+    if path.is_file():
+        return [] if files.get(name) == sha256_of(path) else [name]
+    folders = {str(Path(recorded).parent) for recorded in files} | {name}
+    changed = []
+    for entry in sorted(path.rglob("*")):
+        relative = str(entry.relative_to(directory))
+        if entry.is_dir() and not entry.is_symlink():
+            if relative not in folders:
+                changed.append(relative)
+        elif entry.is_symlink() or files.get(relative) != sha256_of(entry):
+            changed.append(relative)
+    return changed
 
 
 def check_replaceable(directory: Path, owned_names: set[str], what: str,
                       owns: Callable[[Path, str], bool] | None = None, staged: Path | None = None) -> None:
-    """Raises InputError naming what in `directory` liteclip did not write there but a write would replace: an
-    entry of owned_names it did not record, or a file someone put inside one of its folders (a note in tokenizer/).
+    """Raises InputError naming what in `directory` a write would replace that is not exactly what liteclip wrote
+    there: an entry of owned_names the manifest does not record with these very contents (the user's own file, one
+    edited since, a note put into one of liteclip's folders), checked by SHA-256.
 
-    staged: the new contents, once written: a folder an older liteclip wrote (no manifest of its files) may then
-    hold only files the new one holds too.
+    owns: for a folder without a manifest, whether an older liteclip (before manifests) wrote entry `name`, judged
+        by the files' own contents. staged: the new contents, once written: such an older folder may then hold only
+        files the new contents hold too.
     """
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
         return
     manifest = _manifest(directory)
-    ours = set(manifest.get("names", ()))
-    present = [name for name in owned_names if os.path.lexists(directory / name)]
-    foreign = sorted(name for name in present
-                     if name not in ours and not (owns is not None and owns(directory, name)))
-    known_files = set(manifest["files"]) if "files" in manifest else None
-    if known_files is None and staged is not None:
-        known_files = {str(path.relative_to(staged)) for path in staged.rglob("*")}
-    if known_files is not None:
-        known = known_files | {str(Path(name).parent) for name in known_files}  # the folders on the way
-        for name in present:
-            if name not in foreign and (directory / name).is_dir() and not (directory / name).is_symlink():
-                foreign += sorted(str(path.relative_to(directory)) for path in (directory / name).rglob("*")
-                                  if str(path.relative_to(directory)) not in known)
+    present = sorted(name for name in owned_names if os.path.lexists(directory / name))
+    if manifest:
+        names, files = manifest
+        foreign = [relative for name in present
+                   for relative in ([name] if name not in names else changed_since_written(directory, name, files))]
+    else:
+        foreign = [name for name in present if owns is None or not owns(directory, name)]
+        if staged is not None:  # an older liteclip's folder: nothing in it the new contents do not have
+            known = {str(path.relative_to(staged)) for path in staged.rglob("*")}
+            for name in present:
+                if name not in foreign and (directory / name).is_dir() and not (directory / name).is_symlink():
+                    foreign += sorted(str(path.relative_to(directory)) for path in (directory / name).rglob("*")
+                                      if str(path.relative_to(directory)) not in known)
     if foreign:
         shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
-        raise InputError(f"{what}: {directory} already holds {shown}, which liteclip did not write there; "
-                         f"nothing was written. Choose a new or empty folder, or move those files away first")
+        raise InputError(f"{what}: {directory} already holds {shown}, which liteclip did not write there (or which "
+                         f"changed since); nothing was written. Choose a new or empty folder, or move those away")
 
 
 def _stage(staging: Path, write_contents: Callable[[Path], None], what: str, owned_names: set[str]) -> None:
@@ -178,9 +213,11 @@ def _stage(staging: Path, write_contents: Callable[[Path], None], what: str, own
         elif entry.is_dir():
             entry.chmod(folder_mode)
     staging.chmod(folder_mode)
-    files = sorted(str(path.relative_to(staging)) for path in staging.rglob("*") if not path.is_dir())
+    # every file with its hash: a later write replaces only what is still exactly this (check_replaceable)
+    files = {str(path.relative_to(staging)): sha256_of(path) for path in sorted(staging.rglob("*"))
+             if not path.is_dir()}
     (staging / MANIFEST_NAME).write_text(json.dumps({"written_by": "liteclip", "what": what, "names": names,
-                                                     "files": files}))
+                                                     "files": files}, indent=1))
     (staging / MANIFEST_NAME).chmod(file_mode)
 
 
@@ -199,9 +236,11 @@ def _swap_into(directory: Path, write_contents: Callable[[Path], None], what: st
         # into a folder an older liteclip wrote, is refused rather than replaced
         check_replaceable(directory, owned_names, what, owns, staged=staged)
         new_names = {entry.name for entry in staged.iterdir()}
-        # entries an earlier write made that this one does not make again (a vision_config/ of another tower)
-        stale = [name for name in (written_names(directory) & owned_names) - new_names
-                 if os.path.lexists(directory / name)]
+        # entries an earlier write made that this one does not make again (a vision_config/ of another tower):
+        # removed only while they are exactly what it wrote
+        names, files = _manifest(directory) or ([], {})
+        stale = [name for name in (set(names) & owned_names) - new_names
+                 if os.path.lexists(directory / name) and not changed_since_written(directory, name, files)]
         # the manifest last: until every entry is in, it still describes the folder as it was
         for name in sorted(new_names - {MANIFEST_NAME}) + stale + [MANIFEST_NAME]:
             swapped.append(name)

@@ -191,10 +191,18 @@ def check_model_folder(directory: str | Path) -> None:
 
 def written_by_older_liteclip(directory: Path, name: str) -> bool:
     """Whether `name` in `directory` is a file of a model folder an older liteclip saved, before folders carried a
-    manifest of what liteclip wrote: its card (marked), or one of its own files beside its config.yaml and weights."""
+    manifest of what liteclip wrote: its card (marked), or one of its own files in a folder whose weights say
+    liteclip saved them and whose config.yaml describes a liteclip model. (Only asked where there is no manifest.)"""
     if name == CARD_NAME:
         return CARD_MARKER in (directory / name).read_text(errors="replace")
-    return name in OWNED_NAMES and (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
+    if name not in OWNED_NAMES or not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+        return False
+    try:
+        _, metadata = read_safetensors(directory / WEIGHTS_NAME, "weights", names=())
+        read_model_config(directory)
+    except (ModelLoadError, OSError):
+        return False
+    return metadata.get("library") == "liteclip"
 
 
 def model_card(model_config: ModelConfig, full_config: Config | None = None,

@@ -211,8 +211,8 @@ def test_no_set_value_gives_anything_but_a_config_or_a_one_line_config_error(key
     except ConfigError as error:
         assert "Traceback" not in str(error) and len(str(error)) < 2000
         return
-    floats = [v for section in (config.optim, config.train, config.distill, config.model) for v in vars(section).values()
-              if isinstance(v, float)]
+    sections = (config.optim, config.train, config.distill, config.model)
+    floats = [v for section in sections for v in vars(section).values() if isinstance(v, float)]
     assert all(math.isfinite(v) for v in floats)
 
 

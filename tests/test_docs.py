@@ -3,8 +3,9 @@ in a sandbox with the repository's configs, where configs/demo.yaml trains a tin
 points at a file that exists.
 
 Rules of the sandbox: `pip install ...` and `python3 -m venv ...` commands are not run (the suite runs in the
-installed package, in its environment), nor is `python -m pytest` (this is the suite). `liteclip` and `python` are the interpreter running the tests. Blocks without
-the marker are not run: commands that need the network, GPUs or data you download, and placeholders like photo.jpg.
+installed package, in its environment), nor is `python -m pytest` (this is the suite). `liteclip` and `python` are
+the interpreter running the tests, however it was installed. Blocks without the marker are not run: commands that
+need the network, GPUs or data you download, and placeholders like photo.jpg.
 """
 
 from __future__ import annotations

@@ -224,3 +224,60 @@ def test_an_export_into_the_current_folder_writes_there_beside_the_users_files(m
     assert main(["export", str(model_dir), "--format", "timm", "--out", "."]) == 0
     assert_user_files_untouched(here, before)
     assert (here / "model.safetensors").is_file() and (here / "config.json").is_file()
+
+
+def test_a_folder_of_the_users_own_model_files_is_refused_whatever_names_they_have(model_dir, tmp_path):
+    """Second review of issue 38: any folder holding config.yaml and model.safetensors passed for an older
+    liteclip's, and save_pretrained replaced the user's own files; an export.json saying "onnx" did the same."""
+    from liteclip.errors import InputError
+
+    mine = tmp_path / "mine"
+    before = plant_user_files(mine, names=("config.yaml", "model.safetensors", "preprocessor_config.json"))
+    (mine / "tokenizer").symlink_to(tmp_path)
+    before = snapshot(mine)
+    with pytest.raises(InputError, match="already holds"):
+        CLIP.from_pretrained(model_dir).save_pretrained(mine)
+    assert_user_files_untouched(mine, before, exactly=True)
+    onnx = tmp_path / "onnx"
+    before = plant_user_files(onnx, names=("image_encoder.onnx", "preprocessor_config.json"))
+    (onnx / "export.json").write_text('{"format": "onnx"}')
+    before = snapshot(onnx)
+    assert main(["export", str(model_dir), "--format", "onnx", "--out", str(onnx)]) == 2
+    assert_user_files_untouched(onnx, before, exactly=True)
+
+
+@pytest.mark.parametrize("manifest", ["stale", "forged names", "forged hashes", "edited"])
+def test_a_manifest_that_does_not_match_the_files_protects_them(model_dir, tmp_path, manifest):
+    """Second review of issue 38: the manifest was trusted by name, so one left behind (`rm -r out/*` keeps the
+    hidden file) or forged made liteclip replace or delete the user's files. Files are now matched by SHA-256."""
+    import json
+
+    from liteclip.errors import InputError
+
+    out = tmp_path / "out"
+    export_timm(CLIP.from_pretrained(model_dir), out)
+    recorded = json.loads((out / ".liteclip-written.json").read_text())
+    if manifest == "edited":  # a file liteclip wrote, changed by the user since
+        (out / "config.json").write_text('{"architecture": "mine"}')
+    else:
+        for name in ("config.json", "model.safetensors"):
+            (out / name).unlink()
+            (out / name).write_text(f"the user's own {name}")
+        if manifest == "forged names":
+            (out / ".liteclip-written.json").write_text(json.dumps({"names": recorded["names"], "files": {}}))
+        elif manifest == "forged hashes":
+            recorded["files"]["config.json"] = "0" * 64
+            (out / ".liteclip-written.json").write_text(json.dumps(recorded))
+    before = snapshot(out)
+    with pytest.raises(InputError, match="changed since"):
+        export_timm(CLIP.from_pretrained(model_dir), out)
+    assert_user_files_untouched(out, before, exactly=True)
+
+
+def test_a_model_folder_an_older_liteclip_saved_without_a_manifest_is_still_replaced(model_dir, tmp_path):
+    saved = tmp_path / "older"
+    CLIP.from_pretrained(model_dir).save_pretrained(saved)
+    (saved / ".liteclip-written.json").unlink()  # as folders were saved before manifests
+    (saved / "notes.txt").write_text("mine")
+    CLIP.from_pretrained(model_dir).save_pretrained(saved)
+    assert (saved / "notes.txt").read_text() == "mine" and (saved / ".liteclip-written.json").is_file()

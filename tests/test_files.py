@@ -178,8 +178,9 @@ def test_a_process_killed_midway_leaves_the_users_files_as_they_were(tmp_path, w
 
     out = tmp_path / "out"
     plant_user_files(out)
-    (out / "weights.bin").write_bytes(b"an earlier export")
-    (out / ".liteclip-written.json").write_text('{"names": ["weights.bin"]}')
+    from liteclip.files import write_directory
+
+    write_directory(out, written_by({"weights.bin": b"an earlier export"}), "the test export", {"weights.bin"})
     before = snapshot(out)
     script = textwrap.dedent(f"""
         import os, signal, sys

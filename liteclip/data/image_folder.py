@@ -9,28 +9,25 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
-
-from liteclip.data.captions import LabelledImage, ZeroShotTask
+from liteclip.data.captions import BadRow, LabelledImage, ZeroShotTask
+from liteclip.data.images import IMAGE_SUFFIXES  # the suffixes a listing keeps (imported from here too)
 from liteclip.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-# the formats liteclip reads from a folder; AVIF, HEIC and JPEG XL too where the installed Pillow (or a plugin such
-# as pillow-heif) registers them
 DERIVED_MARKER = ".liteclip-derived"  # liteclip.search.store marks the folders of pictures it makes with it
-IMAGE_SUFFIXES = ({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-                  | {suffix for suffix in (".avif", ".heic", ".heif", ".jxl")
-                     if suffix in Image.registered_extensions()})
 
 
-def list_images(folder: str | Path, exclude: Sequence[str | Path] = ()) -> list[Path]:
+def list_images(folder: str | Path, exclude: Sequence[str | Path] = (), left_out_files: list[BadRow] | None = None
+                ) -> list[Path]:
     """Every image file under `folder`, recursively (symlinked folders followed, each real folder once), sorted.
 
     What is left out is said in warnings: files of other formats (counted by suffix, hidden files aside), links that
     lead nowhere, image names that are not regular files (a FIFO, a device), and folders that cannot be read.
     `exclude`: folders not to enter (an index's own thumbnails, when the index lies inside the folder); a folder
     holding a `.liteclip-derived` marker (the thumbnails and chunks of any index) is never entered either.
+    `left_out_files`: where to add the image names left out (links to nothing, pipes, devices) and the folders that
+    cannot be read, each with its reason, for a command to list beside the files it could not decode.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -60,12 +57,16 @@ def list_images(folder: str | Path, exclude: Sequence[str | Path] = ()) -> list[
         logger.warning("%s: left out %d file(s) that are not images liteclip reads (%s); it reads %s, so convert "
                        "any photos among them to JPEG (or install pillow-heif for HEIC)", folder,
                        sum(left_out.values()), counts, " ".join(sorted(IMAGE_SUFFIXES)))
-    for found, what in ((broken_links, "link(s) that lead to no file"),
-                        (not_files, "image name(s) that are not regular files (a pipe, a device, a socket)"),
-                        ([Path(error.filename or "?") for error in unreadable],
-                         "folder(s) that cannot be read (check their permissions)")):
+    for found, what, reason in ((broken_links, "link(s) that lead to no file", "a link that leads to no file"),
+                                (not_files, "image name(s) that are not regular files (a pipe, a device, a socket)",
+                                 "not a regular file (a pipe, a device, a socket)"),
+                                ([Path(error.filename or "?") for error in unreadable],
+                                 "folder(s) that cannot be read (check their permissions)",
+                                 "a folder that cannot be read")):
         if found:
             logger.warning("%s: left out %d %s, first: %s", folder, len(found), what, found[0])
+            if left_out_files is not None:
+                left_out_files += [BadRow(path, 0, reason) for path in found]
     return sorted(images)
 
 

@@ -37,6 +37,17 @@ MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 0)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 ADVICE = "run `python -m liteclip.data check` on the dataset, or remove the file"
+# the formats liteclip reads from a folder of photos; AVIF, HEIC and JPEG XL too where the installed Pillow (or a
+# plugin such as pillow-heif) registers them
+IMAGE_SUFFIXES = ({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+                  | {suffix for suffix in (".avif", ".heic", ".heif", ".jxl")
+                     if suffix in Image.registered_extensions()})
+# the decoders those files need (PIL's JPEG one also opens the MPO files phones write); pictures from outside
+# (uploads, photo folders) are decoded by these alone, so bytes that claim an exotic format never reach its rarely
+# used decoder
+Image.init()
+PHOTO_FORMATS = tuple(sorted({Image.registered_extensions()[suffix] for suffix in IMAGE_SUFFIXES
+                              if suffix in Image.registered_extensions()} & set(Image.OPEN)))
 EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 is upright, 2-8 name a flip and/or a rotation
 
 
@@ -87,6 +98,12 @@ def shrunk(image: Image.Image, side: int) -> Image.Image:
     image = upright(image)
     if image.mode in ("P", "PA", "1"):  # palettes cannot be averaged: their colours first
         image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    elif image.mode in SIXTEEN_BIT_MODES:  # PIL does not reduce these: to 8 bits first, rounded as to_rgb rounds
+        wide = np.asarray(image)
+        narrow = np.empty(wide.shape, dtype=np.uint8)
+        for start in range(0, len(wide), 256):  # a band of rows at a time: no full-size array wider than the input
+            narrow[start:start + 256] = (wide[start:start + 256].astype(np.uint32) + 128) // 257
+        image = Image.fromarray(narrow, mode="L")
     try:
         return image.reduce(max(1, min(image.size) // side))
     except (ValueError, NotImplementedError):  # a mode PIL does not reduce: converted whole, as before
@@ -103,17 +120,18 @@ def load_image(path: Path, min_size: int | None = None) -> np.ndarray:
 
 
 def open_rgb(path: Path | BinaryIO, min_size: int | None = None, name: str | Path | None = None,
-             shrink_to: int | None = None) -> Image.Image:
+             shrink_to: int | None = None, formats: tuple[str, ...] | None = None) -> Image.Image:
     """The decoded 8-bit RGB PIL image of a file, or of an open binary stream such as a tar member's bytes, whose
     errors then name `name` (see load_image).
 
     shrink_to: shrink by a whole factor right after decoding, to a shorter side of at least this many pixels,
     before any mode conversion (a 16-bit or transparent image converts through float arrays eight times its size):
     for pictures only ever seen small (uploads, thumbnails), never for the pixels a model trains or evaluates on.
+    formats: the decoders allowed (PHOTO_FORMATS for pictures from outside); None: any PIL has.
     """
     name = Path(name if name is not None else path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=formats) as image:
             if min_size is not None and image.format == "JPEG":
                 image.draft("RGB", (min_size, min_size))
             image.load()
@@ -131,6 +149,11 @@ def open_rgb(path: Path | BinaryIO, min_size: int | None = None, name: str | Pat
         raise UndecodableImageError.of(name, "cannot decode image (not a format PIL recognises)", ADVICE) from None
     except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken or truncated files
         raise UndecodableImageError.of(name, f"cannot decode image ({error})", ADVICE) from None
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as error:  # a decoder's own failure on damaged bytes (RuntimeError, AttributeError, ...)
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        raise UndecodableImageError.of(name, f"cannot decode image ({reason})", ADVICE) from None
 
 
 def unreadable(path: Path, error: OSError) -> UndecodableImageError:
@@ -150,4 +173,5 @@ def read_hashed(path: Path, min_size: int | None = None) -> tuple[np.ndarray, st
         data = Path(path).read_bytes()
     except OSError as error:
         raise unreadable(Path(path), error) from None
-    return np.asarray(open_rgb(io.BytesIO(data), min_size, name=path)), hashlib.sha256(data).hexdigest()
+    pixels = np.asarray(open_rgb(io.BytesIO(data), min_size, name=path, formats=PHOTO_FORMATS))
+    return pixels, hashlib.sha256(data).hexdigest()

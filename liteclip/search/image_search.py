@@ -199,7 +199,8 @@ class ImageSearch:
         faiss: write the FAISS copy (None: when faiss-cpu is installed).
         """
         own_folders = derived_folders(Path(index_path)) if index_path is not None else []  # its thumbnails, chunks
-        files = (list_images(source, exclude=own_folders) if isinstance(source, (str, Path))
+        left_out: list[BadRow] = []  # links to nothing, pipes, unreadable folders: listed with what does not decode
+        files = (list_images(source, exclude=own_folders, left_out_files=left_out) if isinstance(source, (str, Path))
                  else unique_paths(source))
         if index_path is not None and Path(index_path).suffix.lower() in IMAGE_SUFFIXES:
             raise InputError(f"the index path {index_path} names an image file; give the index a name of its own, "
@@ -213,6 +214,7 @@ class ImageSearch:
         partial = PartialIndex(index_path) if index_path is not None else None
         previous = self._previous_entries(index_path, fingerprint) if index_path is not None else {}
         listed, stamps, self.skipped = readable_stamps(files)
+        self.skipped = left_out + self.skipped
         hashes, known, unreadable_files = content_hashes(list(listed), stamps, previous)
         self.skipped += unreadable_files  # not indexed, so the next run tries them again
         keys = [key for key in listed if key in hashes]

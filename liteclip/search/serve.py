@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from liteclip.files import atomic_write_bytes
-from liteclip.data.images import UndecodableImageError, open_rgb
+from liteclip.data.images import PHOTO_FORMATS, UndecodableImageError, open_rgb
 from liteclip.data.transforms import image_size
 from liteclip.errors import InputError, LiteclipError
 from liteclip.search.image_search import ImageSearch
@@ -53,6 +53,9 @@ WEB = Path(__file__).parent / "web"
 MAX_UPLOAD_BYTES = 20 * 2**20
 FORM_OVERHEAD = 2**20  # a multipart body is the file plus its boundaries, headers and the other fields
 MAX_UPLOAD_PIXELS = 50_000_000  # a 48-megapixel phone photo passes; a 12,000 px square PNG would take gigabytes
+# pictures decoded at once: the thread pool runs dozens of requests, and each large picture holds its full-size
+# pixels while it decodes, so a burst of uploads waits its turn instead of taking the machine's memory
+DECODING = threading.BoundedSemaphore(2)
 THUMBNAIL_SIDE = 320
 MAX_RESULTS = 500
 MAX_LABELS = 200
@@ -96,11 +99,11 @@ class AccessPolicy:
         if self.hosts is not None and name not in self.hosts:
             return 403, (f"this server answers only for {', '.join(sorted(self.hosts))}, not the host name "
                          f"{name or '(none)'!r}; open it by one of those (or start it with --allow-host NAME)")
-        origin = headers.get("origin")
-        if origin is not None and not same_origin(origin, headers.get("host", "")):
+        if not all(same_origin(origin, headers.get("host", "")) for origin in headers.getlist("origin")):
             return 403, "requests from other websites are refused"
-        site, mode = (headers.get("sec-fetch-site") or "").lower(), (headers.get("sec-fetch-mode") or "").lower()
-        if site in ("cross-site", "same-site") and not (method == "GET" and path == "/" and mode == "navigate"):
+        sites = {site.lower() for site in headers.getlist("sec-fetch-site")}
+        navigating = method == "GET" and path == "/" and headers.get("sec-fetch-mode", "").lower() == "navigate"
+        if sites & {"cross-site", "same-site"} and not navigating:
             return 403, "requests from other websites are refused"
         if self.token is not None:
             given = [query.get("token"), headers.get("x-liteclip-token"), cookies.get(self.cookie)]
@@ -109,8 +112,8 @@ class AccessPolicy:
                 return 403, "this page needs its access token: open the address `liteclip serve` printed"
         if method == "POST":
             length = headers.get("content-length")
-            if length is None or not length.isdigit():
-                return 411, "send uploads with a Content-Length"
+            if length is None or not length.isdigit() or "transfer-encoding" in headers:  # chunked: no length known
+                return 411, "send uploads with a Content-Length (and no Transfer-Encoding)"
             if int(length) > MAX_UPLOAD_BYTES + FORM_OVERHEAD:
                 return 413, f"uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MiB"
         return None
@@ -122,7 +125,7 @@ HOST_HEADER = re.compile(r"^(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:[0-9]{1,5})?$")
 def normal_host(header: str) -> str:
     """The host name of a Host header or a --host value, lower case, without port, brackets or one trailing dot;
     "" for anything else (a Host header browsers would never send)."""
-    header = header.strip().lower()
+    header = header.strip(" \t").lower()  # HTTP's own whitespace only: a no-break space is not stripped
     if header.count(":") > 1 and not header.startswith("["):  # a bare IPv6 address, as --host takes it
         header = f"[{header}]"
     match = HOST_HEADER.match(header)
@@ -138,7 +141,8 @@ def same_origin(origin: str, host_header: str) -> bool:
         parts = urlsplit(origin)
     except ValueError:
         return False
-    return parts.scheme == "http" and parts.netloc.lower() == host_header.strip().lower()
+    return (parts.scheme == "http" and parts.path == "" and not parts.query
+            and parts.netloc.lower() == host_header.strip(" \t").lower())
 
 
 def is_wildcard(host: str) -> bool:
@@ -212,16 +216,29 @@ class Thumbnails:
 
     def jpeg(self, identifier: str, path: Path, data: bytes, stamp: list[int]) -> bytes:
         cached = self.directory / f"{identifier}-{stamp[0]}-{stamp[1]}.jpg"
-        if cached.is_file():
-            return cached.read_bytes()
-        picture = open_rgb(io.BytesIO(data), min_size=THUMBNAIL_SIDE, name=path, shrink_to=THUMBNAIL_SIDE)
+        kept = read_regular_file(cached)
+        if kept is not None:
+            return kept
+        with DECODING:
+            picture = open_rgb(io.BytesIO(data), min_size=THUMBNAIL_SIDE, name=path, shrink_to=THUMBNAIL_SIDE,
+                               formats=PHOTO_FORMATS)
         picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
         buffer = io.BytesIO()
         picture.save(buffer, format="JPEG", quality=85)
         with self.lock:
-            make_derived_folder(self.directory)
-            atomic_write_bytes(cached, buffer.getvalue())
+            if make_derived_folder(self.directory):  # a link in the folder's place: served, never cached
+                atomic_write_bytes(cached, buffer.getvalue())
         return buffer.getvalue()
+
+
+def read_regular_file(path: Path) -> bytes | None:
+    """A file's bytes if it is a regular file reached without following a link (a cached thumbnail), else None."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(handle, "rb") as file:
+        return file.read() if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
 
 
 def decode_upload(data: bytes, name: str, min_size: int | None = None) -> Image.Image:
@@ -235,14 +252,15 @@ def decode_upload(data: bytes, name: str, min_size: int | None = None) -> Image.
     try:
         with warnings.catch_warnings():  # PIL warns of a large image; the limit below is this page's own
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as header:  # reads the size only
+            with Image.open(io.BytesIO(data), formats=PHOTO_FORMATS) as header:  # reads the size only
                 width, height = header.size
     except Exception:  # not an image (or a bomb past PIL's own limit): open_rgb below says so, in its words
         width = height = 0
     if width * height > MAX_UPLOAD_PIXELS:
         raise InputError(f"{name} is {width} x {height} pixels; uploads are limited to "
                          f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels: send a smaller copy")
-    return open_rgb(io.BytesIO(data), min_size=min_size, name=name, shrink_to=min_size)
+    with DECODING:
+        return open_rgb(io.BytesIO(data), min_size=min_size, name=name, shrink_to=min_size, formats=PHOTO_FORMATS)
 
 
 def read_upload(file: Any, min_size: int | None) -> Image.Image:
@@ -255,10 +273,13 @@ def read_upload(file: Any, min_size: int | None) -> Image.Image:
     data = file.file.read(MAX_UPLOAD_BYTES + 1)
     if len(data) > MAX_UPLOAD_BYTES:
         raise HTTPException(status_code=413, detail=f"{name}: uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MiB")
+    if not data:
+        raise HTTPException(status_code=400, detail=f"{name} is empty; choose an image file")
     try:
         return decode_upload(data, name, min_size)
     except UndecodableImageError as error:
-        raise HTTPException(status_code=400, detail=str(error)) from None
+        raise HTTPException(status_code=400, detail=f"{name}: {error.reason}; upload a JPEG, PNG or WebP image") \
+            from None
     except InputError as error:
         raise HTTPException(status_code=413, detail=str(error)) from None
 

@@ -79,12 +79,20 @@ def derived_folders(index_path: Path) -> list[Path]:
     return [PartialIndex(index_path).directory, thumbnails_folder(index_path)]
 
 
-def make_derived_folder(folder: Path) -> None:
-    """Creates a folder liteclip fills itself, marked so that indexing any folder above it leaves it out."""
+def make_derived_folder(folder: Path) -> bool:
+    """Creates a folder liteclip fills itself, marked so that indexing any folder above it leaves it out; False
+    (and nothing made) when the name is taken by a link or a file, which liteclip then neither writes through nor
+    reads from."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        return False
     folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / DERIVED_MARKER
-    if not marker.exists():
-        marker.write_text("made by liteclip: thumbnails or index chunks, never indexed as photos\n")
+    try:  # O_NOFOLLOW | O_EXCL: a link planted under the marker's name is never written through
+        handle = os.open(folder / DERIVED_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        return True
+    with os.fdopen(handle, "w") as marker:
+        marker.write("made by liteclip: thumbnails or index chunks, never indexed as photos\n")
+    return True
 
 
 class PartialIndex:
@@ -105,9 +113,8 @@ class PartialIndex:
         return found
 
     def append(self, fingerprint: str, entries: Entries) -> None:
-        if not entries:
+        if not entries or not make_derived_folder(self.directory):  # no chunks where a link or a file stands
             return
-        make_derived_folder(self.directory)
         number = len(list(self.directory.glob("chunk-*.safetensors")))
         meta = {"model": fingerprint, "files": [{"path": key, "stamp": entry.stamp, "sha256": entry.sha256}
                                                 for key, entry in entries.items()]}

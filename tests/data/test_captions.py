@@ -292,7 +292,8 @@ def test_an_image_name_the_file_system_cannot_look_up_is_a_bad_row_not_a_crash(c
     policy = BadRowPolicy("collect")
     splits = read(csv_root, "caps.csv", split_column=None, policy=policy)
     assert sum(map(len, splits.values())) == 6
-    assert [row.line for row in policy.rows] == [8] and "cannot be looked up (File name too long)" in policy.rows[0].reason
+    assert [row.line for row in policy.rows] == [8]
+    assert "cannot be looked up (File name too long)" in policy.rows[0].reason
 
 
 def test_a_quote_left_open_that_swallows_the_rows_after_it_is_a_bad_row_not_one_long_caption(csv_root):
@@ -302,5 +303,6 @@ def test_a_quote_left_open_that_swallows_the_rows_after_it_is_a_bad_row_not_one_
     policy = BadRowPolicy("collect")
     splits = read(csv_root, "caps.csv", split_column=None, policy=policy)
     images = {image.image_path.name: image.captions for split in splits.values() for image in split}
-    assert [row.line for row in policy.rows] == [4] and "never closed and swallows the 2 line(s)" in policy.rows[0].reason
+    assert [row.line for row in policy.rows] == [4]
+    assert "never closed and swallows the 2 line(s)" in policy.rows[0].reason
     assert images == {"3.png": ["a caption\nover two lines"]}  # a caption over two lines is still a caption

@@ -396,3 +396,22 @@ def test_search_passes_over_files_deleted_since_indexing_and_says_so(model_dir, 
         hits = search.search("a red circle", top_k=3)
     assert hits == [(path, pytest.approx(score, abs=1e-5)) for path, score in full[2:5]]
     assert "2 indexed file(s) among the nearest no longer exist" in caplog.text and "liteclip index" in caplog.text
+
+
+def test_links_to_nowhere_and_pipes_are_listed_with_the_files_that_do_not_decode(model_dir, photos, tmp_path, capsys):
+    """Second review of issue 38: `liteclip index --json` listed only undecodable files; links to nothing and pipes
+    were left out of its list."""
+    import json
+    import os
+
+    from liteclip.cli import main
+
+    (photos / "moved.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(photos / "pipe.png")
+    assert main(["index", str(photos), "--index", str(tmp_path / "p.index"), "--model-dir", str(model_dir),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    reasons = {Path(row["path"]).name: row["reason"] for row in report["skipped"]}
+    assert reasons == {"moved.jpg": "a link that leads to no file",
+                       "pipe.png": "not a regular file (a pipe, a device, a socket)"}
+    assert report["images"] == 12

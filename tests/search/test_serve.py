@@ -484,3 +484,103 @@ def test_a_big_upload_decodes_small_and_never_stalls_the_other_requests(served, 
     waited = time.perf_counter() - started
     upload.join()
     assert waited < 1.5, f"/api/info waited {waited:.1f} s behind an upload being decoded"
+
+
+# ------------------------------------------------------------------------------- the second review (issue 38)
+
+
+def test_a_link_planted_in_the_thumbnail_cache_is_never_followed(served, tmp_path):
+    """Second review of issue 38: /thumb/{id} read a cached thumbnail through a link planted in the cache folder,
+    and a dangling link under the marker's name made the server create its target."""
+    client, search, photos = served
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET")
+    identifier = search.ids[0]
+    path, stamp = search.indexed_file(identifier)
+    cache = tmp_path / ".photos.index.thumbs"
+    cache.mkdir()
+    (cache / f"{identifier}-{stamp[0]}-{stamp[1]}.jpg").symlink_to(secret)
+    (cache / ".liteclip-derived").symlink_to(tmp_path / "created_by_the_server")
+    answer = client.get(f"/thumb/{identifier}")
+    assert answer.status_code == 200 and b"SECRET" not in answer.content
+    assert Image.open(io.BytesIO(answer.content)).format == "JPEG"
+    assert not (tmp_path / "created_by_the_server").exists() and secret.read_text() == "TOP SECRET"
+
+
+def test_a_thumbnail_folder_that_is_a_link_is_neither_written_through_nor_read(served, tmp_path):
+    client, search, _ = served
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / ".photos.index.thumbs").symlink_to(elsewhere)
+    assert client.get(f"/thumb/{search.ids[0]}").status_code == 200
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_chunked_upload_is_refused_for_its_missing_length_before_its_body_is_read(served):
+    """Second review of issue 38: `Transfer-Encoding: chunked` with a small Content-Length passed the length check,
+    and 400 MiB were spooled to disk before the 413."""
+    access = serve_module.AccessPolicy.for_host("127.0.0.1")
+    headers = _Headers({"host": "127.0.0.1:8765", "content-length": "10", "transfer-encoding": "chunked"})
+    assert access.refusal("POST", "/api/similar", headers, {}, {})[0] == 411
+    headers = _Headers({"host": "127.0.0.1:8765", "content-length": "10"})
+    assert access.refusal("POST", "/api/similar", headers, {}, {}) is None
+
+
+class _Headers(dict):
+    """A request's headers as Starlette gives them: get, getlist (repeated headers), in."""
+
+    def getlist(self, key):
+        value = dict.get(self, key)
+        return [] if value is None else value if isinstance(value, list) else [value]
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        return value[0] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("headers", [
+    {"host": "localhost\xa0:8765"}, {"host": "127.0.0.1:8765", "origin": "http://127.0.0.1:8765/x"},
+    {"host": "127.0.0.1:8765", "origin": ["http://127.0.0.1:8765", "http://evil.example"]},
+    {"host": "127.0.0.1:8765", "sec-fetch-site": ["same-origin", "cross-site"]},
+    {"host": "127.0.0.1:8765", "sec-fetch-site": "Cross-Site"},
+])
+def test_headers_browsers_would_not_send_are_refused_too(headers):
+    access = serve_module.AccessPolicy.for_host("127.0.0.1")
+    assert access.refusal("GET", "/api/info", _Headers(headers), {}, {})[0] == 403
+
+
+def test_an_empty_upload_or_one_in_an_exotic_format_is_a_400_and_a_damaged_decoder_is_never_a_500(served,
+                                                                                                 monkeypatch):
+    client, _, _ = served
+    empty = client.post("/api/similar", files={"file": ("empty.png", b"", "image/png")})
+    assert empty.status_code == 400 and "empty" in empty.json()["detail"]
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 99, 199)).save(buffer, format="DDS")  # a real image, in a format photos never use
+    exotic = client.post("/api/similar", files={"file": ("x.png", buffer.getvalue(), "image/png")})
+    assert exotic.status_code == 400 and "dataset" not in exotic.json()["detail"]
+
+    def broken_decoder(*args, **kwargs):  # what Pillow's AVIF, BLP, DDS and SPIDER decoders raised on damaged bytes
+        raise RuntimeError("decoder gave up")
+
+    upload = png_bytes()
+    monkeypatch.setattr(Image.Image, "load", broken_decoder)
+    broken = client.post("/api/similar", files={"file": ("x.png", upload, "image/png")})
+    assert broken.status_code == 400 and "RuntimeError: decoder gave up" in broken.json()["detail"]
+
+
+def test_a_16_bit_upload_is_shrunk_before_it_is_converted(served):
+    import tracemalloc
+
+    from liteclip.data.images import open_rgb
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((3000, 3000), 40000, dtype=np.uint16)).save(buffer, format="PNG")
+    peaks = {}
+    for shrink in (48, None):  # shrunk first, as an upload is, and converted whole, as before
+        tracemalloc.start()
+        picture = open_rgb(io.BytesIO(buffer.getvalue()), min_size=48, name="deep.png", shrink_to=shrink)
+        peaks[shrink] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert np.asarray(picture)[0, 0, 0] == round(40000 / 257)  # the tone to_rgb gives a 16-bit pixel, both ways
+    assert max(serve_module.decode_upload(buffer.getvalue(), "deep.png", min_size=48).size) <= 4 * 48
+    assert peaks[48] < peaks[None] / 3

@@ -24,7 +24,8 @@ def train_command(tmp_path, run_name, resume=False):
     # one precision for every run compared: `auto` times bf16 against fp32 on some CPUs (AVX-512 BF16 without AMX),
     # and two separate processes could each decide differently if the machine is busy (resume keeps the started one)
     overrides = tiny_overrides(tmp_path, "data.demo_num_images=120", "train.epochs=3", "train.precision=fp32",
-                               f"train.output_dir={tmp_path / run_name}", f"train.model_dir={tmp_path / run_name}_model")
+                               f"train.output_dir={tmp_path / run_name}",
+                               f"train.model_dir={tmp_path / run_name}_model")
     return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo.yaml"), "--no-progress",
             *(["--resume", "auto"] if resume else []), "--set", *overrides]
 
