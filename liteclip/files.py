@@ -76,18 +76,18 @@ def write_directory(directory: str | Path, write_contents: Callable[[Path], None
                     owned_names: set[str], owns: Callable[[Path, str], bool] | None = None) -> Path:
     """Writes the entries `write_contents(staging)` makes into `directory`, touching nothing else in it.
 
-    A new directory appears whole: staged beside it and renamed into place. In an existing one (empty, or a mount
-    point), each entry is staged inside it and swapped in by a rename; an entry of the same name is replaced only if
-    liteclip wrote it (the directory's
-    manifest lists it, or `owns(directory, name)` recognises a file an older liteclip wrote), and anything else of
-    that name is refused before a byte is written. The user's other files are never moved, renamed or deleted. On an
+    A new directory appears whole: staged beside it and renamed into place. In an existing one (full, empty, or a
+    mount point), each entry is staged inside it and swapped in by a rename; an entry of the same name is replaced
+    only if liteclip wrote it and it is still exactly that (the directory's manifest lists it with its SHA-256; or,
+    with no manifest, `owns(directory, name)` recognises a file an older liteclip wrote), and anything else of that
+    name is refused before a byte is written. The user's other files are never moved, renamed or deleted. On an
     error the swapped entries are put back, so the directory is left as it was found; a crash midway leaves each
     entry either old or new, and the rest in a hidden `.liteclip-staging-*` folder inside it.
 
     Args:
         what: what is written, for messages ("the ONNX export").
         owned_names: every name write_contents may make; entries of these names that an earlier write left and this
-            one does not make again are removed (the manifest says liteclip made them).
+            one does not make again are removed, while they are exactly what the manifest says liteclip made.
     """
     given = Path(directory).expanduser()
     if given.is_symlink() and not given.exists():  # resolving it would create folders wherever it points
