@@ -496,7 +496,9 @@ def _check_type(value: Any, hint: Any, dotted: str, source: str) -> Any:
     if origin is dict:  # dict[str, Any]: keyword arguments, passed on as they are
         if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
             raise ConfigError(f"{source}: {dotted} must be a mapping of names to values, got {_shown(value)}")
-        for key, number in non_finite_numbers(value, dotted):
+        non_finite = non_finite_numbers(value, dotted)
+        if non_finite:
+            key, number = non_finite[0]
             raise ConfigError(f"{source}: {key}={number!r} is not a finite number; give an ordinary value")
         return dict(value)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: any length

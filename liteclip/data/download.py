@@ -188,7 +188,7 @@ def prepare_images(source: str | Path, destination: str | Path, size: int = 256,
     Non-image files (captions, split files) are copied as they are, so the copy is a drop-in data.root. An image
     that cannot be decoded is left out and listed; the rest is still copied. The destination must be new, empty, or
     an earlier copy this command made: a folder holding anything else (a dataset, say, with the arguments swapped)
-    is refused before anything is written. The copy is made beside it and appears whole (checkpoint.write_directory).
+    is refused before anything is written. The copy is made beside it and appears whole (files.write_directory).
     """
     source, destination = Path(source), Path(destination)
     if not source.is_dir():
@@ -233,8 +233,8 @@ def refuse_foreign_entries(destination: Path) -> None:
         if destination.exists():
             raise DataError(f"destination {destination} is a file; give a new folder for the copy")
         return
-    foreign = sorted(entry.name for entry in destination.iterdir()
-                     if entry.name != MANIFEST_NAME and entry.name not in written_names(destination))
+    ours = written_names(destination) | {MANIFEST_NAME}
+    foreign = sorted(entry.name for entry in destination.iterdir() if entry.name not in ours)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise DataError(f"destination {destination} already holds files this command did not write ({shown}); "

@@ -313,18 +313,25 @@ def test_a_photo_replaced_by_a_link_or_changed_after_indexing_is_not_served(serv
             assert answer.status_code == 404 and b"password" not in answer.content
 
 
-def test_an_index_inside_its_own_folder_never_indexes_its_thumbnails(model_dir, tmp_path):
-    """Issue 38: with the index inside the folder, the next run indexed the server's thumbnails (10 -> 20)."""
+def indexed_inside_with_thumbnails(model_dir, folder, index_name: str) -> ImageSearch:
+    """The drawn photos in `folder`, indexed into `folder / index_name` (the index inside its own folder), with every
+    thumbnail served once, so the thumbnail folder is full beside the photos."""
     from fastapi.testclient import TestClient
 
-    folder = tmp_path / "photos"
     for i, colour in enumerate(COLOURS):
         draw_image(folder / f"{i}.png", colour)
     search = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
-    search.index(folder, folder / "photos.index", show_progress=False)
-    client = TestClient(serve_module.create_app(search, folder / "photos.index"), base_url=LOCAL)
+    search.index(folder, folder / index_name, show_progress=False)
+    client = TestClient(serve_module.create_app(search, folder / index_name), base_url=LOCAL)
     for identifier in search.ids:
         assert client.get(f"/thumb/{identifier}").status_code == 200
+    return search
+
+
+def test_an_index_inside_its_own_folder_never_indexes_its_thumbnails(model_dir, tmp_path):
+    """Issue 38: with the index inside the folder, the next run indexed the server's thumbnails (10 -> 20)."""
+    folder = tmp_path / "photos"
+    search = indexed_inside_with_thumbnails(model_dir, folder, "photos.index")
     assert len(list((folder / ".photos.index.thumbs").glob("*.jpg"))) == len(COLOURS)
     assert search.index(folder, folder / "photos.index", show_progress=False) == 0
     assert len(search.paths) == len(COLOURS)
@@ -381,15 +388,9 @@ def test_no_request_parameter_gives_a_500_or_a_traceback(served, q, k, identifie
 def test_a_second_index_of_the_same_folder_leaves_out_the_first_ones_thumbnails(model_dir, tmp_path):
     """Review of issue 38: only an index's own thumbnail folder was left out, so a second index listed every photo
     twice."""
-    from fastapi.testclient import TestClient
-
     folder = tmp_path / "photos"
-    for i, colour in enumerate(COLOURS):
-        draw_image(folder / f"{i}.png", colour)
-    first = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
-    first.index(folder, folder / "first.index", show_progress=False)
-    client = TestClient(serve_module.create_app(first, folder / "first.index"), base_url=LOCAL)
-    assert all(client.get(f"/thumb/{identifier}").status_code == 200 for identifier in first.ids)
+    indexed_inside_with_thumbnails(model_dir, folder, "first.index")
+    assert len(list((folder / ".first.index.thumbs").glob("*.jpg"))) == len(COLOURS)
     second = ImageSearch(ZeroShotPipeline(model_dir, device="cpu"))
     second.index(folder, tmp_path / "second.index", show_progress=False)
     assert len(second.paths) == len(COLOURS)
