@@ -183,21 +183,13 @@ def open_indexed(search: ImageSearch, identifier: str) -> tuple[Path, list[int],
     if found is None:
         raise HTTPException(status_code=404, detail=f"no indexed image {identifier[:64]!r}")
     path, stamp = found
-    try:
-        if os.path.realpath(path) != str(path):  # a folder on the way was swapped for a link
-            raise OSError("reached through a link")
-        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        raise HTTPException(status_code=404, detail=f"indexed image {identifier} is no longer there") from None
-    with os.fdopen(handle, "rb") as file:
-        status = os.fstat(file.fileno())
-        unchanged = stat.S_ISREG(status.st_mode) and [status.st_size, status.st_mtime_ns] == stamp
-        data = file.read() if unchanged else b""
+    # a folder on the way swapped for a link counts as gone: only the indexed path itself is read
+    data = read_regular_file(path, stamp) if os.path.realpath(path) == str(path) else None
     # the id is the content's hash: bytes that are not that content (swapped in with the old size and time kept)
     # are not the indexed photo, whatever the file system says
-    if not unchanged or (is_content_id(identifier) and hashlib.sha256(data).hexdigest()[:16] != identifier.lower()):
-        raise HTTPException(status_code=404, detail=f"indexed image {identifier} changed since it was indexed; "
-                                                    f"index the folder again")
+    if data is None or (is_content_id(identifier) and hashlib.sha256(data).hexdigest()[:16] != identifier.lower()):
+        what = "changed since it was indexed" if os.path.lexists(path) else "no longer there"
+        raise HTTPException(status_code=404, detail=f"indexed image {identifier} {what}; index the folder again")
     return path, stamp, data
 
 
@@ -231,14 +223,18 @@ class Thumbnails:
         return buffer.getvalue()
 
 
-def read_regular_file(path: Path) -> bytes | None:
-    """A file's bytes if it is a regular file reached without following a link (a cached thumbnail), else None."""
+def read_regular_file(path: Path, stamp: list[int] | None = None) -> bytes | None:
+    """A file's bytes if it is a regular file reached without following a link (and, given a stamp, still of that
+    [size, mtime_ns]), else None; a pipe under its name is never waited on."""
     try:
         handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     with os.fdopen(handle, "rb") as file:
-        return file.read() if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
+        status = os.fstat(file.fileno())
+        if not stat.S_ISREG(status.st_mode) or (stamp is not None and [status.st_size, status.st_mtime_ns] != stamp):
+            return None
+        return file.read()
 
 
 def decode_upload(data: bytes, name: str, min_size: int | None = None) -> Image.Image:
