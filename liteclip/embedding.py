@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from liteclip.data.captions import BadRow
 from liteclip.data.images import ADVICE, UndecodableImageError, load_image, read_hashed
-from liteclip.data.transforms import eval_transform, image_size
+from liteclip.data.transforms import decode_side, eval_transform
 from liteclip.errors import InputError
 from liteclip.model import CLIP
 from liteclip.runtime import keep_freed_memory_for
@@ -112,14 +112,17 @@ class ImageFileDataset(torch.utils.data.Dataset):
     the main process decides whether to skip it or to stop (an error raised in a worker loses its type).
 
     load: reads one entry of `images` into an RGB uint8 array (the pipeline passes its to_array, so PIL images and
-    arrays go through too); default: the file at that path, JPEGs draft-decoded at the size the transform needs.
+    arrays go through too); default: the file at that path, decoded whole.
+    draft: JPEGs decoded at reduced scale in the DCT (PIL's draft mode), no smaller than the resize needs: several
+    times faster on camera photos, for indexing a photo library; the pixels are close to, not equal to, what the
+    checkpoint's own library computes, so evaluation leaves it off (docs/guarantees.md has the measured cost).
     """
 
     def __init__(self, images: Sequence[Any], data_config: dict[str, Any],
-                 load: Callable[[Any], np.ndarray] | None = None, hash_content: bool = False):
+                 load: Callable[[Any], np.ndarray] | None = None, hash_content: bool = False, draft: bool = False):
         self.images = list(images) if load is not None else [Path(p) for p in images]
         self.transform = eval_transform(data_config)
-        self.decode_size = image_size(data_config)
+        self.decode_size = decode_side(data_config) if draft else None
         self.load = load
         self.hash_content = hash_content  # each sample also carries the SHA-256 of the bytes it was decoded from
 
@@ -149,11 +152,11 @@ def stack_decoded(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def image_file_loader(images: Sequence[Any], data_config: dict[str, Any], batch_size: int = 64, num_workers: int = 0,
                       load: Callable[[Any], np.ndarray] | None = None, hash_content: bool = False,
-                      **loader_options: Any) -> DataLoader:
+                      draft: bool = False, **loader_options: Any) -> DataLoader:
     """A DataLoader of images as eval-transformed pixels in stack_decoded batches (ImageFileDataset's `load`). A
     caller that encodes the same files again and again (the trainer's evaluation every epoch) builds one with
     persistent_workers=True and passes it to encode_decodable_image_files, so its workers start once."""
-    return DataLoader(ImageFileDataset(images, data_config, load, hash_content), batch_size=batch_size,
+    return DataLoader(ImageFileDataset(images, data_config, load, hash_content, draft), batch_size=batch_size,
                       num_workers=num_workers,
                       collate_fn=stack_decoded, **loader_options)
 
@@ -179,14 +182,17 @@ def encode_decodable_image_files(model: CLIP, paths: Sequence[Path], batch_size:
                                  autocast: Autocast = contextlib.nullcontext,
                                  show_progress: bool = False, num_workers: int = 0,
                                  tower_features: bool = False, progress: tqdm | None = None,
-                                 loader: DataLoader | None = None, hash_content: bool = False) -> EncodedImages:
+                                 loader: DataLoader | None = None, hash_content: bool = False,
+                                 draft: bool = False) -> EncodedImages:
     """Normalised image embeddings of the image files that decode, decoded in a DataLoader so workers can overlap;
     files that do not are skipped, logged and listed. With tower_features, the image tower's pooled features
     before the head instead. `progress`: a caller's bar (counting images) to advance instead of a bar of its own.
     `loader`: an image_file_loader over `paths` to use instead of a new one (batch_size and num_workers are its).
-    `hash_content`: also the SHA-256 of the bytes each kept file was decoded from (read once: see read_hashed)."""
+    `hash_content`: also the SHA-256 of the bytes each kept file was decoded from (read once: see read_hashed).
+    `draft`: JPEGs decoded at reduced scale (ImageFileDataset), for indexing photos rather than evaluating."""
     if loader is None:
-        loader = image_file_loader(paths, model.data_config, batch_size, num_workers, hash_content=hash_content)
+        loader = image_file_loader(paths, model.data_config, batch_size, num_workers, hash_content=hash_content,
+                                   draft=draft)
     elif len(loader.dataset) != len(paths):
         raise ValueError(f"the loader has {len(loader.dataset)} images for {len(paths)} paths")
     encode = model.image_features if tower_features else model.encode_image

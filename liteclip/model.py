@@ -129,6 +129,7 @@ class ImageEncoder(nn.Module):
             data_config["std"] = tuple(config.std)
         if config.crop_pct is not None:
             data_config["crop_pct"] = config.crop_pct
+        data_config["resize_with"] = "pil"  # timm's own evaluation transform resizes PIL images
         self.data_config: dict[str, Any] = data_config
 
     def _init_hf(self, config: ImageEncoderConfig, hf_config: Any | None) -> None:

@@ -332,6 +332,9 @@ def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = F
     if (directory / PREPROCESSOR_NAME).is_file():
         saved = json.loads((directory / PREPROCESSOR_NAME).read_text())
         model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+        # saved before liteclip recorded its resize: OpenCV's, which the model was trained and evaluated with
+        # (liteclip.data.transforms.LEGACY_RESIZER)
+        model.data_config.setdefault("resize_with", "opencv")
     weights, _ = read_safetensors(directory / WEIGHTS_NAME, "the model's weights: copy the model directory again, "
                                                            "or export it again from a training checkpoint")
     refuse_non_finite(weights, f"{directory / WEIGHTS_NAME}",

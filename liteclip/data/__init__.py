@@ -24,7 +24,7 @@ from liteclip.data.captions import (BadRowPolicy, CaptionCollator, CaptionedImag
                                     SeededSampler, ZeroShotTask, read_caption_csv)
 from liteclip.data.flickr8k import read_flickr8k
 from liteclip.data.shards import ShardStream, expand_shards, extract_shards
-from liteclip.data.transforms import build_transforms, image_size
+from liteclip.data.transforms import build_transforms, decode_side
 
 __all__ = ["CaptionCollator", "CaptionedImage", "DataError", "ImageCaptionDataset", "ZeroShotTask", "build_dataloaders",
            "build_datasets", "load_splits", "prepare_dataset", "set_data_epoch", "zero_shot_task"]
@@ -97,7 +97,7 @@ def build_datasets(config: DataConfig, data_config: dict[str, Any],
     place this process in the stream), evaluation takes each image once."""
     splits = splits if splits is not None else load_splits(config)
     train_tf, eval_tf = build_transforms(data_config, config.augment, config.crop_scale, config.horizontal_flip)
-    decode_size = image_size(data_config)
+    decode_size = decode_side(data_config)
     if config.dataset == "webdataset":
         train = ShardStream(expand_shards(config.shards), config.epoch_samples, config.batch_size, train_tf,
                             decode_size, config.shuffle_buffer, seed, rank, world_size)

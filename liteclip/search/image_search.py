@@ -253,7 +253,7 @@ class ImageSearch:
                 # is filed under its new content, never its old content with the new one's embedding
                 fresh = encode_decodable_image_files(self.pipeline.model, [listed[key] for key in chunk], batch_size,
                                                      self.pipeline.device, num_workers=num_workers, progress=progress,
-                                                     hash_content=True)
+                                                     hash_content=True, draft=True)
                 entries = {}
                 for row, j in enumerate(fresh.kept):
                     key = chunk[j]

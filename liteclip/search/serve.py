@@ -41,7 +41,7 @@ from PIL import Image
 
 from liteclip.files import atomic_write_bytes
 from liteclip.data.images import PHOTO_FORMATS, UndecodableImageError, open_rgb
-from liteclip.data.transforms import image_size
+from liteclip.data.transforms import decode_side
 from liteclip.errors import InputError, LiteclipError
 from liteclip.search.image_search import ImageSearch
 from liteclip.search.query import parse_web_query
@@ -332,7 +332,7 @@ def add_api(app: Any, search: ImageSearch, index_path: Path) -> None:
 
     pipeline = search.pipeline
     towers = pipeline.towers_as_trained()
-    decode_side = image_size(pipeline.model.data_config)
+    upload_side = decode_side(pipeline.model.data_config)
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
@@ -356,14 +356,14 @@ def add_api(app: Any, search: ImageSearch, index_path: Path) -> None:
     def similar_upload(file: UploadFile = File(...), k: int = Form(24)) -> dict[str, Any]:
         if not 1 <= k <= MAX_RESULTS:
             raise HTTPException(status_code=400, detail=f"k={k} must be between 1 and {MAX_RESULTS}")
-        return ranked(search, search.similar(read_upload(file, decode_side), k))
+        return ranked(search, search.similar(read_upload(file, upload_side), k))
 
     @app.post("/api/classify")
     def classify(file: UploadFile = File(...), labels: str = Form(..., max_length=100_000)) -> dict[str, Any]:
         names = [line.strip() for line in labels.splitlines() if line.strip()]
         if len(names) > MAX_LABELS:
             raise HTTPException(status_code=400, detail=f"{len(names)} labels; the page takes up to {MAX_LABELS}")
-        predictions = pipeline.predict(read_upload(file, decode_side), names)
+        predictions = pipeline.predict(read_upload(file, upload_side), names)
         return {"probabilities": pipeline.probabilities,
                 "predictions": [{"label": label, "probability": probability} for label, probability in predictions]}
 

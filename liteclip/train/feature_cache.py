@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from liteclip.files import atomic_write_bytes, digest_tensors, read_safetensors, sha256_of
 from liteclip.data.captions import CaptionedImage, ImageCaptionDataset, unpack_sample_key
 from liteclip.data.images import UndecodableImageError, load_image
-from liteclip.data.transforms import image_size
+from liteclip.data.transforms import decode_side
 from liteclip.embedding import encode_image_files, stack_decoded
 from liteclip.errors import ConfigError, ModelLoadError
 from liteclip.model import CLIP
@@ -142,7 +142,7 @@ def cached_augmented_features(model: CLIP, paths: list[Path], views: int, transf
         logger.info("%d augmented views per image from cache %s", views, path)
         return cached
     model.eval()
-    dataset = AugmentedViews(paths, views, transform, image_size(model.data_config))
+    dataset = AugmentedViews(paths, views, transform, decode_side(model.data_config))
     loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, collate_fn=stack_decoded)
     features = encode_image_files(model, [paths[i % len(paths)] for i in range(len(dataset))], 64, device,
                                   precision.autocast, show_progress=True, tower_features=True, loader=loader)

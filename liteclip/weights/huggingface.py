@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 def clip_data_config(size: int) -> dict[str, Any]:
     """OpenAI CLIP's preprocessing as a timm data config: bicubic shorter-side resize to `size`, center crop."""
     return {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 1.0,
-            "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
+            "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
+            "resize_with": "pil"}  # OpenAI's own preprocessing: PIL
 
 
 HF_CHECKPOINT_TYPES = ("clip", "siglip", "siglip2")  # transformers model types liteclip reads
@@ -58,18 +59,34 @@ def saved_image_processor(name_or_dir: str, fallback: str) -> Any | None:
         return None
 
 
+def processor_resizing(processor: Any) -> dict[str, Any]:
+    """How a transformers image processor resizes, as data config keys: the backend AutoImageProcessor chose
+    (transformers 5 resizes uint8 tensors with torchvision unless asked for PIL; earlier versions' slow processors
+    use PIL), its filter, and its crop's rounding (floor, where torchvision's CenterCrop rounds half to even)."""
+    backend = getattr(processor, "backend", None) or ("torchvision" if type(processor).__name__.endswith("Fast")
+                                                      else "pil")
+    resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}.get(
+        int(getattr(processor, "resample", 3) if getattr(processor, "resample", 3) is not None else 3), "bicubic")
+    return {"resize_with": "torchvision" if backend == "torchvision" else "pil", "interpolation": resample,
+            "crop_rounding": "floor"}
+
+
+def side_of(sizes: Any, key: str) -> int | None:
+    """One side from a processor's size dict (transformers 5 keeps them in a SizeDict object)."""
+    value = sizes.get(key) if isinstance(sizes, dict) else getattr(sizes, key, None)
+    return int(value) if value else None
+
+
 def image_processor_data_config(name_or_dir: str, image_size: int) -> dict:
     """The checkpoint's own preprocessing (shorter side resized, center crop, mean, std) as a timm data config."""
     data_config = clip_data_config(image_size)
     processor = saved_image_processor(name_or_dir, "OpenAI CLIP")
     if processor is None:
         return data_config
-    crop = getattr(processor, "crop_size", None) or {}
-    size = getattr(processor, "size", None) or {}
-    crop_side = crop.get("height", image_size)
-    shortest = size.get("shortest_edge", crop_side)
-    data_config.update(input_size=(3, crop_side, crop_side), crop_pct=crop_side / shortest,
-                       mean=tuple(processor.image_mean), std=tuple(processor.image_std))
+    crop_side = side_of(getattr(processor, "crop_size", None) or {}, "height") or image_size
+    shortest = side_of(getattr(processor, "size", None) or {}, "shortest_edge") or crop_side
+    data_config.update(input_size=(3, crop_side, crop_side), crop_pct=crop_side / shortest, resize_size=shortest,
+                       mean=tuple(processor.image_mean), std=tuple(processor.image_std), **processor_resizing(processor))
     return data_config
 
 
@@ -167,12 +184,12 @@ class FixedLengthTokenizer:
 def siglip_data_config(name_or_dir: str, image_size: int) -> dict[str, Any]:
     """SigLIP's preprocessing: the whole image resized to a square (no crop), mean and std 0.5 unless saved."""
     data_config = {"input_size": (3, image_size, image_size), "interpolation": "bicubic", "crop_pct": 1.0,
-                   "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash"}
+                   "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash", "resize_with": "pil"}
     processor = saved_image_processor(name_or_dir, "SigLIP")
     if processor is None:
         return data_config
-    resample = {2: "bilinear", 3: "bicubic"}.get(int(getattr(processor, "resample", 3) or 3), "bicubic")
-    data_config.update(interpolation=resample, mean=tuple(processor.image_mean), std=tuple(processor.image_std))
+    data_config.update(mean=tuple(processor.image_mean), std=tuple(processor.image_std),
+                       **processor_resizing(processor))
     return data_config
 
 

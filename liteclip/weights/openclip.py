@@ -78,7 +78,8 @@ def data_config_of(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:
     side = size if isinstance(size, int) else size[-1]
     return {"input_size": (3, side, side), "interpolation": preprocess_cfg.get("interpolation", "bicubic"),
             "crop_pct": 1.0, "mean": tuple(preprocess_cfg["mean"]), "std": tuple(preprocess_cfg["std"]),
-            "resize_mode": preprocess_cfg.get("resize_mode", "shortest")}
+            "resize_mode": preprocess_cfg.get("resize_mode", "shortest"),
+            "fill": preprocess_cfg.get("fill_color", 0), "resize_with": "pil"}  # torchvision on PIL images
 
 
 def create(architecture: str, pretrained: str | None) -> torch.nn.Module:
