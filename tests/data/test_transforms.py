@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from liteclip.data.images import load_image
-from liteclip.data.transforms import build_transforms, eval_transform
+from liteclip.data.transforms import (MAX_RESIZED_PIXELS, build_transforms, crop_or_pad, eval_transform,
+                                       random_crop_box, resize, resized_shape)
 
 DATA_CONFIG = {"input_size": (3, 24, 24), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "crop_pct": 0.75,
                "interpolation": "bicubic"}
@@ -186,14 +187,14 @@ def test_the_pil_backend_of_transformers_is_followed_too(picture_files, tmp_path
     torchvision in a few pixels: a checkpoint whose processor is one is preprocessed with PIL."""
     import transformers
 
-    from liteclip.weights.huggingface import image_processor_data_config
+    from liteclip.weights.huggingface import image_processor_data_config, processor_resizing
     from tests.weights.test_huggingface import write_tiny_hf_clip
 
     pil_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
     folder = write_tiny_hf_clip(tmp_path / "clip")
     processor = pil_processor(size={"shortest_edge": 33}, crop_size={"height": 30, "width": 30})
     data_config = image_processor_data_config(str(folder), 30)
-    data_config.update(__import__("liteclip.weights.huggingface", fromlist=["x"]).processor_resizing(processor))
+    data_config.update(processor_resizing(processor))
     assert data_config["resize_with"] == "pil"
     data_config["resize_size"] = 33
     data_config["crop_pct"] = 30 / 33
@@ -266,8 +267,6 @@ def test_the_training_crop_is_seeded_by_the_sample_seed_and_covers_the_crop_scal
     image = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
     assert torch.equal(train(image, seed=5), train(image, seed=5))
     assert not torch.equal(train(image, seed=5), train(image, seed=6))
-    from liteclip.data.transforms import random_crop_box
-
     rng = np.random.default_rng(0)
     for _ in range(200):
         left, top, right, bottom = random_crop_box(90, 120, (0.3, 1.0), (3 / 4, 4 / 3), rng)
@@ -307,8 +306,6 @@ def test_a_strip_hundreds_of_times_longer_than_wide_is_resized_near_its_center_o
     out = eval_transform(config)(strip)
     assert out.shape == (3, 224, 224)
     shorter = np.ascontiguousarray(strip[:, 19_900:20_100])  # the same middle, small enough to resize whole
-    from liteclip.data.transforms import MAX_RESIZED_PIXELS, crop_or_pad, resize, resized_shape
-
     height, width = resized_shape(2, 40_000, config)
     assert height * width > MAX_RESIZED_PIXELS
     middle = resize(Image.fromarray(shorter), 256, 256 * 200 // 2, config)  # at the same scale
