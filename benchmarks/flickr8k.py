@@ -19,7 +19,7 @@ with one caption, so it trains on the same number of pairs as liteclip's one cap
 `all` every caption is a row, five times the pairs per epoch. Its in-training validation pairs each image with one
 caption row, so its own recall is not comparable; both models are scored here by liteclip's multi-caption evaluator
 on their own embeddings. open_clip has one learning rate for everything: the recipe's `optim.lr` (liteclip's recipe
-gives the pretrained towers `optim.tower_lr`).
+gives the pretrained towers `optim.tower_lr`), or --open-clip-lr, to give it its own best rate on the val split.
 
 Flickr8K is research-only: this script reads it from --root and writes only under --out (default: a folder
 liteclip_bench beside --root) and liteclip's feature cache under --root, never into the repository. Read the test
@@ -188,7 +188,7 @@ def run_open_clip(args: argparse.Namespace, out: Path, recipe) -> dict[str, Any]
     command = [sys.executable, "-m", "open_clip_train.main", "--model", f"local-dir:{start}",
                "--train-data", str(train_csv), "--dataset-type", "csv", "--csv-separator", "\t",
                "--lock-image", "--batch-size", str(args.batch_size), "--epochs", str(passes),
-               "--lr", str(recipe.optim.lr), "--wd", str(recipe.optim.weight_decay),
+               "--lr", str(args.open_clip_lr or recipe.optim.lr), "--wd", str(recipe.optim.weight_decay),
                "--warmup", str(recipe.optim.warmup_steps), "--precision", open_clip_precision(),
                "--workers", str(args.workers), "--device", "cpu", "--logs", str(work / "logs"), "--name", "run",
                "--save-frequency", str(passes), "--zeroshot-frequency", "0", "--val-frequency", "0",
@@ -272,6 +272,10 @@ def main() -> None:
     parser.add_argument("--open-clip-captions", choices=["one", "all"], default="one",
                         help="one: each image once per epoch with one caption, as liteclip's default (the same "
                              "pairs); all: every (image, caption) row every epoch, open_clip's plain CSV use")
+    parser.add_argument("--open-clip-lr", type=float, default=None,
+                        help="open_clip's one learning rate (default: the recipe's optim.lr, the heads' rate); "
+                             "tune it on the val split as an open_clip user would, e.g. the recipe's tower_lr")
+    parser.add_argument("--only-open-clip", action="store_true", help="train open_clip only")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -283,9 +287,11 @@ def main() -> None:
 
     out = (args.out or args.root.resolve().parent / "liteclip_bench").resolve()
     recipe = load_config(args.recipe, liteclip_overrides(args, out))
-    results = {"liteclip": run_liteclip(args, out)}
+    if args.no_open_clip and args.only_open_clip:
+        parser.error("--no-open-clip and --only-open-clip leave nothing to train")
+    results = {} if args.only_open_clip else {"liteclip": run_liteclip(args, out)}
     if not args.no_open_clip:
-        results["open_clip"] = run_open_clip(args, out, recipe)
+        results[f"open_clip, lr {args.open_clip_lr or recipe.optim.lr:g}"] = run_open_clip(args, out, recipe)
     print_table(results)
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,10 +155,11 @@ def test_flickr8k_trains_liteclip_and_open_clip_on_the_same_towers_and_prints_on
     lines = run_module("benchmarks.flickr8k", "--root", str(root), "--image-tower", "test_convnext3",
                        "--image-weights", str(weights), "--text-tower", str(tiny_text_dir), "--epochs", "1",
                        "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "out"), "--no-progress",
+                       "--open-clip-lr", "0.001",
                        "--set", "model.image.image_size=32", "model.text.max_length=16", "optim.warmup_steps=1")
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines if line.startswith("| ")}
-    assert set(rows) >= {"liteclip", "open_clip"}
-    for name in ("liteclip", "open_clip"):
+    assert set(rows) >= {"liteclip", "open_clip, lr 0.001"}  # open_clip at its own rate, named in its row
+    for name in ("liteclip", "open_clip, lr 0.001"):
         recalls = [float(cell) for cell in rows[name][:12]]
         assert all(0 <= value <= 100 for value in recalls) and re.match(r" [\d.]+ \(", rows[name][12])
 
@@ -168,3 +170,25 @@ def test_serve_latency_indexes_drawn_images_and_times_queries_over_http(model_di
     assert re.fullmatch(r"indexed 20 images in [\d.]+ s", lines[-2])
     assert re.fullmatch(r"GET /api/search over 20 images, k=24, 3 queries: median [\d.]+ ms, 90th percentile "
                         r"[\d.]+ ms", lines[-1])
+
+
+def test_draft_decoding_compares_the_features_of_reduced_and_whole_decodes(tmp_path):
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    tower = timm.create_model("test_convnext3", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(tmp_path / "tower.safetensors"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    lines = run_module("benchmarks.draft_decoding", "--images", str(photos), "--count", "3", "--size", "640x480",
+                       "--image-tower", "test_convnext3", "--image-weights", str(tmp_path / "tower.safetensors"))
+    assert lines[0].startswith("3 photos from")
+    measured = [line for line in lines if "feature cosine, draft against whole decode" in line]
+    assert [line.split(":")[0] for line in measured] == ["smooth (bicubic)", "sharp (nearest)"]
+    for line in measured:
+        median = float(re.search(r"median ([\d.]+)", line)[1])
+        assert -1.0 <= median <= 1.0 + 1e-6 and re.search(r"\(([\d.]+)x faster\)", line)

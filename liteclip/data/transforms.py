@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from liteclip.errors import ConfigError
+
 RESIZERS = ("pil", "torchvision", "opencv")
 # the most pixels an image is resized to whole before its center is cut out: past it (only a strip hundreds of
 # times longer than wide), just the center is resized
@@ -126,12 +128,18 @@ def as_pil(image: np.ndarray | Image.Image) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image), mode="RGB")
 
 
-def normalised(pixels: np.ndarray, data_config: dict[str, Any]) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, H, W), scaled to [0, 1] and normalised by the tower's mean and std."""
-    tensor = torch.from_numpy(np.array(pixels, dtype=np.uint8).transpose(2, 0, 1)).to(torch.float32).div_(255)
-    mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(data_config["std"], dtype=torch.float32).view(3, 1, 1)
-    return tensor.sub_(mean).div_(std)
+class Normalise:
+    """uint8 (H, W, 3) -> float32 (3, H, W), scaled to [0, 1] and normalised by the tower's mean and std, as
+    torchvision's ToTensor and Normalize do (in one multiply and one subtraction: within 1e-6 of theirs)."""
+
+    def __init__(self, data_config: dict[str, Any]):
+        mean = torch.tensor(data_config["mean"], dtype=torch.float64).view(3, 1, 1)
+        std = torch.tensor(data_config["std"], dtype=torch.float64).view(3, 1, 1)
+        self.scale, self.offset = (1 / (255 * std)).float(), (mean / std).float()
+
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1).to(torch.float32)
+        return tensor.mul_(self.scale).sub_(self.offset)
 
 
 class EvalTransform:
@@ -142,6 +150,7 @@ class EvalTransform:
     def __init__(self, data_config: dict[str, Any]):
         self.data_config = data_config
         self.size = image_size(data_config)
+        self.normalise = Normalise(data_config)
         self.fill = data_config.get("fill", 0)  # open_clip pads with its fill_color, black by default
         if data_config.get("crop_mode") == "border":  # timm pads with the mean colour
             self.fill = [round(255 * value) for value in data_config["mean"]]
@@ -151,9 +160,9 @@ class EvalTransform:
         height, width = resized_shape(image.height, image.width, self.data_config)
         rounding = self.data_config.get("crop_rounding", "half_even")
         if height * width > MAX_RESIZED_PIXELS and min(height, width) >= self.size:
-            return normalised(self.resized_crop(image, height, width, rounding), self.data_config)
-        pixels = crop_or_pad(resize(image, height, width, self.data_config), self.size, rounding, self.fill)
-        return normalised(pixels, self.data_config)
+            return self.normalise(self.resized_crop(image, height, width, rounding))
+        return self.normalise(crop_or_pad(resize(image, height, width, self.data_config), self.size, rounding,
+                                          self.fill))
 
     def resized_crop(self, image: Image.Image, height: int, width: int, rounding: str) -> np.ndarray:
         """The crop of a resized panorama, resized from its own region of the image: the whole strip resized
@@ -202,6 +211,7 @@ class TrainTransform:
         self.data_config = data_config
         self.size = image_size(data_config)
         self.crop_scale = tuple(crop_scale)
+        self.normalise = Normalise(data_config)
         steps: list[Any] = [A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1, hue=0.0, p=0.8)]
         if horizontal_flip:
             steps.append(A.HorizontalFlip(p=0.5))
@@ -213,7 +223,7 @@ class TrainTransform:
         box = random_crop_box(image.height, image.width, self.crop_scale, (3 / 4, 4 / 3), np.random.default_rng(seed))
         pixels = resize(image, self.size, self.size, self.data_config, box=box)
         self.photometric.set_random_seed(seed)
-        return normalised(self.photometric(image=np.ascontiguousarray(pixels))["image"], self.data_config)
+        return self.normalise(self.photometric(image=np.ascontiguousarray(pixels))["image"])
 
 
 class OpenCVTransform:
@@ -264,17 +274,51 @@ def opencv_train_transform(data_config: dict[str, Any], crop_scale: tuple[float,
     return OpenCVTransform(A.Compose(steps), random=True)
 
 
-def check_resizer(data_config: dict[str, Any]) -> str:
-    resizer = data_config.get("resize_with", "pil")
-    if resizer not in RESIZERS:
-        raise ValueError(f"data config resize_with={resizer!r}: expected one of {', '.join(RESIZERS)}")
-    return resizer
+def is_number(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_data_config(data_config: dict[str, Any]) -> str:
+    """The resizer a data config names, once every key the transforms read is one they can use; else a ConfigError
+    naming the key (a saved model's preprocessor_config.json is a file from elsewhere)."""
+    def refuse(key: str, expected: str) -> ConfigError:
+        value = repr(data_config.get(key))
+        value = value if len(value) <= 80 else value[:77] + "..."
+        return ConfigError(f"the image preprocessing's {key}={value} (a model's preprocessor_config.json, or its "
+                           f"tower's data config): expected {expected}")
+
+    size = data_config.get("input_size")
+    if not isinstance(size, (list, tuple)) or len(size) != 3 or not all(is_number(v, 1, 8192) for v in size) \
+            or not all(float(v).is_integer() for v in size):
+        raise refuse("input_size", "(3, height, width), whole numbers of pixels up to 8192")
+    for key in ("mean", "std"):
+        values = data_config.get(key)
+        low = 1e-6 if key == "std" else -1e3
+        if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(is_number(v, low, 1e3)
+                                                                                 for v in values):
+            raise refuse(key, f"three numbers{' above 0' if key == 'std' else ''}")
+    choices = {"resize_with": (None, *RESIZERS), "resize_mode": (None, "shortest", "squash", "longest"),
+               "crop_mode": (None, "center", "squash", "border"), "crop_rounding": (None, "half_even", "floor"),
+               "interpolation": (None, *PIL_FILTERS, "area", "random")}
+    for key, allowed in choices.items():
+        if data_config.get(key) not in allowed:
+            raise refuse(key, "one of " + ", ".join(str(choice) for choice in allowed if choice is not None))
+    if data_config.get("crop_pct") is not None and not is_number(data_config["crop_pct"], 0.05, 2.0):
+        raise refuse("crop_pct", "a fraction between 0.05 and 2")
+    if data_config.get("resize_size") is not None and not (is_number(data_config["resize_size"], 1, 16384)
+                                                           and float(data_config["resize_size"]).is_integer()):
+        raise refuse("resize_size", "a whole number of pixels up to 16384")
+    fill = data_config.get("fill", 0)
+    if not (is_number(fill, 0, 255) or (isinstance(fill, (list, tuple)) and len(fill) == 3
+                                        and all(is_number(v, 0, 255) for v in fill))):
+        raise refuse("fill", "a grey level 0-255, or three of them")
+    return data_config.get("resize_with", "pil")
 
 
 def eval_transform(data_config: dict[str, Any]) -> Callable[..., torch.Tensor]:
     """The evaluation preprocessing of the tower's library: resize (see the module docstring), center crop,
     normalise."""
-    if check_resizer(data_config) == LEGACY_RESIZER:
+    if check_data_config(data_config) == LEGACY_RESIZER:
         return opencv_eval_transform(data_config)
     return EvalTransform(data_config)
 
@@ -284,7 +328,7 @@ def train_transform(data_config: dict[str, Any], crop_scale: tuple[float, float]
     """Random resized crop and light colour jitter, resized as evaluation resizes."""
     if not augment:
         return eval_transform(data_config)
-    if check_resizer(data_config) == LEGACY_RESIZER:
+    if check_data_config(data_config) == LEGACY_RESIZER:
         return opencv_train_transform(data_config, crop_scale, horizontal_flip)
     return TrainTransform(data_config, crop_scale, horizontal_flip)
 

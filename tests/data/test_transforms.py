@@ -323,3 +323,30 @@ def test_any_picture_size_gives_the_towers_input_size_and_finite_values(resizer,
     train, evaluate = build_transforms(config, crop_scale=(0.3, 1.0))
     for out in (train(image, seed=0), evaluate(image)):
         assert out.shape == (3, 24, 24) and torch.isfinite(out).all()
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                   st.text(max_size=12), st.sampled_from(["pil", "torchvision", "opencv", "squash", "longest",
+                                                          "floor", "border", "random", "area"]),
+                   st.lists(st.one_of(st.integers(-5, 300), st.floats(allow_nan=True)), max_size=4))
+
+
+@given(changes=st.dictionaries(st.sampled_from(["input_size", "mean", "std", "crop_pct", "interpolation",
+                                                "resize_with", "resize_mode", "crop_mode", "crop_rounding",
+                                                "resize_size", "fill"]), VALUES, max_size=3))
+@settings(max_examples=150, deadline=None)
+def test_a_preprocessing_config_from_a_model_folder_gives_pixels_or_one_line_naming_its_key(changes):
+    """A saved model's preprocessor_config.json is a file from elsewhere: any value in it gives finite pixels of
+    the input size, or a ConfigError naming the key, never a traceback from deep inside a resize."""
+    from liteclip.errors import ConfigError
+
+    config = {**PLAIN, "input_size": (3, 8, 8), **changes}
+    image = np.full((13, 9, 3), 90, dtype=np.uint8)
+    try:
+        train, evaluate = build_transforms(config, crop_scale=(0.5, 1.0))
+    except ConfigError as error:
+        assert "\n" not in str(error) and any(f"{key}=" in str(error) for key in changes), str(error)
+        return
+    side = int(config["input_size"][-1])
+    for out in (train(image, seed=1), evaluate(image)):
+        assert out.shape == (3, side, side) and torch.isfinite(out).all()
