@@ -78,8 +78,8 @@ def resized_shape(height: int, width: int, data_config: dict[str, Any]) -> tuple
     if mode == "squash":
         return side, side
     if mode == "longest":
-        ratio = max(height / side, width / side)
-        return round(height / ratio), round(width / ratio)
+        ratio = max(height / side, width / side)  # a side that rounds to nothing keeps a pixel (the libraries fail)
+        return max(1, round(height / ratio)), max(1, round(width / ratio))
     if width <= height:  # the shorter side to `side`, the longer one truncated
         return int(side * height / width), side
     return side, int(side * width / height)
