@@ -10,8 +10,9 @@ two decodes and the time each takes per photo (decode and transform, one process
         --image-weights $R/weights/efficientnet-lite0/tf_efficientnet_lite0.timm.safetensors
 
 Each photo is enlarged twice, to --size (default 4032x3024, a phone camera's): smoothly (bicubic) and with sharp
-edges (nearest neighbour, whose fine detail a reduced decode blurs most). The copies are written under a temporary
-folder and removed; the photos themselves are only read.
+edges (nearest neighbour, whose fine detail a reduced decode blurs most); each is decoded whole and as drafts no
+smaller than --margins times the side the resize needs. The copies are written under a temporary folder and
+removed; the photos themselves are only read.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the enlarged copies")
     parser.add_argument("--image-tower", required=True, help="timm name, e.g. tf_efficientnet_lite0")
     parser.add_argument("--image-weights", type=Path, required=True)
+    parser.add_argument("--margins", type=float, nargs="+", default=[1.0, 2.0],
+                        help="drafts no smaller than MARGIN times the side the resize needs (1: as small as it can)")
     args = parser.parse_args(argv)
 
     import timm
@@ -60,26 +63,32 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for name, resample in (("smooth (bicubic)", Image.Resampling.BICUBIC),
                                ("sharp (nearest)", Image.Resampling.NEAREST)):
-            cosines, seconds = [], {"whole": 0.0, "draft": 0.0}
+            decodes = {"whole": None, **{f"draft x{margin:g}": int(side * margin) for margin in args.margins}}
+            cosines = {decode: [] for decode in decodes if decode != "whole"}
+            seconds = dict.fromkeys(decodes, 0.0)
             for photo in photos:
                 copy = Path(scratch) / "copy.jpg"
                 with Image.open(photo) as image:
                     image.convert("RGB").resize((width, height), resample).save(copy, quality=args.quality)
                 pixels = {}
-                for decode, min_size in (("whole", None), ("draft", side)):
+                for decode, min_size in decodes.items():
                     start = time.perf_counter()
                     pixels[decode] = transform(load_image(copy, min_size))
                     seconds[decode] += time.perf_counter() - start
                 with torch.no_grad():
-                    features = tower(torch.stack([pixels["whole"], pixels["draft"]]))
-                cosines.append(float(torch.nn.functional.cosine_similarity(features[:1], features[1:])))
-            cosines = np.array(cosines)
-            print(f"{name}: feature cosine, draft against whole decode: median {np.median(cosines):.5f}, "
-                  f"1st percentile {np.percentile(cosines, 1):.5f}, lowest {cosines.min():.5f}; "
-                  f"{(cosines >= 0.999).mean():.1%} of photos at 0.999 or more. Decode and transform per photo: "
-                  f"whole {1000 * seconds['whole'] / len(photos):.0f} ms, "
-                  f"draft {1000 * seconds['draft'] / len(photos):.0f} ms "
-                  f"({seconds['whole'] / max(seconds['draft'], 1e-9):.1f}x faster)")
+                    features = tower(torch.stack(list(pixels.values())))
+                for row, decode in enumerate(decodes):
+                    if decode != "whole":
+                        cosines[decode].append(float(torch.nn.functional.cosine_similarity(
+                            features[:1], features[row:row + 1])))
+            for decode, values in cosines.items():
+                values = np.array(values)
+                print(f"{name}, {decode}: feature cosine, draft against whole decode: median "
+                      f"{np.median(values):.5f}, 1st percentile {np.percentile(values, 1):.5f}, lowest "
+                      f"{values.min():.5f}; {(values >= 0.999).mean():.1%} of photos at 0.999 or more. Decode and "
+                      f"transform per photo: whole {1000 * seconds['whole'] / len(photos):.0f} ms, draft "
+                      f"{1000 * seconds[decode] / len(photos):.0f} ms "
+                      f"({seconds['whole'] / max(seconds[decode], 1e-9):.1f}x faster)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Every command line of the project: `liteclip train | predict | index | search | serve | eval-zeroshot |
-eval-retrieval | export | data ...`. `train.py` and `python -m liteclip.data` are thin doors into this module.
+eval-retrieval | wise-ft | average | export | data ...`. `train.py` and `python -m liteclip.data` are thin doors into this module.
 
 Each command imports what it needs when it runs, so parsing and `--help` never load torch.
 """
@@ -240,6 +240,115 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_averaging(name: str, device: str, trust_remote_code: bool):
+    from liteclip.model import CLIP
+
+    return CLIP.from_pretrained(name, device=device, trust_remote_code=trust_remote_code)
+
+
+def _scoring_config(config_path: str | None, model_dir: str, sets: list[str]):
+    """The config models are scored with: --config, else the fine-tuned model's own (its data and retention)."""
+    from liteclip.config import load_config
+
+    path = config_path or str(Path(model_dir) / "config.yaml")
+    if not Path(path).is_file():
+        raise InputError(f"no config to score models with: {path} does not exist; pass --config CONFIG.yaml "
+                         f"with the data (its val split) and train.retention sets")
+    return load_config(path, sets)
+
+
+def _refuse_writing_over_inputs(out: str, inputs: list[str], what: str) -> None:
+    from liteclip.files import refuse_overlap
+
+    for source in inputs:
+        if Path(source).is_dir():
+            refuse_overlap(out, source, what)
+
+
+def _new_plot_path(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    if Path(path).exists() or Path(path).is_symlink():
+        raise InputError(f"--plot {path} exists; liteclip does not write over a file it did not make: choose a new "
+                         f"path")
+    return Path(path)
+
+
+def _cmd_wise_ft(args: argparse.Namespace) -> int:
+    from liteclip.train.weight_averaging import ModelScorer, describe_kept, interpolate, plot_alphas, summary_rows
+
+    _refuse_writing_over_inputs(args.out, [args.start, args.finetuned], "wise-ft")
+    plot = _new_plot_path(args.plot)
+    device = args.device or "cpu"
+    start = _load_for_averaging(args.start, device, args.trust_remote_code)
+    finetuned = _load_for_averaging(args.finetuned, device, args.trust_remote_code)
+    alphas = sorted(set(args.alpha))
+    scorer = None
+    if len(alphas) > 1 or args.config or plot:
+        scorer = ModelScorer(_scoring_config(args.config, args.finetuned, args.set), device, args.batch_size)
+    rows, models, kept = [], {}, []
+    for alpha in alphas:
+        model, kept = interpolate(start, finetuned, alpha)
+        if scorer is not None:
+            rows.append((alpha, scorer(model)))
+        models[alpha] = model
+    logging.getLogger("liteclip").info("wise-ft: %s", describe_kept(kept))
+    chosen = alphas[0] if len(alphas) == 1 else max(rows, key=lambda row: row[1].by(args.pick))[0]
+    saved = models[chosen]
+    metrics = {"wise_ft_alpha": chosen}
+    if rows:
+        scores = dict(rows)[chosen]
+        metrics.update({"val_mean_recall": scores.val} if scores.val is not None else {})
+        metrics.update(scores.retention)
+    full_config = _saved_config(args.finetuned)
+    saved.save_pretrained(args.out, full_config=full_config, metrics=metrics)
+    drawn = plot_alphas(rows, plot) if plot is not None and rows else None
+    data = {"out": args.out, "alpha": chosen, "pick": args.pick if len(alphas) > 1 else None,
+            "kept_fine_tuned": kept, "plot": str(drawn) if drawn else None,
+            "alphas": [{"alpha": alpha, "val_mean_recall": scores.val, **scores.retention} for alpha, scores in rows]}
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if rows:
+        header, table = summary_rows(rows)
+        _emit(args, data, [tuple(row) for row in table], tuple(header))
+    print(f"wrote alpha {chosen:g}{f' (best by --pick {args.pick})' if len(alphas) > 1 else ''} to {args.out}"
+          + (f"; plot: {drawn}" if drawn else ""))
+    return 0
+
+
+def _saved_config(model_dir: str):
+    """A liteclip folder's full config (its data and training sections), or None for other models."""
+    from liteclip.pretrained import read_model_config
+
+    return read_model_config(model_dir) if (Path(model_dir) / "config.yaml").is_file() else None
+
+
+def _cmd_average(args: argparse.Namespace) -> int:
+    from liteclip.train.weight_averaging import ModelScorer, average, greedy_soup
+
+    _refuse_writing_over_inputs(args.out, args.models, "average")
+    device = args.device or "cpu"
+    models = [_load_for_averaging(name, device, args.trust_remote_code) for name in args.models]
+    metrics: dict[str, float] = {}
+    if args.greedy:
+        scorer = ModelScorer(_scoring_config(args.config, args.models[0], args.set), device, args.batch_size)
+        scores = [scorer(model).by(args.pick) for model in models]
+        soup, chosen = greedy_soup(models, scores, lambda model: scorer(model).by(args.pick))
+        names = [args.models[i] for i in chosen]
+        metrics["soup_score"] = scorer(soup).by(args.pick) if len(chosen) > 1 else scores[chosen[0]]
+    else:
+        soup, names = average(models), list(args.models)
+    soup.save_pretrained(args.out, full_config=_saved_config(args.models[0]), metrics=metrics or None)
+    data = {"out": args.out, "models": names, "greedy": args.greedy, **metrics}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"wrote the {'greedy' if args.greedy else 'uniform'} average of {len(names)} model(s) to {args.out}: "
+              + ", ".join(names))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from liteclip.files import written_names
     from liteclip.export import export_onnx, export_timm
@@ -320,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     for add_command in (_add_train, _add_predict, _add_index, _add_search, _add_serve, _add_eval_zeroshot,
-                        _add_eval_retrieval, _add_export, _add_data):
+                        _add_eval_retrieval, _add_wise_ft, _add_average, _add_export, _add_data):
         add_command(commands)
     return parser
 
@@ -432,6 +541,60 @@ def _add_eval_retrieval(commands: argparse._SubParsersAction) -> None:
     retrieval.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     retrieval.add_argument("--split", default="test", choices=["train", "val", "test"])
     retrieval.add_argument("--batch-size", type=_positive_int, default=64)
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 (the start) and 1 (the fine-tuned model)")
+    return value
+
+
+def _add_weight_space_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--out", required=True, help="the model folder to write (a new or empty folder, or one "
+                                                      "liteclip saved)")
+    command.add_argument("--config", default=None, help="the YAML whose val split and train.retention sets score "
+                                                        "the models (default: the fine-tuned model's config.yaml)")
+    command.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides on that config")
+    command.add_argument("--pick", choices=["balanced", "val", "retention"], default="balanced",
+                         help="how the best is chosen: val (in-domain), retention (mean of the retention sets), "
+                              "balanced (the mean of the two; default)")
+    command.add_argument("--batch-size", type=_positive_int, default=64)
+    command.add_argument("--device", default=None, help="cpu (default), cuda, ...")
+    command.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_trust_remote_code(command)
+
+
+def _add_wise_ft(commands: argparse._SubParsersAction) -> None:
+    wise_ft = commands.add_parser(
+        "wise-ft", help="interpolate a fine-tuned model with the model it started from (WiSE-FT)",
+        description="Write (1 - alpha) * START + alpha * FINETUNED as a model folder (Wortsman et al. 2022). With "
+                    "several alphas, each is scored on the val split and the train.retention sets and the one "
+                    "--pick names is written. Example: liteclip wise-ft openai/clip-vit-base-patch32 model "
+                    "--alpha 0 0.25 0.5 0.75 1 --out model_wise --plot wise_ft.png")
+    wise_ft.add_argument("start", help="what the fine-tuning started from: a liteclip or Hugging Face folder, or "
+                                       "open_clip:ARCH@TAG_OR_FILE")
+    wise_ft.add_argument("finetuned", help="the fine-tuned liteclip model folder")
+    wise_ft.add_argument("--alpha", type=_alpha, nargs="+", default=[0.5],
+                         help="0: the start, 1: the fine-tuned model (default 0.5); several: scored, best kept")
+    wise_ft.add_argument("--plot", default=None, help="a new PNG of in-domain against retention by alpha")
+    _add_weight_space_options(wise_ft)
+    wise_ft.set_defaults(handler=_cmd_wise_ft)
+
+
+def _add_average(commands: argparse._SubParsersAction) -> None:
+    average = commands.add_parser(
+        "average", help="average models fine-tuned from one start (a model soup)",
+        description="Write the average of the weights of MODELS as a model folder (Wortsman et al. 2022): uniform, "
+                    "or with --greedy, adding models best first while the val score of the average does not drop. "
+                    "Example: liteclip average run_a/model run_b/model run_c/model --greedy --out soup")
+    average.add_argument("models", nargs="+", help="liteclip model folders fine-tuned from one start")
+    average.add_argument("--greedy", action="store_true", help="the greedy soup, by --pick's score")
+    _add_weight_space_options(average)
+    average.set_defaults(handler=_cmd_average)
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:

@@ -200,9 +200,55 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     grad_clip: float | None = 1.0  # max gradient norm; None: off
+    # layer-wise lr decay for both towers (e.g. 0.75): the top layer at tower_lr, each below at this times the
+    # one above (BEiT; liteclip.train.optim.layer_scales says how layers are found); null: one rate per tower
+    layer_decay: float | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------- train
+
+
+RETENTION_KINDS = ("zeroshot", "flickr8k", "csv", "demo")
+
+
+@dataclass(frozen=True)
+class RetentionSet:
+    """An evaluation set a fine-tuning run must not get worse on (train.retention), from its spec:
+
+        zeroshot:FOLDER        FOLDER/<class name>/*.jpg, classified zero-shot ("a photo of a {}.") -> top-1 %
+        flickr8k:ROOT[@split]  a Flickr8K folder's val split (or the split named), as a retrieval set -> mean recall
+        csv:FILE[@split]       a captions CSV or TSV (image, caption[, split]) -> mean recall
+        demo:ROOT[@split]      a demo data folder -> mean recall
+    """
+
+    kind: str
+    path: Path
+    split: str = "val"
+
+    @property
+    def name(self) -> str:
+        """The column it is logged under: retention_<kind>_<folder or file name>[_<split>]."""
+        stem = "".join(c if c.isalnum() else "_" for c in (self.path.stem if self.kind == "csv" else self.path.name))
+        suffix = "" if self.kind == "zeroshot" or self.split == "val" else f"_{self.split}"
+        return f"retention_{self.kind}_{stem or 'root'}{suffix}"
+
+    @property
+    def metric(self) -> str:
+        return "top1" if self.kind == "zeroshot" else "mean_recall"
+
+
+def parse_retention_set(spec: str) -> RetentionSet:
+    """A RetentionSet from its spec (see RetentionSet); a spec of another shape is a ConfigError naming it."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in RETENTION_KINDS or not rest:
+        raise ConfigError(f"train.retention: {_shown(spec)} is not a retention set; write zeroshot:FOLDER, "
+                          f"flickr8k:ROOT, csv:FILE or demo:ROOT (a dataset may end in @train, @val or @test)")
+    path, split = rest, "val"
+    head, at, tail = rest.rpartition("@")
+    if kind != "zeroshot" and at and head and tail in ("train", "val", "test"):  # else an @ in a folder's name
+        path, split = head, tail
+    return RetentionSet(kind, Path(path).expanduser(), split)
+
 
 
 @dataclass(frozen=True)
@@ -234,6 +280,9 @@ class TrainConfig:
     # page faults on every step's fresh activations cost more than the memory kept (benchmarks/README.md measures it)
     keep_cpu_memory: bool = True
     zero_shot_eval: bool = True  # datasets that define zero-shot labels (the demo): accuracy on the test split
+    # evaluation sets the run must not get worse on (RetentionSet: zeroshot:FOLDER, flickr8k:ROOT, csv:FILE,
+    # demo:ROOT), evaluated before the first step and with every validation, as retention_* columns
+    retention: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -591,6 +640,11 @@ def validate(config: Config, source: str = "<config>") -> None:
     for ok, key, value, rule in checks:
         if not ok:
             raise ConfigError(f"{source}: {key}={_shown(value)} {rule}")
+    names = [parse_retention_set(spec).name for spec in config.train.retention]  # each spec's shape, at load
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: train.retention names two sets that would be logged under one column "
+                          f"({', '.join(sorted({n for n in names if names.count(n) > 1}))}); give each its own "
+                          f"folder or file name")
 
 
 def _tower_and_teacher_checks(config: Config) -> list[tuple[bool, str, Any, str]]:
@@ -616,6 +670,8 @@ def _optimiser_checks(optim: OptimConfig) -> list[tuple[bool, str, Any, str]]:
         (all(0 <= beta < 1 for beta in optim.betas), "optim.betas", list(optim.betas),
          "must be two values in [0, 1), e.g. [0.9, 0.98]"),
         (optim.eps > 0, "optim.eps", optim.eps, "must be > 0, e.g. 1e-6"),
+        (optim.layer_decay is None or 0 < optim.layer_decay <= 1, "optim.layer_decay", optim.layer_decay,
+         "must be in (0, 1], e.g. 0.75, or null for one rate per tower"),
     ]
 
 

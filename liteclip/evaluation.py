@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from liteclip.data.captions import CaptionedImage, ZeroShotTask, caption_offsets
 from liteclip.embedding import Autocast, encode_decodable_image_files, encode_labels, encode_texts, model_device
+from liteclip.config import RetentionSet
 from liteclip.errors import DataError
 from liteclip.loss import LOSSES, clip_loss
 from liteclip.metrics import caption_groups_of, retrieval_recall, zero_shot_accuracy, zero_shot_ranks
@@ -128,3 +129,41 @@ def evaluate_zero_shot(model: CLIP, task: ZeroShotTask, batch_size: int = 64, de
         result["per_group"][group] = {"count": int(mask.sum()),
                                       **zero_shot_accuracy(image_embeds[mask], class_embeds, targets[mask], ks)}
     return result
+
+
+# ------------------------------------------------------------------------------------------ retention sets
+
+
+ZERO_SHOT_TEMPLATE = ("a photo of a {}.",)
+
+
+def retention_task(retention: RetentionSet) -> ZeroShotTask | list[CaptionedImage]:
+    """What a retention set evaluates: a zero-shot task, or a split's captioned images (read once per run)."""
+    from liteclip.config import DataConfig
+    from liteclip.data import load_splits
+    from liteclip.data.image_folder import read_image_folder
+
+    if retention.kind == "zeroshot":
+        return read_image_folder(retention.path, ZERO_SHOT_TEMPLATE)
+    if retention.kind == "csv":
+        data = DataConfig(dataset="csv", root=str(retention.path.parent), captions_file=retention.path.name)
+    else:
+        data = DataConfig(dataset=retention.kind, root=str(retention.path))
+    split = load_splits(data, generate=False)[retention.split]
+    if not split:
+        raise DataError(f"train.retention: {retention.path} has no {retention.split} split to evaluate")
+    return split
+
+
+def evaluate_retention(model: CLIP, tasks: dict[RetentionSet, Any], batch_size: int = 64,
+                       device: torch.device | str | None = None, autocast: Autocast = contextlib.nullcontext,
+                       show_progress: bool = False) -> dict[str, float]:
+    """{retention set name: its figure} for each (set, retention_task) in `tasks`."""
+    figures = {}
+    for retention, task in tasks.items():
+        if retention.kind == "zeroshot":
+            result = evaluate_zero_shot(model, task, batch_size, device, autocast, show_progress)
+        else:
+            result = evaluate_retrieval(model, task, batch_size, device, autocast, show_progress)
+        figures[retention.name] = float(result[retention.metric])
+    return figures

@@ -56,6 +56,8 @@ class PretrainedMixin:
 
         if openclip.is_open_clip(config.init_from):
             return from_converted(cls, openclip.read_open_clip(config.init_from, base=config))
+        if config.init_from and is_model_dir(config.init_from):  # a liteclip model, trained further
+            return from_converted(cls, read_model_dir_as_start(cls, config.init_from, base=config))
         if config.init_from:
             return from_converted(cls, read_hf_checkpoint(config.init_from, base=config))
         model = cls(config)  # the towers first: their errors name a wrong model name most clearly
@@ -291,6 +293,31 @@ def refuse_remote_code(directory: str | Path, trust_remote_code: bool) -> None:
             f"model folder's code on the folder's own say-so. If you trust where it came from, allow it: "
             f"CLIP.from_pretrained(..., trust_remote_code=True), ZeroShotPipeline(..., trust_remote_code=True), "
             f"`--trust-remote-code` on the command line, or distill.trust_remote_code: true for a teacher.")
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """A folder written by save_pretrained (its config.yaml and model.safetensors)."""
+    return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file() and (Path(path) / WEIGHTS_NAME).is_file()
+
+
+def read_model_dir_as_start(cls: type, directory: str | Path, base: ModelConfig) -> ConvertedCLIP:
+    """A saved liteclip model as the start of a run (model.init_from: DIR): its architecture, weights, tokenizer,
+    preprocessing and temperature, with `base`'s tune settings (locked, LoRA) and learn_logit_scale on top. The
+    rest of `base`'s model section is the folder's, as for any checkpoint init_from names."""
+    model = load_model_dir(cls, directory)
+    saved = model.config
+    config = dataclasses.replace(
+        saved, learn_logit_scale=base.learn_logit_scale, init_from=str(directory),
+        image=dataclasses.replace(saved.image, tune=base.image.tune, lora=base.image.lora),
+        text=dataclasses.replace(saved.text, tune=base.text.tune, lora=base.text.lora))
+    open_clip_model = None
+    if saved.text.source == "open_clip":  # a fresh open_clip model to hold the weights
+        open_clip_model, _, _ = openclip.read_saved(Path(directory))
+    text_hf_config = model.text_encoder.model.config if saved.text.source == "hf" else None
+    vision_hf_config = model.image_encoder.model.config if saved.image.source == "hf" else None
+    return ConvertedCLIP(config, text_hf_config, vision_hf_config, model.tokenizer, model.data_config,
+                         {name: tensor.detach() for name, tensor in model.state_dict().items()},
+                         open_clip_model=open_clip_model, open_clip_config=model.open_clip_config)
 
 
 def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = False):

@@ -178,7 +178,8 @@ def test_no_function_in_the_package_is_longer_than_a_screen():
     assert not long, "split these up: " + "; ".join(long)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["data", "check", "--help"], ["train", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["data", "check", "--help"], ["train", "--help"],
+                                  ["wise-ft", "--help"], ["average", "--help"]])
 def test_command_line_help_does_not_import_torch(argv):
     probe = ("import sys\nfrom liteclip.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
              "heavy = sorted(m for m in ('torch', 'timm', 'transformers', 'albumentations') if m in sys.modules)\n"

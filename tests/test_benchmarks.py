@@ -188,7 +188,8 @@ def test_draft_decoding_compares_the_features_of_reduced_and_whole_decodes(tmp_p
                        "--image-tower", "test_convnext3", "--image-weights", str(tmp_path / "tower.safetensors"))
     assert lines[0].startswith("3 photos from")
     measured = [line for line in lines if "feature cosine, draft against whole decode" in line]
-    assert [line.split(":")[0] for line in measured] == ["smooth (bicubic)", "sharp (nearest)"]
+    assert [line.split(":")[0] for line in measured] == ["smooth (bicubic), draft x1", "smooth (bicubic), draft x2",
+                                                          "sharp (nearest), draft x1", "sharp (nearest), draft x2"]
     for line in measured:
         median = float(re.search(r"median ([\d.]+)", line)[1])
         assert -1.0 <= median <= 1.0 + 1e-6 and re.search(r"\(([\d.]+)x faster\)", line)

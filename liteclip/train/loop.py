@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from liteclip import distributed
 from liteclip.files import load_weights
-from liteclip.config import Config, DataConfig, OptimConfig, TrainConfig
+from liteclip.config import Config, DataConfig, OptimConfig, RetentionSet, TrainConfig, parse_retention_set
 from liteclip.data import (build_dataloaders, build_datasets, ignore_stop_signals, load_splits, set_data_epoch,
                            zero_shot_task)
 from liteclip.data.captions import CaptionedImage, SkippedImages, epoch_seed
@@ -39,7 +39,7 @@ from liteclip.train.distill import DistillTerm, WithTeacherEmbeddings, teacher_e
 from liteclip.train.ema import WeightAverage
 from liteclip.embedding import image_file_loader
 from liteclip.errors import ConfigError, NonFiniteError, NonFiniteLossError
-from liteclip.evaluation import evaluate_retrieval, evaluate_zero_shot
+from liteclip.evaluation import evaluate_retention, evaluate_retrieval, evaluate_zero_shot, retention_task
 from liteclip.train.feature_cache import CachedFeatureDataset, use_feature_cache
 from liteclip.loss import clip_loss, siglip_loss
 from liteclip.model import CLIP, build_model
@@ -180,6 +180,7 @@ class TrainingSetup:
     ema: WeightAverage | None = None  # train.ema_decay: the averaged weights, evaluated and exported when on
     skipped_images: SkippedImages = field(default_factory=SkippedImages)  # training images that did not decode
     val_image_loader: DataLoader | None = None  # the val split's images, its workers kept between evaluations
+    retention: dict[RetentionSet, Any] = field(default_factory=dict)  # train.retention: each set, read once
 
     @property
     def eval_model(self) -> CLIP:
@@ -222,9 +223,11 @@ def build_training(config: Config, splits: dict[str, list[CaptionedImage]],
     total_steps = config.train.epochs * steps_per_epoch
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
+    retention = {spec: retention_task(spec) for spec in map(parse_retention_set, config.train.retention)}
     return TrainingSetup(model, model, datasets, loaders["train"], optimizer, scaler, precision, ctx.device,
                          total_steps, config.loss.name, config.loss.mask_same_image, distill, ema,
-                         val_image_loader=validation_image_loader(config.data, model, datasets["val"]))
+                         val_image_loader=validation_image_loader(config.data, model, datasets["val"]),
+                         retention=retention)
 
 
 def validation_image_loader(data: DataConfig, model: CLIP, val: Any) -> DataLoader | None:
@@ -379,6 +382,28 @@ def evaluate_split(setup: TrainingSetup, split: str, data: DataConfig, raw: bool
                               image_loader=setup.val_image_loader if split == "val" else None)
 
 
+def retention_metrics(setup: TrainingSetup, data: DataConfig) -> dict[str, float]:
+    """Each train.retention set's figure ({} without any), of the model evaluation scores."""
+    if not setup.retention:
+        return {}
+    return evaluate_retention(setup.eval_model, setup.retention, data.evaluation_batch_size, setup.device,
+                              setup.precision.autocast)
+
+
+def log_retention_summary(run: RunDirectory, best_epoch: int) -> None:
+    """start -> best epoch's -> change, for each retention column of epochs.csv."""
+    rows = run.epoch_rows()
+    names = [key for key in (rows[0] if rows else {}) if key.startswith("retention_")]
+    best = next((row for row in rows if str(row.get("epoch")) == str(best_epoch)), None)
+    for name in names:
+        start = rows[0].get(name)
+        end = best.get(name) if best else None
+        if start in (None, "") or end in (None, ""):
+            continue
+        logger.info("%s: %.2f before the first step -> %.2f at the best epoch (%d): %+.2f", name, float(start),
+                    float(end), best_epoch, float(end) - float(start))
+
+
 def zero_shot_metrics(setup: TrainingSetup, data: DataConfig) -> dict[str, float]:
     """Zero-shot top-1 on the test split's own zero-shot task, overall and per group, by the evaluator `liteclip
     eval-zeroshot` runs ({} for a dataset without class labels)."""
@@ -434,6 +459,7 @@ def end_epoch(setup: TrainingSetup, state: TrainState, train_loss: float, config
         if validation:
             metrics["val_loss"] = validation.pop("loss")
             metrics.update(validation)
+        metrics.update(retention_metrics(setup, config.data))
         if setup.ema is not None and config.train.ema_evaluate_raw:
             raw = finite_validation(setup, config.data, state, raw=True)
             metrics.update({f"raw_{'val_loss' if key == 'loss' else key}": value for key, value in raw.items()})
@@ -538,11 +564,15 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
                 setup.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         if ctx.is_main:
             run.open_logs(resume_step=state.step if resume_path else None)
+            if setup.retention and resume_path is None:  # the starting model's figures: the row before any step
+                run.log_epoch({"epoch": 0, "step": 0, **retention_metrics(setup, config.data)})
         logger.info("training %d epochs, %d steps in all, on %s (%s), %d process(es)", config.train.epochs,
                     setup.total_steps, ctx.device, setup.precision.dtype or "fp32", ctx.world_size)
 
         train_epochs(setup, state, config, run, ctx, show_progress)
         final = export_best(setup, config, run) if ctx.is_main else {}
+        if ctx.is_main and setup.retention:
+            log_retention_summary(run, state.best_epoch)
         distributed.barrier()
         distributed.cleanup()
         return final

@@ -110,6 +110,10 @@ class CsvLog:
             writer.writerows(rows)
         atomic_write_bytes(self.path, text.getvalue().encode())
 
+    def rows(self) -> list[dict[str, str]]:
+        """The rows written so far, as text."""
+        return self._read()[0] if self.fields else []
+
     def __call__(self, row: dict[str, Any]) -> None:
         new_fields = [key for key in row if key not in self.fields]
         if new_fields:
@@ -248,6 +252,9 @@ class RunDirectory:
         self.epoch_log(row)
         self.boards["val"](row)
         logger.info("epoch %d: %s", row["epoch"], format_metrics(row))
+
+    def epoch_rows(self) -> list[dict[str, str]]:
+        return self.epoch_log.rows()
 
     def save(self, name: str, state: dict[str, Any]) -> None:
         save_checkpoint(self.path / name, state)

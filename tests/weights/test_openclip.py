@@ -224,3 +224,42 @@ def test_a_saved_open_clip_model_whose_text_tower_folder_carries_code_is_refused
     image = photos(tmp_path, 1)[0]
     assert main(["predict", str(image), "--model-dir", str(saved), "--labels", "a", "b"]) == 2
     assert "asks to run Python code" in capsys.readouterr().err
+
+
+HUB_ROUND_TRIP = """
+import sys, torch
+from liteclip import CLIP, ZeroShotPipeline
+spec, out = sys.argv[1], sys.argv[2]
+pipeline = ZeroShotPipeline(spec, device="cpu")
+labels = ["a photo of a cat", "two dogs playing in the snow"]
+before = pipeline.encode_labels(labels)
+pipeline.model.save_pretrained(out)
+again = ZeroShotPipeline(out, device="cpu")
+assert torch.equal(again.encode_labels(labels), before)
+print("ROUND TRIP", again.model.config.image.name)
+"""
+
+
+def test_an_open_clip_hf_hub_model_loads_from_the_hub_cache_and_saves_and_loads_again(checkpoints, tmp_path):
+    """`open_clip:hf-hub:ORG/NAME`, from the Hugging Face cache (offline), as open_clip's own hub models are laid
+    out (open_clip_config.json and open_clip_model.safetensors), is saved as a liteclip model and loads back."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--liteclip-test--tiny-vit" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(checkpoints["liteclip-test-vit"], snapshot / "open_clip_model.safetensors")
+    (snapshot / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": ARCHITECTURES["liteclip-test-vit"],
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"}}))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    environment = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", HUB_ROUND_TRIP, "open_clip:hf-hub:liteclip-test/tiny-vit",
+                             str(tmp_path / "saved")], capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ROUND TRIP hf-hub:liteclip-test/tiny-vit" in result.stdout
+    saved = json.loads((tmp_path / "saved" / "preprocessor_config.json").read_text())
+    assert saved["resize_mode"] == "squash" and saved["mean"] == [0.5, 0.5, 0.5]
