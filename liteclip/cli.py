@@ -258,34 +258,56 @@ def _scoring_config(config_path: str | None, model_dir: str, sets: list[str]):
 
 
 def _refuse_writing_over_inputs(out: str, inputs: list[str], what: str) -> None:
+    """Before any model is loaded: --out is neither an input nor in or around one, and saving there would be
+    allowed (no file of the user's under a model file's name)."""
     from liteclip.files import refuse_overlap
+    from liteclip.pretrained import check_model_folder
 
     for source in inputs:
         if Path(source).is_dir():
             refuse_overlap(out, source, what)
+    check_model_folder(out)
 
 
-def _new_plot_path(path: str | None) -> Path | None:
+def _new_plot_path(path: str | None, inputs: list[str], out: str) -> Path | None:
+    """--plot, checked before any work: a new .png file, in a folder (or one to make), not inside an input model
+    or the --out folder."""
     if path is None:
         return None
-    if Path(path).exists() or Path(path).is_symlink():
+    plot = Path(path)
+    if plot.suffix.lower() != ".png":
+        raise InputError(f"--plot {path}: the plot is a PNG; give a path ending in .png")
+    if plot.exists() or plot.is_symlink():
         raise InputError(f"--plot {path} exists; liteclip does not write over a file it did not make: choose a new "
                          f"path")
-    return Path(path)
+    for parent in [plot.parent, *plot.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"--plot {path}: {parent} is a file, not a folder")
+    for folder in [*inputs, out]:
+        if Path(folder).is_dir() or folder == out:
+            inside = plot.resolve().parent
+            target = Path(folder).resolve()
+            if inside == target or target in inside.parents:
+                raise InputError(f"--plot {path} is inside the model folder {folder}; put the plot elsewhere")
+    return plot
 
 
 def _cmd_wise_ft(args: argparse.Namespace) -> int:
-    from liteclip.train.weight_averaging import ModelScorer, describe_kept, interpolate, plot_alphas, summary_rows
+    from liteclip.train.weight_averaging import (ModelScorer, describe_kept, interpolate, plot_alphas, summary_rows,
+                                                 weights_without_counterpart)
 
     _refuse_writing_over_inputs(args.out, [args.start, args.finetuned], "wise-ft")
-    plot = _new_plot_path(args.plot)
+    plot = _new_plot_path(args.plot, [args.start, args.finetuned], args.out)
     device = args.device or "cpu"
-    start = _load_for_averaging(args.start, device, args.trust_remote_code)
-    finetuned = _load_for_averaging(args.finetuned, device, args.trust_remote_code)
     alphas = sorted(set(args.alpha))
     scorer = None
     if len(alphas) > 1 or args.config or plot:
         scorer = ModelScorer(_scoring_config(args.config, args.finetuned, args.set), device, args.batch_size)
+        scorer.check_rule(args.pick)
+    start = _load_for_averaging(args.start, device, args.trust_remote_code)
+    finetuned = _load_for_averaging(args.finetuned, device, args.trust_remote_code)
+    weights_without_counterpart(start, finetuned)  # a mismatch fails here, before any scoring
+    _warn_on_other_preprocessing([args.start, args.finetuned], [start, finetuned])
     rows, models, kept = [], {}, []
     for alpha in alphas:
         model, kept = interpolate(start, finetuned, alpha)
@@ -317,6 +339,15 @@ def _cmd_wise_ft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_on_other_preprocessing(names: list[str], models: list) -> None:
+    """The written model takes the fine-tuned (or first) model's preprocessing; say so where the inputs differ."""
+    for name, model in zip(names[1:], models[1:]):
+        if model.data_config != models[0].data_config:
+            logging.getLogger("liteclip").warning(
+                "%s and %s preprocess images differently (%s against %s); the written model keeps %s's",
+                names[0], name, models[0].data_config, model.data_config, names[-1] if len(names) == 2 else names[0])
+
+
 def _saved_config(model_dir: str):
     """A liteclip folder's full config (its data and training sections), or None for other models."""
     from liteclip.pretrained import read_model_config
@@ -328,11 +359,17 @@ def _cmd_average(args: argparse.Namespace) -> int:
     from liteclip.train.weight_averaging import ModelScorer, average, greedy_soup
 
     _refuse_writing_over_inputs(args.out, args.models, "average")
+    if len(set(map(str, (Path(name).resolve() for name in args.models)))) != len(args.models):
+        logging.getLogger("liteclip").warning("a model is named twice: it counts twice in the average")
     device = args.device or "cpu"
-    models = [_load_for_averaging(name, device, args.trust_remote_code) for name in args.models]
-    metrics: dict[str, float] = {}
+    scorer = None
     if args.greedy:
         scorer = ModelScorer(_scoring_config(args.config, args.models[0], args.set), device, args.batch_size)
+        scorer.check_rule(args.pick)
+    models = [_load_for_averaging(name, device, args.trust_remote_code) for name in args.models]
+    _warn_on_other_preprocessing(args.models, models)
+    metrics: dict[str, float] = {}
+    if scorer is not None:
         scores = [scorer(model).by(args.pick) for model in models]
         soup, chosen = greedy_soup(models, scores, lambda model: scorer(model).by(args.pick))
         names = [args.models[i] for i in chosen]

@@ -240,7 +240,7 @@ class RetentionSet:
 def parse_retention_set(spec: str) -> RetentionSet:
     """A RetentionSet from its spec (see RetentionSet); a spec of another shape is a ConfigError naming it."""
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in RETENTION_KINDS or not rest:
+    if not sep or kind not in RETENTION_KINDS or not rest.strip():
         raise ConfigError(f"train.retention: {_shown(spec)} is not a retention set; write zeroshot:FOLDER, "
                           f"flickr8k:ROOT, csv:FILE or demo:ROOT (a dataset may end in @train, @val or @test)")
     path, split = rest, "val"

@@ -138,7 +138,15 @@ ZERO_SHOT_TEMPLATE = ("a photo of a {}.",)
 
 
 def retention_task(retention: RetentionSet) -> ZeroShotTask | list[CaptionedImage]:
-    """What a retention set evaluates: a zero-shot task, or a split's captioned images (read once per run)."""
+    """What a retention set evaluates: a zero-shot task, or a split's captioned images (read once per run, never
+    generated or changed: a demo folder is read as it is)."""
+    try:
+        return read_retention_set(retention)
+    except (DataError, OSError) as error:
+        raise DataError(f"train.retention {retention.kind}:{retention.path}: {error}") from None
+
+
+def read_retention_set(retention: RetentionSet) -> ZeroShotTask | list[CaptionedImage]:
     from liteclip.config import DataConfig
     from liteclip.data import load_splits
     from liteclip.data.image_folder import read_image_folder
@@ -146,9 +154,10 @@ def retention_task(retention: RetentionSet) -> ZeroShotTask | list[CaptionedImag
     if retention.kind == "zeroshot":
         return read_image_folder(retention.path, ZERO_SHOT_TEMPLATE)
     if retention.kind == "csv":
-        data = DataConfig(dataset="csv", root=str(retention.path.parent), captions_file=retention.path.name)
+        data = DataConfig(dataset="csv", root=str(retention.path.parent), captions_file=retention.path.name,
+                          on_bad_row="skip")
     else:
-        data = DataConfig(dataset=retention.kind, root=str(retention.path))
+        data = DataConfig(dataset=retention.kind, root=str(retention.path), on_bad_row="skip")
     split = load_splits(data, generate=False)[retention.split]
     if not split:
         raise DataError(f"train.retention: {retention.path} has no {retention.split} split to evaluate")

@@ -306,6 +306,10 @@ def read_model_dir_as_start(cls: type, directory: str | Path, base: ModelConfig)
     rest of `base`'s model section is the folder's, as for any checkpoint init_from names."""
     model = load_model_dir(cls, directory)
     saved = model.config
+    ignored = ignored_model_keys(base, saved)
+    if ignored:
+        logger.warning("model.init_from=%s: the model is the folder's; these model keys of the config differ from "
+                       "it and are not used: %s", directory, ", ".join(ignored))
     config = dataclasses.replace(
         saved, learn_logit_scale=base.learn_logit_scale, init_from=str(directory),
         image=dataclasses.replace(saved.image, tune=base.image.tune, lora=base.image.lora),
@@ -318,6 +322,23 @@ def read_model_dir_as_start(cls: type, directory: str | Path, base: ModelConfig)
     return ConvertedCLIP(config, text_hf_config, vision_hf_config, model.tokenizer, model.data_config,
                          {name: tensor.detach() for name, tensor in model.state_dict().items()},
                          open_clip_model=open_clip_model, open_clip_config=model.open_clip_config)
+
+
+# what a config may still choose for a model it starts from a folder: how each tower trains, and the temperature
+CHOSEN_FOR_A_START = {"tune", "lora", "learn_logit_scale", "init_from", "pretrained", "weights_file", "name",
+                      "trust_remote_code"}
+
+
+def ignored_model_keys(base: ModelConfig, saved: ModelConfig) -> list[str]:
+    """model.* keys whose value in `base` differs from the saved model's (they cannot apply to a saved model)."""
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if dataclasses.is_dataclass(value):
+            return {key: item for field in dataclasses.fields(value) if field.name not in CHOSEN_FOR_A_START
+                    for key, item in flat(getattr(value, field.name), f"{prefix}{field.name}.").items()}
+        return {prefix.rstrip("."): value}
+
+    ours, theirs = flat(base, "model."), flat(saved, "model.")
+    return [key for key in ours if key in theirs and ours[key] != theirs[key] and ours[key] is not None]
 
 
 def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = False):
@@ -357,7 +378,15 @@ def load_model_dir(cls: type, directory: str | Path, trust_remote_code: bool = F
                 str(directory / TOKENIZER_DIR), trust_remote_code=trust_remote_code), config)
         model = cls(config, tokenizer=tokenizer, text_hf_config=text_hf_config, image_hf_config=image_hf_config)
     if (directory / PREPROCESSOR_NAME).is_file():
-        saved = json.loads((directory / PREPROCESSOR_NAME).read_text())
+        try:
+            saved = json.loads((directory / PREPROCESSOR_NAME).read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ModelLoadError(f"{directory / PREPROCESSOR_NAME} is not JSON ({str(error)[:120]}); copy the model "
+                                 f"folder again") from None
+        if not isinstance(saved, dict):
+            raise ModelLoadError(f"{directory / PREPROCESSOR_NAME} must hold a mapping of preprocessing keys "
+                                 f"(input_size, mean, std, ...), not a {type(saved).__name__}; copy the model "
+                                 f"folder again")
         model.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
         # saved before liteclip recorded its resize: OpenCV's, which the model was trained and evaluated with
         # (liteclip.data.transforms.LEGACY_RESIZER)

@@ -35,9 +35,12 @@ def prepare_dataset(config: DataConfig, generate: bool = True) -> Path:
     `generate` is off (evaluation never writes data: a missing demo set is then an error)."""
     root = Path(config.root)
     if config.dataset == "demo":
-        if not generate and not (root / demo.MARKER).is_file():
-            raise DataError(f"data.root={root} holds no demo data (looked in {root.resolve()}); evaluation does not "
-                            f"generate it. Run from the directory the model was trained in, or set data.root.")
+        if not generate:  # read as it is: a demo folder made with other settings is never regenerated here
+            if not (root / demo.MARKER).is_file():
+                raise DataError(f"data.root={root} holds no demo data (looked in {root.resolve()}); evaluation does "
+                                f"not generate it. Run from the directory the model was trained in, or set "
+                                f"data.root.")
+            return root
         return demo.ensure_demo_data(root, config.demo_num_images, config.demo_image_size, config.demo_seed)
     if not root.is_dir():
         hint = (f"`python -m liteclip.data download flickr8k --root {root}` fetches it" if config.dataset == "flickr8k"

@@ -92,7 +92,7 @@ def resized_shape(height: int, width: int, data_config: dict[str, Any]) -> tuple
 def resize(image: Image.Image, height: int, width: int, data_config: dict[str, Any],
            box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """The image (or its `box`: left, upper, right, lower) resized to (height, width), antialiased, as uint8 HWC."""
-    interpolation = data_config.get("interpolation")
+    interpolation = {"area": "box"}.get(data_config.get("interpolation"), data_config.get("interpolation"))
     interpolation = interpolation if interpolation in PIL_FILTERS else "bicubic"  # timm's "random" is for training
     if data_config.get("resize_with", "pil") == "torchvision":
         from torchvision.transforms.v2 import InterpolationMode
@@ -157,24 +157,28 @@ class EvalTransform:
         self.normalise = Normalise(data_config)
         self.fill = data_config.get("fill", 0)  # open_clip pads with its fill_color, black by default
         if data_config.get("crop_mode") == "border":  # timm pads with the mean colour
-            self.fill = [round(255 * value) for value in data_config["mean"]]
+            self.fill = [min(255, max(0, round(255 * value))) for value in data_config["mean"]]
 
     def __call__(self, image: np.ndarray | Image.Image, seed: int | None = None) -> torch.Tensor:
         image = as_pil(image)
         height, width = resized_shape(image.height, image.width, self.data_config)
         rounding = self.data_config.get("crop_rounding", "half_even")
-        if height * width > MAX_RESIZED_PIXELS and min(height, width) >= self.size:
-            return self.normalise(self.resized_crop(image, height, width, rounding))
+        if height * width > MAX_RESIZED_PIXELS:
+            return self.normalise(crop_or_pad(self.resized_crop(image, height, width, rounding), self.size,
+                                              rounding, self.fill))
         return self.normalise(crop_or_pad(resize(image, height, width, self.data_config), self.size, rounding,
                                           self.fill))
 
     def resized_crop(self, image: Image.Image, height: int, width: int, rounding: str) -> np.ndarray:
-        """The crop of a resized panorama, resized from its own region of the image: the whole strip resized
-        would take gigabytes (a 1 x 100,000 picture), and a level apart in a few pixels is all this costs."""
+        """The part of a resized panorama the center crop keeps, resized from its own region of the image: the
+        whole strip resized would take gigabytes (a 1 x 100,000 picture), and a level apart in a few pixels is all
+        this costs. A side shorter than the crop is kept whole (and padded after)."""
         y_scale, x_scale = image.height / height, image.width / width
-        top, left = crop_offset(height - self.size, rounding), crop_offset(width - self.size, rounding)
-        box = (left * x_scale, top * y_scale, (left + self.size) * x_scale, (top + self.size) * y_scale)
-        return resize(image, self.size, self.size, {**self.data_config, "resize_with": "pil"}, box=box)
+        kept_height, kept_width = min(height, self.size), min(width, self.size)
+        top = crop_offset(height - self.size, rounding) if height > self.size else 0
+        left = crop_offset(width - self.size, rounding) if width > self.size else 0
+        box = (left * x_scale, top * y_scale, (left + kept_width) * x_scale, (top + kept_height) * y_scale)
+        return resize(image, kept_height, kept_width, {**self.data_config, "resize_with": "pil"}, box=box)
 
 
 def random_crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -234,14 +238,23 @@ class OpenCVTransform:
     """liteclip's transforms before antialiasing (albumentations with OpenCV's resize), for models saved then: the
     resize they were trained and evaluated with. Not for new models: shrinking many times over aliases."""
 
-    def __init__(self, pipeline: A.Compose, random: bool = False):
+    def __init__(self, pipeline: A.Compose, random: bool = False, shorter_side: int | None = None,
+                 panorama: EvalTransform | None = None):
         self.pipeline = pipeline
         self.random = random
+        # evaluation that resizes the shorter side to `shorter_side`: a strip whose resized whole would pass
+        # MAX_RESIZED_PIXELS goes to `panorama` (PIL, only the center resized) instead of gigabytes of OpenCV
+        self.shorter_side, self.panorama = shorter_side, panorama
 
     def __call__(self, image: np.ndarray | Image.Image, seed: int | None = None) -> torch.Tensor:
         if self.random:
             self.pipeline.set_random_seed(seed if seed is not None else int(torch.randint(2**31 - 1, ())))
-        image = self.pipeline(image=np.asarray(image))["image"]  # (H, W, 3) float32, normalised
+        image = np.asarray(image)
+        if self.panorama is not None and self.shorter_side is not None:
+            shorter, longer = sorted(image.shape[:2])
+            if self.shorter_side * self.shorter_side * (longer / shorter) > MAX_RESIZED_PIXELS:
+                return self.panorama(image)
+        image = self.pipeline(image=image)["image"]  # (H, W, 3) float32, normalised
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
@@ -260,7 +273,8 @@ def opencv_eval_transform(data_config: dict[str, Any]) -> OpenCVTransform:
                         A.CenterCrop(height=size, width=size)]
     return OpenCVTransform(A.Compose([
         *resize_steps, A.Normalize(mean=data_config["mean"], std=data_config["std"], max_pixel_value=255.0),
-    ]))
+    ]), shorter_side=int(round(size / crop_pct)) if mode == "shortest" else None,
+        panorama=EvalTransform({**data_config, "resize_with": "pil"}))
 
 
 def opencv_train_transform(data_config: dict[str, Any], crop_scale: tuple[float, float],
@@ -293,8 +307,8 @@ def check_data_config(data_config: dict[str, Any]) -> str:
 
     size = data_config.get("input_size")
     if not isinstance(size, (list, tuple)) or len(size) != 3 or not all(is_number(v, 1, 8192) for v in size) \
-            or not all(float(v).is_integer() for v in size):
-        raise refuse("input_size", "(3, height, width), whole numbers of pixels up to 8192")
+            or not all(float(v).is_integer() for v in size) or size[0] != 3 or size[1] != size[2]:
+        raise refuse("input_size", "(3, side, side): three channels and a square of whole pixels up to 8192")
     for key in ("mean", "std"):
         values = data_config.get(key)
         low = 1e-6 if key == "std" else -1e3

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from liteclip import distributed
-from liteclip.files import load_weights
+from liteclip.files import load_weights, refuse_overlap
 from liteclip.config import Config, DataConfig, OptimConfig, RetentionSet, TrainConfig, parse_retention_set
 from liteclip.data import (build_dataloaders, build_datasets, ignore_stop_signals, load_splits, set_data_epoch,
                            zero_shot_task)
@@ -528,6 +528,18 @@ def train_epochs(setup: TrainingSetup, state: TrainState, config: Config, run: R
             distributed.barrier()
 
 
+def refuse_writing_into_the_start(config: Config) -> None:
+    """A run that starts from a model folder (model.init_from: DIR) never exports into, around or inside it, nor
+    keeps its run directory there: the start is what `liteclip wise-ft` needs afterwards."""
+    start = config.model.init_from
+    if not start or not Path(start).is_dir():
+        return
+    refuse_overlap(config.train.model_dir, start, "train.model_dir")
+    if Path(config.train.output_dir).resolve().is_relative_to(Path(start).resolve()):
+        raise ConfigError(f"train.output_dir={config.train.output_dir} is inside model.init_from={start}; keep the "
+                          f"run's files outside the model it starts from")
+
+
 def fit(config: Config, resume: str | None = None, show_progress: bool = True) -> dict[str, float]:
     """Trains a CLIP model as the config says; returns the final metrics (test split of the best model).
 
@@ -536,6 +548,7 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
         resume: None, "auto" (the run directory's last checkpoint, if any) or a checkpoint path.
         show_progress: tqdm bars.
     """
+    refuse_writing_into_the_start(config)  # before the run directory is made
     ctx = distributed.init_distributed(config.train.device)
     run = RunDirectory(config.train.output_dir)
     # without it a CPU step spends much of its time faulting freed activations back in (liteclip.runtime)

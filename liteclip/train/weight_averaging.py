@@ -6,9 +6,10 @@ alphas between often keep most of the fine-tuning's gain while recovering what i
 (Wortsman et al. 2022, "Model soups") averages several models fine-tuned from one start: uniformly, or greedily,
 adding a model only if the validation score of the average does not drop.
 
-What is averaged: every floating-point weight and buffer, by name. A weight the start lacks, or holds in another
-shape (new projection heads on towers that had none, a resized embedding), keeps the fine-tuned value whatever
-alpha is, and is named; integer buffers (position ids, counters) are the fine-tuned model's.
+What is averaged: every floating-point weight and buffer, by name. A projection head the start lacks (new heads on
+towers that had none) keeps the fine-tuned value whatever alpha is, and is named; integer buffers (position ids,
+counters) are the fine-tuned model's. Anything else the start lacks, or holds in another shape, means the two are
+not one model before and after fine-tuning: an error naming it.
 
 `liteclip wise-ft` and `liteclip average` run these from the command line; `score_models` is what they rank by.
 """
@@ -30,22 +31,43 @@ from liteclip.model import CLIP
 logger = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def interpolate(start: CLIP, finetuned: CLIP, alpha: float) -> tuple[CLIP, list[str]]:
-    """A copy of `finetuned` whose weights are (1 - alpha) * start + alpha * finetuned, and the names of the weights
-    that kept their fine-tuned values because `start` has none of that name and shape."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"--alpha {alpha}: must be between 0 (the start) and 1 (the fine-tuned model)")
-    merged = copy.deepcopy(finetuned)
+NEW_HEADS = ("image_projection.", "text_projection.", "logit_bias")  # what a fine-tuning may add to its start
+
+
+def weights_without_counterpart(start: CLIP, finetuned: CLIP) -> list[str]:
+    """The fine-tuned model's floating-point weights that are new projection heads (absent from `start`); a
+    ConfigError if any other weight is absent from it or shaped otherwise."""
     start_state = start.state_dict()
-    kept = []
-    for name, tensor in merged.state_dict().items():  # tensors sharing the copy's storage
+    kept, foreign = [], []
+    for name, tensor in finetuned.state_dict().items():
         if not tensor.is_floating_point():
             continue
         theirs = start_state.get(name)
-        if theirs is None or theirs.shape != tensor.shape:
-            kept.append(name)
+        if theirs is not None and theirs.shape == tensor.shape:
             continue
+        (kept if theirs is None and name.startswith(NEW_HEADS) else foreign).append(
+            name if theirs is None else f"{name} ({tuple(theirs.shape)} in the start, {tuple(tensor.shape)} here)")
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(f"the fine-tuned model does not start from this model: {len(foreign)} of its weights have "
+                          f"no counterpart of the same name and shape there ({shown}); give the model the "
+                          f"fine-tuning started from (its model.init_from)")
+    return kept
+
+
+@torch.no_grad()
+def interpolate(start: CLIP, finetuned: CLIP, alpha: float) -> tuple[CLIP, list[str]]:
+    """A copy of `finetuned` whose weights are (1 - alpha) * start + alpha * finetuned, and the names of the new
+    projection heads that kept their fine-tuned values (weights_without_counterpart)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"--alpha {alpha}: must be between 0 (the start) and 1 (the fine-tuned model)")
+    kept = weights_without_counterpart(start, finetuned)
+    merged = copy.deepcopy(finetuned)
+    start_state = start.state_dict()
+    for name, tensor in merged.state_dict().items():  # tensors sharing the copy's storage
+        if not tensor.is_floating_point() or name in kept:
+            continue
+        theirs = start_state[name]
         # torch.lerp is exact at both ends: alpha 0 gives the start's values, 1 the fine-tuned ones
         tensor.copy_(torch.lerp(theirs.to(tensor.device, tensor.dtype), tensor, alpha))
     return merged, kept
@@ -127,6 +149,13 @@ class ModelScorer:
         self.retention = {spec: retention_task(spec) for spec in map(parse_retention_set, config.train.retention)}
         if not self.val and not self.retention:
             raise ConfigError("the config has no val split and no train.retention sets to score models on")
+
+    def check_rule(self, rule: str) -> None:
+        """Before any model is scored: the figures `rule` ranks by are there."""
+        if rule == "val" and not self.val:
+            raise ConfigError("--pick val: the config's data has no val split to score by")
+        if rule == "retention" and not self.retention:
+            raise ConfigError("--pick retention: the config has no train.retention sets to score by")
 
     def __call__(self, model: CLIP) -> Scores:
         from liteclip.evaluation import evaluate_retention, evaluate_retrieval

@@ -138,9 +138,10 @@ def read_hf_checkpoint(name_or_dir: str, base: ModelConfig | None = None) -> Con
 
     path = Path(name_or_dir)
     if path.is_dir() and not (path / "config.json").is_file():
-        what = ("a liteclip model folder; init_from takes Hugging Face CLIP and SigLIP checkpoints and open_clip "
-                "specs (to train a saved liteclip model further, load it with CLIP.from_pretrained)"
-                if (path / "config.yaml").is_file() else "a folder without the config.json of a Hugging Face model")
+        what = ("a liteclip model folder without its model.safetensors: copy the folder again, or save the model "
+                "again" if (path / "config.yaml").is_file()
+                else "a folder without the config.json of a Hugging Face model or the config.yaml and "
+                     "model.safetensors of a liteclip model")
         raise ConfigError(f"model.init_from={name_or_dir!r} is {what}")
     try:
         model_type = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False).model_type

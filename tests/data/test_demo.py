@@ -67,3 +67,20 @@ def test_evaluation_never_generates_demo_data(tmp_path, monkeypatch, model_dir, 
     assert main(["eval-retrieval", "--model-dir", str(model_dir)]) == 2
     assert "holds no demo data" in capsys.readouterr().err
     assert not (tmp_path / "data").exists()
+
+
+def test_evaluation_reads_a_demo_folder_made_with_other_settings_as_it_is_and_never_regenerates_it(tmp_path):
+    """A retention set or eval-retrieval pointed at a demo folder generated with other settings (48 images at
+    32 px, not the defaults) scores that folder and leaves every file as it was."""
+    from liteclip.config import DataConfig, parse_retention_set
+    from liteclip.data import load_splits
+    from liteclip.data.demo import ensure_demo_data
+    from liteclip.evaluation import retention_task
+    from tests.user_files import assert_user_files_untouched, snapshot
+
+    root = ensure_demo_data(tmp_path / "small", num_images=48, image_size=32)
+    before = snapshot(root)
+    splits = load_splits(DataConfig(dataset="demo", root=str(root)), generate=False)  # default settings differ
+    assert sum(len(split) for split in splits.values()) == 48
+    assert len(retention_task(parse_retention_set(f"demo:{root}@test"))) == len(splits["test"])
+    assert_user_files_untouched(root, before, exactly=True)

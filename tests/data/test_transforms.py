@@ -350,3 +350,15 @@ def test_a_preprocessing_config_from_a_model_folder_gives_pixels_or_one_line_nam
     side = int(config["input_size"][-1])
     for out in (train(image, seed=1), evaluate(image)):
         assert out.shape == (3, side, side) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("changes", [{"resize_with": "opencv"}, {"resize_with": "pil", "crop_pct": 2.0},
+                                     {"resize_with": "torchvision", "crop_pct": 2.0},
+                                     {"resize_with": "pil", "crop_mode": "border", "mean": (2.0, -0.5, 0.5)}])
+def test_a_thin_strip_stays_bounded_under_every_resizer_even_one_smaller_than_the_crop(changes):
+    """A 1 x 60,000 strip resized whole would take gigabytes: an older model's OpenCV resize, and a resize to a
+    shorter side below the crop (crop_pct above 1, so the strip is padded), go through the bounded path too; a
+    border fill from a mean outside [0, 1] is clipped to a grey level."""
+    config = {**PLAIN, "input_size": (3, 224, 224), "crop_pct": 0.875, **changes}
+    out = eval_transform(config)(np.full((1, 60_000, 3), 77, dtype=np.uint8))
+    assert out.shape == (3, 224, 224) and torch.isfinite(out).all()

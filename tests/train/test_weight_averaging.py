@@ -14,7 +14,7 @@ from PIL import Image
 from liteclip import CLIP, build_model
 from liteclip.cli import main
 from liteclip.config import load_config, parse_retention_set
-from liteclip.errors import ConfigError
+from liteclip.errors import ConfigError, InputError
 from liteclip.train.loop import fit
 from liteclip.train.optim import param_groups
 from liteclip.train.weight_averaging import average, greedy_soup, interpolate
@@ -62,14 +62,22 @@ def test_alpha_0_is_the_start_1_the_finetuned_model_and_between_the_weighted_ave
     assert not torch.equal(embeddings(between)[0], embeddings(start)[0])
 
 
-def test_weights_the_start_lacks_keep_their_finetuned_values_and_are_named(start_and_finetuned):
+def test_heads_the_start_lacks_keep_their_finetuned_values_and_any_other_mismatch_is_refused(start_and_finetuned):
     _, start, finetuned = start_and_finetuned
-    with torch.no_grad():  # a start whose image head has another shape: a head the fine-tuning added anew
-        start.image_projection = torch.nn.Linear(3, 5)
-    merged, kept = interpolate(start, finetuned, 0.5)
+    headless = copy.deepcopy(start)
+    headless.image_projection = torch.nn.Identity()  # towers without a head: the fine-tuning added one
+    merged, kept = interpolate(headless, finetuned, 0.5)
     assert kept and all(name.startswith("image_projection.") for name in kept)
     for name in kept:
         assert torch.equal(merged.state_dict()[name], finetuned.state_dict()[name])
+    reshaped = copy.deepcopy(start)
+    reshaped.logit_scale = torch.nn.Parameter(torch.zeros(2))  # a weight of another shape: not this model's start
+    with pytest.raises(ConfigError, match=r"logit_scale \(\(2,\) in the start"):
+        interpolate(reshaped, finetuned, 0.5)
+    other_tower = copy.deepcopy(start)
+    other_tower.image_encoder = torch.nn.Linear(2, 2)  # another image tower altogether
+    with pytest.raises(ConfigError, match="does not start from this model"):
+        interpolate(other_tower, finetuned, 0.0)
     with pytest.raises(ConfigError, match="between 0"):
         interpolate(start, finetuned, 1.5)
 
@@ -228,9 +236,48 @@ def test_wise_ft_and_average_commands_write_model_folders_and_score_alphas(start
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
     assert main(["wise-ft", str(tmp_path / "start"), str(tmp_path / "finetuned"), "--alpha", "0.5",
                  "--out", str(tmp_path / "wise"), "--plot", str(tmp_path / "wise.png")]) == 2  # a file of its own
+    before = sorted(p.name for p in (tmp_path / "start").iterdir())
+    for plot, pick in ((tmp_path / "start" / "plot.png", "balanced"), (tmp_path / "plot.txt", "balanced"),
+                       (tmp_path / "new.png", "retention")):  # inside an input; not a PNG; nothing to rank by
+        config = ["--config", str(scoring), "--set", "train.retention=[]"] if pick == "retention" else []
+        assert main(["wise-ft", str(tmp_path / "start"), str(tmp_path / "finetuned"), "--alpha", "0", "1",
+                     "--out", str(tmp_path / "refused"), "--plot", str(plot), "--pick", pick, *config]) == 2
+    assert sorted(p.name for p in (tmp_path / "start").iterdir()) == before and not (tmp_path / "refused").exists()
     assert main(["average", str(tmp_path / "start"), str(tmp_path / "finetuned"), "--out",
                  str(tmp_path / "soup")]) == 0
     soup = CLIP.from_pretrained(tmp_path / "soup")
     for ours, theirs in zip(embeddings(soup), embeddings(interpolate(start, finetuned, 0.5)[0])):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert main(["average", str(tmp_path / "start"), "--out", str(tmp_path / "start")]) == 2  # never over an input
+
+
+def test_a_run_never_exports_into_the_model_it_starts_from_and_says_which_model_keys_it_ignores(tmp_path, caplog):
+    config = tiny_config(tmp_path, "train.max_steps=1", "train.epochs=1")
+    fit(config, show_progress=False)
+    start = tmp_path / "model"
+    weights = (start / "model.safetensors").read_bytes()
+    for target in (f"train.model_dir={start}", f"train.output_dir={start / 'run'}"):
+        again = tiny_config(tmp_path / "again", f"model.init_from={start}", target, "train.max_steps=1",
+                            "train.epochs=1", f"data.root={config.data.root}",
+                            f"model.text.name={config.model.text.name}")
+        with pytest.raises((ConfigError, InputError), match="init_from|own input"):
+            fit(again, show_progress=False)
+    assert (start / "model.safetensors").read_bytes() == weights and not (start / "run").exists()
+    wider = tiny_config(tmp_path / "wider", f"model.init_from={start}", "model.projection.dim=16",
+                        f"data.root={config.data.root}", f"model.text.name={config.model.text.name}")
+    with caplog.at_level("WARNING"):
+        model = build_model(wider.model)
+    assert model.config.projection.dim == 32  # the folder's
+    assert "model.projection.dim" in caplog.text
+
+
+def test_a_damaged_preprocessor_config_is_one_line_naming_the_file(tmp_path):
+    from liteclip.errors import ModelLoadError
+
+    model_dir = tmp_path / "model"
+    config = tiny_config(tmp_path, "train.max_steps=1", "train.epochs=1")
+    fit(config, show_progress=False)
+    for text in ("{not json", "[1, 2, 3]"):
+        (model_dir / "preprocessor_config.json").write_text(text)
+        with pytest.raises(ModelLoadError, match="preprocessor_config.json"):
+            CLIP.from_pretrained(model_dir)
