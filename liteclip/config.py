@@ -283,6 +283,10 @@ class TrainConfig:
     # evaluation sets the run must not get worse on (RetentionSet: zeroshot:FOLDER, flickr8k:ROOT, csv:FILE,
     # demo:ROOT), evaluated before the first step and with every validation, as retention_* columns
     retention: tuple[str, ...] = ()
+    # WiSE-FT at the end of the run: the best model interpolated with the run's own starting weights at each alpha
+    # (0: the start, 1: the best model), scored on val and train.retention, the best by their mean (--pick
+    # balanced) saved to train.model_dir + "-wise-ft"; empty: off
+    wise_ft_alphas: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -640,6 +644,10 @@ def validate(config: Config, source: str = "<config>") -> None:
     for ok, key, value, rule in checks:
         if not ok:
             raise ConfigError(f"{source}: {key}={_shown(value)} {rule}")
+    for alpha in config.train.wise_ft_alphas:
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"{source}: train.wise_ft_alphas has {alpha}; each alpha is between 0 (the start) and "
+                              f"1 (the fine-tuned model)")
     names = [parse_retention_set(spec).name for spec in config.train.retention]  # each spec's shape, at load
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: train.retention names two sets that would be logged under one column "

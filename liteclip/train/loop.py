@@ -489,7 +489,38 @@ def export_best(setup: TrainingSetup, config: Config, run: RunDirectory) -> dict
     setup.eval_model.save_pretrained(config.train.model_dir, full_config=config, metrics=metrics)
     run.write_final_metrics(metrics)
     logger.info("best model saved to %s", config.train.model_dir)
+    if config.train.wise_ft_alphas:
+        write_wise_ft(setup, config)
     return metrics
+
+
+def wise_ft_dir(config: Config) -> Path:
+    return Path(f"{config.train.model_dir.rstrip('/')}-wise-ft")
+
+
+def write_wise_ft(setup: TrainingSetup, config: Config) -> None:
+    """train.wise_ft_alphas: the best model interpolated with the run's starting weights (rebuilt as the run built
+    them: same seed, same config), each alpha scored, the best by the mean of val and retention saved."""
+    from liteclip.train.weight_averaging import ModelScorer, interpolate, summary_rows
+
+    seed_everything(config.train.seed)  # build_training's seed and build: the very weights the run started from
+    start = build_model(config.model).to(setup.device)
+    scorer = ModelScorer(config, setup.device, config.data.evaluation_batch_size)
+    rows, best = [], None
+    for alpha in sorted(set(config.train.wise_ft_alphas)):
+        model, _ = interpolate(start, setup.eval_model, alpha)
+        scores = scorer(model)
+        rows.append((alpha, scores))
+        if best is None or scores.by("balanced") > best[1].by("balanced"):
+            best = (alpha, scores, model)
+    header, table = summary_rows(rows)
+    for row in table:
+        logger.info("wise-ft: %s", "  ".join(f"{name}={value}" for name, value in zip(header, row)))
+    alpha, scores, model = best
+    metrics = {"wise_ft_alpha": alpha, **({"val_mean_recall": scores.val} if scores.val is not None else {}),
+               **scores.retention}
+    model.save_pretrained(wise_ft_dir(config), full_config=config, metrics=metrics)
+    logger.info("WiSE-FT: alpha %g saved to %s", alpha, wise_ft_dir(config))
 
 
 # ------------------------------------------------------------------------------------------------------ fit
@@ -559,6 +590,8 @@ def fit(config: Config, resume: str | None = None, show_progress: bool = True) -
             # nothing is written before the checks: a model folder that would refuse the export, a resumed
             # checkpoint whose config cannot be resumed with (prepare compares it first)
             check_model_folder(config.train.model_dir)
+            if config.train.wise_ft_alphas:
+                check_model_folder(wise_ft_dir(config))
             run.prepare(config, resume_path)
             splits = load_splits(config.data)  # the demo data is generated here, once, by rank 0
         distributed.barrier()

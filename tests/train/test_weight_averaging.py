@@ -281,3 +281,22 @@ def test_a_damaged_preprocessor_config_is_one_line_naming_the_file(tmp_path):
         (model_dir / "preprocessor_config.json").write_text(text)
         with pytest.raises(ModelLoadError, match="preprocessor_config.json"):
             CLIP.from_pretrained(model_dir)
+
+
+def test_wise_ft_from_the_config_interpolates_the_best_model_with_the_runs_own_starting_weights(tmp_path):
+    config = tiny_config(tmp_path, "train.wise_ft_alphas=[0.0]", "train.precision=fp32", "train.max_steps=3",
+                         "train.epochs=1")
+    from liteclip.data import load_splits
+
+    load_splits(config.data)
+    torch.manual_seed(config.train.seed)  # the run's start: build_training's seed and build
+    start = build_model(config.model).eval()
+    fit(config, show_progress=False)
+    written = CLIP.from_pretrained(f"{config.train.model_dir}-wise-ft")
+    for name, tensor in start.state_dict().items():  # alpha 0: the start's weights exactly
+        assert torch.equal(written.state_dict()[name], tensor), name
+    trained = CLIP.from_pretrained(config.train.model_dir)
+    assert not torch.equal(trained.state_dict()["logit_scale"], start.state_dict()["logit_scale"]) or any(
+        not torch.equal(trained.state_dict()[n], t) for n, t in start.state_dict().items())
+    with pytest.raises(ConfigError, match="wise_ft_alphas"):
+        tiny_config(tmp_path, "train.wise_ft_alphas=[1.5]")
