@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run by path (python benchmarks/x.py): the repos
 from benchmarks.train_throughput import write_text_shape
 from liteclip.model import build_model
 from liteclip.pipeline import ZeroShotPipeline
-from liteclip.search.image_search import ImageSearch
+from liteclip.search.image_search import ImageSearch, view_of_arrays
 
 LABELS = [f"a photo of a {name}" for name in
           ("dog", "cat", "car", "bird", "boat", "horse", "child", "bicycle", "mountain", "beach")]
@@ -160,8 +160,8 @@ def latency(args: argparse.Namespace) -> None:
         index_rate = args.num_index_images / (time.perf_counter() - start)
 
         # a 10,000-image index: the query cost is one text encoding plus one (10000, D) matrix-vector product
-        search.paths = [Path(f"img_{i}.jpg") for i in range(10_000)]
-        search.embeddings = torch.nn.functional.normalize(torch.randn(10_000, pipeline.model.config.projection.dim), dim=-1)
+        search.view = view_of_arrays([f"img_{i}.jpg" for i in range(10_000)], torch.nn.functional.normalize(
+            torch.randn(10_000, pipeline.model.config.projection.dim), dim=-1))
         query_ms = median_ms(lambda: search.search("a dog running on the beach", top_k=5), args.repeats)
 
     print(f"model: {pipeline.model.config.image.name} at {size} px + {pipeline.model.text_encoder.model.config.num_hidden_layers}"

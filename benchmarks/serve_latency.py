@@ -69,7 +69,7 @@ def main() -> None:
     search = ImageSearch(ZeroShotPipeline(args.model_dir, device="cpu"))
     started = time.perf_counter()
     search.index(folder, work / "photos.index", show_progress=False, num_workers=2)
-    print(f"indexed {len(search.paths)} images in {time.perf_counter() - started:.1f} s")
+    print(f"indexed {len(search)} images in {time.perf_counter() - started:.1f} s")
     search.load(work / "photos.index")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(search, work / "photos.index"), host="127.0.0.1", port=port,
@@ -87,7 +87,7 @@ def main() -> None:
             times.append(1000 * (time.perf_counter() - start))
     server.should_exit = True
     times.sort()
-    print(f"GET /api/search over {len(search.paths)} images, k=24, {len(times)} queries: median "
+    print(f"GET /api/search over {len(search)} images, k=24, {len(times)} queries: median "
           f"{statistics.median(times):.1f} ms, 90th percentile {times[int(0.9 * len(times)) - 1]:.1f} ms")
 
 

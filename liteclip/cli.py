@@ -152,10 +152,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     search = ImageSearch(_pipeline(args))
     encoded = search.index(args.folder, args.index, batch_size=args.batch_size, num_workers=args.num_workers,
-                           chunk_size=args.chunk_size, faiss=False if args.no_faiss else None)
-    data = {"index": str(args.index), "images": len(search.paths), "encoded": encoded,
+                           chunk_size=args.chunk_size)
+    data = {"index": str(args.index), "images": len(search), "encoded": encoded,
             "skipped": [{"path": str(row.file), "reason": row.reason} for row in search.skipped]}
-    _emit(args, data, [(str(args.index), len(search.paths), encoded, len(search.skipped))],
+    _emit(args, data, [(str(args.index), len(search), encoded, len(search.skipped))],
           ("index", "images", "newly encoded", "skipped (does not decode)"))
     return 0
 
@@ -525,8 +525,7 @@ def _add_index(commands: argparse._SubParsersAction) -> None:
                        help="processes decoding images (default 0)")
     index.add_argument("--chunk-size", type=_positive_int, default=4096,
                        help="images encoded between writes of the unfinished index (default 4096)")
-    index.add_argument("--no-faiss", action="store_true",
-                       help="do not write the FAISS copy even though faiss-cpu is installed")
+    index.add_argument("--no-faiss", action="store_true", help=argparse.SUPPRESS)  # older scripts: no FAISS copy now
 
 
 def _add_search(commands: argparse._SubParsersAction) -> None:

@@ -94,7 +94,7 @@ def test_a_missing_cuda_device_is_one_line(model_dir, tmp_path, capsys, monkeypa
     assert "no CUDA device" in err and "Traceback" not in err
 
 
-def test_predict_takes_folders_and_index_can_skip_the_faiss_copy(model_dir, tmp_path, capsys):
+def test_predict_takes_folders_and_index_still_takes_the_older_no_faiss_flag(model_dir, tmp_path, capsys):
     for i in range(3):
         draw_image(tmp_path / "photos" / "sub" / f"{i}.png", (80 * i, 10, 10))
     draw_image(tmp_path / "single.png", (5, 5, 5))
@@ -104,7 +104,7 @@ def test_predict_takes_folders_and_index_can_skip_the_faiss_copy(model_dir, tmp_
     assert predicted == [str(tmp_path / "photos" / "sub" / f"{i}.png") for i in range(3)] + [
         str(tmp_path / "single.png")]
     assert main(["index", str(tmp_path / "photos"), "--index", str(tmp_path / "p.index"), "--model-dir",
-                 str(model_dir), "--no-faiss"]) == 0
+                 str(model_dir), "--no-faiss"]) == 0  # an older script's flag: there is no FAISS copy now
     assert (tmp_path / "p.index").is_file() and not (tmp_path / "p.index.faiss").exists()
 
 

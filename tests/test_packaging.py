@@ -46,7 +46,6 @@ EXTRA_ENTRY_POINTS = {
     "lora": ["peft", "liteclip.weights.lora"],
     "export": ["onnx", "onnxruntime", "liteclip.export"],
     "shards": ["webdataset", "liteclip.data.shards"],
-    "search": ["faiss"],
     "serve": ["fastapi", "uvicorn", "python_multipart", "fastapi.testclient", "liteclip.search.serve"],
     "clip-benchmark": ["clip_benchmark.cli", "liteclip.integrations.clip_benchmark"],  # the cli imports requests
 }

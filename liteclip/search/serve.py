@@ -337,7 +337,7 @@ def add_api(app: Any, search: ImageSearch, index_path: Path) -> None:
     @app.get("/api/info")
     def info() -> dict[str, Any]:
         return {"model": str(pipeline.model_dir), **towers, "embedding_size": pipeline.model.config.projection.dim,
-                "images": len(search.paths), "index": str(index_path), "probabilities": pipeline.probabilities,
+                "images": len(search), "index": str(index_path), "probabilities": pipeline.probabilities,
                 "indexing": search.progress}
 
     @app.get("/api/search")
@@ -399,7 +399,7 @@ def index_in_background(search: ImageSearch, folder: Path, index_path: Path) -> 
     def run() -> None:
         try:
             search.index(folder, index_path, show_progress=False, chunk_size=INDEXING_CHUNK)
-            logger.info("indexing %s done: %d images (%d skipped)", folder, len(search.paths), len(search.skipped))
+            logger.info("indexing %s done: %d images (%d skipped)", folder, len(search), len(search.skipped))
         except (LiteclipError, OSError) as error:
             logger.error("indexing %s stopped: %s", folder, error)
 
@@ -422,6 +422,6 @@ def serve(search: ImageSearch, index_path: Path, host: str = "127.0.0.1", port: 
         index_in_background(search, folder, index_path)
     shown = reachable_address() if is_wildcard(host) else f"[{host}]" if ":" in host else host
     address = f"http://{shown}:{port}/" + (f"?token={access.token}" if access.token else "")
-    print(f"liteclip: {len(search.paths)} images from {index_path}{f', indexing {folder}' if folder else ''} on "
+    print(f"liteclip: {len(search)} images from {index_path}{f', indexing {folder}' if folder else ''} on "
           f"{address}  (Ctrl-C stops)")
     uvicorn.run(create_app(search, index_path, access), host=host, port=port, log_level="warning")
