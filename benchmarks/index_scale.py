@@ -10,7 +10,8 @@ that neighbours exist as they do among photos); its time is the "encoding" time,
 (listing, stat, hashing, deduplicating, appending, writing the file) is the overhead. Each phase runs in a fresh
 process, so peak memory is that phase's own:
 
-- index: a fresh index of N files; then an update (1% of the files deleted, 1% added);
+- index: a fresh index of N files; then an update (1% of the files deleted, 1% added); then, as the page does while
+  `serve --folder` indexes, rankings from another thread while a fresh index of the library runs;
 - load and query: the load time, 200 queries (an indexed row plus noise) through ImageSearch's ranking, p50 and
   p99, and the float16 scan's recall@10 against exact float32 search; then an approximate FAISS IVF index built over
   the same rows for comparison (nlist = 4 sqrt(N), nprobe raised until recall@10 >= 0.95), with its build time,
@@ -143,7 +144,32 @@ def phase_index(work: Path, rows: int, dim: int) -> dict:
     fresh.index(folder, index_path, show_progress=False)
     figures.update(update_s=time.perf_counter() - started, update_encode_s=sum(spent),
                    update_peak_mb=peak_rss_mb() - before, rows_after_update=len(fresh))
+    figures.update(queries_while_indexing(folder, work / "again.index", dim))
     return figures
+
+
+def queries_while_indexing(folder: Path, index_path: Path, dim: int) -> dict:
+    """What the page sees while `serve --folder` indexes: a ranking every 20 ms from another thread, timed."""
+    import threading
+
+    import torch
+
+    search = stand_in_search(dim, [])
+    worker = threading.Thread(target=search.index, args=(folder, index_path), kwargs={"show_progress": False})
+    worker.start()
+    times = []
+    while worker.is_alive():
+        if len(search):
+            query = torch.nn.functional.normalize(torch.randn(dim), dim=0)
+            started = time.perf_counter()
+            search._rank(query, 10)
+            times.append(1000 * (time.perf_counter() - started))
+        time.sleep(0.02)
+    worker.join()
+    if not times:
+        return {}
+    return {"busy_queries": len(times), "busy_p50_ms": float(np.percentile(times, 50)),
+            "busy_p99_ms": float(np.percentile(times, 99)), "busy_max_ms": max(times)}
 
 
 def phase_query(work: Path, rows: int, dim: int, queries: int) -> dict:
@@ -299,6 +325,9 @@ def report(rows: int, dim: int, made: float, f: dict, rate: float | None) -> Non
     update_overhead = f["update_s"] - f["update_encode_s"]
     print(f"  update (1% deleted, 1% added): {f['update_s']:.1f} s, overhead {update_overhead:.1f} s, peak memory "
           f"{f['update_peak_mb']:,.0f} MiB = {f['update_peak_mb'] / matrix_mb:.2f}x; {f['rows_after_update']:,} rows")
+    if "busy_queries" in f:
+        print(f"  queries while a fresh index of the library runs in another thread ({f['busy_queries']}): p50 "
+              f"{f['busy_p50_ms']:.1f} ms, p99 {f['busy_p99_ms']:.1f} ms, max {f['busy_max_ms']:.1f} ms")
     print(f"  load:   {f['load_s']:.2f} s, peak memory {f['load_peak_mb']:,.0f} MiB = "
           f"{f['load_peak_mb'] / matrix_mb:.2f}x the matrix")
     print(f"  query (float16 scan, top 10): p50 {f['exact_p50_ms']:.1f} ms, p99 {f['exact_p99_ms']:.1f} ms; "

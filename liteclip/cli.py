@@ -7,6 +7,7 @@ Each command imports what it needs when it runs, so parsing and `--help` never l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -171,12 +172,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if not args.image and not args.query:
         raise InputError("give a query (text, image paths, terms joined by + and -) or --image FILE")
     hits = search.similar(args.image, args.top_k) if args.image else search.query(args.query, args.top_k)
-    if args.print0:  # for xargs -0: a newline in a file name cannot split it
-        sys.stdout.write("".join(f"{path}\0" for path, _ in hits))
+    if args.print0 or args.paths:  # for xargs: nothing but the paths, best first, byte for byte as the OS has them
+        end = b"\0" if args.print0 else b"\n"  # --print0 for xargs -0: a newline in a file name cannot split it
+        sys.stdout.flush()
+        sys.stdout.buffer.write(b"".join(os.fsencode(path) + end for path, _ in hits))
+        sys.stdout.buffer.flush()
         return 0
-    if args.paths:  # for xargs and friends: nothing but the paths, best first
-        print("\n".join(str(path) for path, _ in hits))
-        return 0
+    if not hits:
+        raise InputError(f"none of the images in {args.index} is still there (moved or deleted since they were "
+                         f"indexed); run `liteclip index` again")
     data = [{"path": str(path), "score": score} for path, score in hits]
     _emit(args, data, [(str(path), f"{score:.4f}") for path, score in hits], ("path", "score"))
     return 0
@@ -717,6 +721,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("search needs a text query or --image PATH")
     _setup_logging(args.verbose)
     args.invoked_as = _invocation(args.command)
+    with contextlib.suppress(AttributeError, ValueError):  # a file name that is not UTF-8 prints as its bytes, as ls
+        sys.stdout.reconfigure(errors="surrogateescape")  # does, rather than stopping the table halfway
     try:
         return args.handler(args)
     except (LiteclipError, OSError) as error:

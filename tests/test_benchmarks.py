@@ -193,3 +193,24 @@ def test_draft_decoding_compares_the_features_of_reduced_and_whole_decodes(tmp_p
     for line in measured:
         median = float(re.search(r"median ([\d.]+)", line)[1])
         assert -1.0 <= median <= 1.0 + 1e-6 and re.search(r"\(([\d.]+)x faster\)", line)
+
+
+def test_index_scale_prints_overhead_memory_load_latency_and_recall(model_dir, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40 + i, 30), (40 * i, 90, 200)).save(photos / f"{i}.jpg")
+    lines = run_module("benchmarks.index_scale", "--rows", "3000", "--dim", "16", "--queries", "20", "--work",
+                       str(tmp_path), "--encode-model", str(model_dir), "--photos", str(photos), "--encode-count", "6",
+                       "--workers", "0")
+    text = "\n".join(lines)
+    assert re.search(r"real encoding: [\d.]+ photos/s with \S+ at \d+ px", text)
+    assert re.search(r"3,000 rows of 16 .*\n  index: +[\d.]+ s, of which stand-in encoding [\d.]+ s: overhead", text)
+    assert re.search(r"overhead / encoding at \d+ photos/s: [\d.]+%", text)
+    assert re.search(r"update \(1% deleted, 1% added\): .* 3,000 rows", text)  # 30 gone, 30 new
+    assert re.search(r"query \(float16 scan, top 10\): p50 [\d.]+ ms, p99 [\d.]+ ms; recall@10 against float32 "
+                     r"(0\.9\d\d|1\.000)", text)
+    assert re.search(r"FAISS IVF-Flat \(nlist 219, built in [\d.]+ s\), nprobe \d+: .* recall@10 [01]\.\d{3}", text)
+    assert not list(tmp_path.glob("liteclip-index-*"))  # the library and its index are removed afterwards

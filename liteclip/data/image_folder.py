@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from liteclip.data.captions import BadRow, LabelledImage, ZeroShotTask
 from liteclip.data.images import IMAGE_SUFFIXES  # the suffixes a listing keeps (imported from here too)
-from liteclip.errors import DataError
+from liteclip.errors import DataError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ def list_images(folder: str | Path, exclude: Sequence[str | Path] = (), left_out
     cannot be read, each with its reason, for a command to list beside the files it could not decode.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise InputError(f"{folder} is a file, not a folder; give its folder, or a list of files")
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     excluded = {os.path.realpath(path) for path in exclude}

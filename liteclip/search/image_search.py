@@ -287,6 +287,9 @@ class IndexTarget:
         self.replaces: str | None = None  # why the index is rebuilt beside itself, if it is
         self.opened: list[IndexFile] = []  # closed by close(), whatever happens
         store.check_index_path(index_path)
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(index_path.parent, os.W_OK | os.X_OK):  # found now, not after hours of encoding
+            raise InputError(f"cannot write the index {index_path}: its folder is not writable (nothing was encoded)")
         try:
             self._find(index_path, fingerprint)
         except BaseException:
@@ -335,7 +338,10 @@ class IndexTarget:
         if not path.exists() and not path.is_symlink():
             return None
         try:
-            if path.is_symlink() or not path.is_file():
+            if path.is_symlink():
+                raise InputError(f"{path} is a link; liteclip writes an index only at its real path "
+                                 f"({os.path.realpath(path)}), never through a link (nothing was written)")
+            if not path.is_file():
                 raise ModelLoadError(f"{path} is not a file")
             if store.is_sqlite(path):
                 return IndexFile.open(path, writable=True)
@@ -544,6 +550,9 @@ class ImageSearch:
         if index_path.suffix.lower() in IMAGE_SUFFIXES:
             raise InputError(f"{index_path} is an image file, not an index; pass the file `liteclip index` wrote "
                              f"(--index NAME)")
+        if not index_path.is_file():
+            raise FileNotFoundError(f"no index at {index_path}; build one with `liteclip index FOLDER --index "
+                                    f"{index_path}`")
         if not store.is_sqlite(index_path):
             self.view = self._load_legacy(index_path)
             return
@@ -560,7 +569,11 @@ class ImageSearch:
         self.view = rows.view()
 
     def _load_legacy(self, index_path: Path) -> SearchView:
-        meta, embeddings = store.read_legacy(index_path)
+        try:
+            meta, embeddings = store.read_legacy(index_path)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"{index_path} is not a liteclip search index, or is a damaged one ({error}); "
+                                 f"{store.DAMAGED}") from None
         if meta.get("model") != self.fingerprint:
             raise InputError(f"index {index_path} was built with another model; re-run `liteclip index`")
         files = meta["files"]
@@ -576,15 +589,19 @@ class ImageSearch:
         view = self.view  # one consistent state, whatever a running index() publishes meanwhile
         if not view.count:
             raise InputError("the index is empty: call index(folder) or load(index_path) first")
+        if query_embed.shape[-1] != view.matrix.shape[1]:
+            raise InputError(f"the index holds {view.matrix.shape[1]}-wide embeddings and this model gives "
+                             f"{query_embed.shape[-1]}-wide ones; run `liteclip index` again")
         k = min(top_k, view.count)
         while True:
             hits = [(view.path(row), score) for row, score in nearest(view, query_embed, k)]
-            found = [(path, score) for path, score in hits if path.is_file()][:top_k]
+            # os.path.isfile: a file this user may not reach (no permission) is passed over, never an error
+            found = [(path, score) for path, score in hits if os.path.isfile(path)][:top_k]
             if len(found) == top_k or k == view.count:
                 break
             k = min(view.count, 2 * k)
         last = hits.index(found[-1]) if found else len(hits) - 1
-        gone = [path for path, _ in hits[:last + 1] if not path.is_file()]
+        gone = [path for path, _ in hits[:last + 1] if not os.path.isfile(path)]
         if gone:
             logger.warning("%d indexed file(s) among the nearest no longer exist (first: %s) and were passed over; "
                            "re-run `liteclip index` to drop them", len(gone), gone[0])

@@ -257,7 +257,7 @@ def test_an_index_of_the_older_format_loads_and_is_rebuilt_reusing_every_embeddi
     assert again.ids == search.ids and torch.equal(again.embeddings, search.embeddings)
 
 
-def test_chunks_an_older_liteclip_left_are_reused_and_then_removed(model_dir, photos, tmp_path, monkeypatch):
+def test_chunks_an_older_liteclip_left_are_reused_and_then_removed_but_no_other_file(model_dir, photos, tmp_path, monkeypatch):
     search = ImageSearch(ZeroShotPipeline(model_dir))
     search.index(photos, show_progress=False)
     index_path = tmp_path / "photos.index"
@@ -266,10 +266,14 @@ def test_chunks_an_older_liteclip_left_are_reused_and_then_removed(model_dir, ph
     (chunks / ".liteclip-derived").write_text("made by liteclip")
     write_older_index(chunks / "chunk-000000.safetensors", search.fingerprint, older_rows(search)[:7],
                       search.embeddings[:7])
-    (chunks / "chunk-000001.safetensors").write_bytes(b"cut short by the crash")
+    (chunks / "chunk-000001.safetensors").write_bytes(b"not an index chunk: the user's, whatever its name")
     encoded = counting_encoder(monkeypatch)
     assert search.index(photos, index_path, show_progress=False) == 5 and sum(encoded) == 5
-    assert not chunks.exists()
+    assert sorted(path.name for path in chunks.iterdir()) == [".liteclip-derived", "chunk-000001.safetensors"]
+    assert (chunks / "chunk-000001.safetensors").read_bytes() == b"not an index chunk: the user's, whatever its name"
+    (chunks / "chunk-000001.safetensors").unlink()
+    search.index(photos, index_path, show_progress=False)
+    assert not chunks.exists()  # once only liteclip's own files are left, the folder goes
 
 
 # ------------------------------------------------------------------------- files that change or resist (issue 38)
