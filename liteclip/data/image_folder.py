@@ -7,7 +7,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from liteclip.data.captions import BadRow, LabelledImage, ZeroShotTask
 from liteclip.data.images import IMAGE_SUFFIXES  # the suffixes a listing keeps (imported from here too)
@@ -51,36 +51,34 @@ def list_images(folder: str | Path, exclude: Sequence[str | Path] = (), left_out
             logger.warning("%s: left out %d %s, first: %s", folder, len(found), what, found[0])
             if left_out_files is not None:
                 left_out_files += [BadRow(path, 0, reason) for path in found]
-    # sorted as Paths sort (part by part): the separator compares below every character a name can hold
-    return [Path(path) for path in sorted(images, key=lambda path: path.replace(os.sep, "\0"))]
+    return [Path(path) for path in images]  # scan lists them sorted
 
 
 def scan(folder: Path, excluded: set[str]) -> tuple[list[str], Counter, list[Path], list[Path], list[OSError]]:
-    """list_images' walk: the image paths (strings), the other suffixes counted, links to nothing, image names that
-    are not regular files, and the errors of folders that cannot be read."""
+    """list_images' walk: the image paths (strings) in the order Paths sort in, the other suffixes counted, links to
+    nothing, image names that are not regular files, and the errors of folders that cannot be read.
+
+    Each folder's entries are sorted by name and folders entered where they fall among them (depth first), which is
+    Path order, part by part: no sort of the whole library holds the interpreter for seconds while the page serves."""
     images, left_out, seen = [], Counter(), set()
     broken_links, not_files, unreadable = [], [], []
     # os.scandir rather than os.walk: its entries know their type, so a library of a million photos costs no stat
     # per photo here, and paths stay strings until the end
-    folders = [os.fspath(folder)]
-    while folders:
-        directory = folders.pop()
-        real = os.path.realpath(directory)
-        if real in seen or real in excluded:  # a link back up, a second link to one folder, or excluded
+    pending: list[Iterator[os.DirEntry] | str] = [os.fspath(folder)]
+    while pending:
+        top = pending[-1]
+        if isinstance(top, str):  # a folder to open
+            pending.pop()
+            entries = open_folder(top, seen, excluded, unreadable)
+            if entries is not None:
+                pending.append(iter(entries))
             continue
-        try:
-            with os.scandir(directory) as listing:
-                entries = list(listing)
-        except OSError as error:
-            unreadable.append(error)
-            continue
-        if any(entry.name == DERIVED_MARKER for entry in entries):  # liteclip's thumbnails or chunks
-            continue
-        seen.add(real)
-        for entry in entries:
-            if is_a(entry.is_dir):  # links to folders followed, as os.walk(followlinks=True) does
-                folders.append(entry.path)
-                continue
+        entry = next(top, None)
+        if entry is None:
+            pending.pop()
+        elif is_a(entry.is_dir):  # links to folders followed, as os.walk(followlinks=True) does
+            pending.append(entry.path)
+        else:
             suffix = os.path.splitext(entry.name)[1].lower()
             if suffix not in IMAGE_SUFFIXES:
                 if not entry.name.startswith("."):
@@ -92,6 +90,25 @@ def scan(folder: Path, excluded: set[str]) -> tuple[list[str], Counter, list[Pat
             else:
                 not_files.append(Path(entry.path))
     return images, left_out, broken_links, not_files, unreadable
+
+
+def open_folder(directory: str, seen: set[str], excluded: set[str], unreadable: list[OSError]
+                ) -> list[os.DirEntry] | None:
+    """A folder's entries sorted by name; None for a folder already listed (a link back up, a second link to it),
+    excluded, unreadable (its error kept), or liteclip's own (its thumbnails or chunks, marked)."""
+    real = os.path.realpath(directory)
+    if real in seen or real in excluded:
+        return None
+    try:
+        with os.scandir(directory) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError as error:
+        unreadable.append(error)
+        return None
+    if any(entry.name == DERIVED_MARKER for entry in entries):
+        return None
+    seen.add(real)
+    return entries
 
 
 def is_a(test: Any) -> bool:
