@@ -343,6 +343,9 @@ class IndexTarget:
                                  f"({os.path.realpath(path)}), never through a link (nothing was written)")
             if not path.is_file():
                 raise ModelLoadError(f"{path} is not a file")
+            if store.is_sqlite(path) and not os.access(path, os.W_OK):
+                raise InputError(f"{path} is not writable, so it cannot be updated (nothing was written); make it "
+                                 f"writable, or give --index another name")
             if store.is_sqlite(path):
                 return IndexFile.open(path, writable=True)
             legacy = store.read_legacy(path)

@@ -118,6 +118,7 @@ class IndexFile:
 
     def __init__(self, path: Path, connection: sqlite3.Connection, fingerprint: str, dim: int):
         self.path, self.connection, self.fingerprint, self.dim = path, connection, fingerprint, dim
+        self.has_changes = True  # False only for a read-only index of the first version, without that table
 
     @classmethod
     def create(cls, path: Path, fingerprint: str, dim: int) -> "IndexFile":
@@ -235,7 +236,7 @@ class IndexFile:
                      np.frombuffer(stamp_blob, dtype="<i8").reshape(count, 2), vectors)
 
     def _changed(self, number: int, chunk: Chunk) -> Chunk:
-        if not getattr(self, "has_changes", True):
+        if not self.has_changes:
             return chunk
         changes = self.connection.execute("SELECT position, path, size, mtime_ns FROM changes WHERE chunk = ?",
                                           (number,)).fetchall()
