@@ -16,20 +16,13 @@ from liteclip.search import image_search as image_search_module
 from liteclip.search import store
 from liteclip.search.image_search import ImageSearch
 from tests.conftest import draw_image
+from tests.search.conftest import stop_encoding_at_chunk
 
 
 @pytest.fixture
 def images(tmp_path):
     return [draw_image(tmp_path / "examples" / f"{name}.jpg", color)
             for name, color in (("cat", (200, 30, 30)), ("dog", (30, 200, 30)), ("baby", (30, 30, 200)))]
-
-
-@pytest.fixture
-def photos(tmp_path):
-    folder = tmp_path / "photos"
-    for i in range(12):
-        draw_image(folder / f"{i:02d}.png", (20 * i, 255 - 20 * i, (70 * i) % 255), size=32 + i)
-    return folder
 
 
 def reference_ranking(search: ImageSearch, files: list[Path], query_embed: torch.Tensor) -> list[tuple[Path, float]]:
@@ -101,16 +94,7 @@ def test_a_view_taken_before_appends_keeps_its_rows_when_the_matrix_grows():
 def test_an_interrupted_index_keeps_its_chunks_and_the_next_run_encodes_only_the_rest(model_dir, photos, tmp_path,
                                                                                      monkeypatch):
     index_path = tmp_path / "photos.index"
-    real = image_search_module.encode_decodable_image_files
-    calls = []
-
-    def crash_on_third_chunk(model, paths, *args, **kwargs):
-        calls.append(len(paths))
-        if len(calls) == 3:
-            raise KeyboardInterrupt("stopped")
-        return real(model, paths, *args, **kwargs)
-
-    monkeypatch.setattr(image_search_module, "encode_decodable_image_files", crash_on_third_chunk)
+    real = stop_encoding_at_chunk(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         ImageSearch(ZeroShotPipeline(model_dir)).index(photos, index_path, chunk_size=5, show_progress=False)
     interrupted = ImageSearch(ZeroShotPipeline(model_dir))

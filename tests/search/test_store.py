@@ -19,14 +19,7 @@ from liteclip.search import image_search as image_search_module
 from liteclip.search import store
 from liteclip.search.image_search import ImageSearch
 from tests.conftest import draw_image
-
-
-@pytest.fixture
-def photos(tmp_path):
-    folder = tmp_path / "photos"
-    for i in range(12):
-        draw_image(folder / f"{i:02d}.png", (20 * i, 255 - 20 * i, (70 * i) % 255), size=32 + i)
-    return folder
+from tests.search.conftest import stop_encoding_at_chunk
 
 
 def loaded(model_dir: Path, index_path: Path) -> dict[str, list[float]]:
@@ -129,15 +122,7 @@ def test_a_rebuild_for_another_model_keeps_the_old_index_whole_until_it_replaces
     ImageSearch(ZeroShotPipeline(model_dir)).index(photos, index_path, show_progress=False)
     old_bytes = index_path.read_bytes()
     monkeypatch.setattr(image_search_module, "model_fingerprint", lambda model_dir: "another-model-000")
-    real, calls = image_search_module.encode_decodable_image_files, []
-
-    def crash_on_second_chunk(model, paths, *args, **kwargs):
-        calls.append(len(paths))
-        if len(calls) == 2:
-            raise KeyboardInterrupt("stopped")
-        return real(model, paths, *args, **kwargs)
-
-    monkeypatch.setattr(image_search_module, "encode_decodable_image_files", crash_on_second_chunk)
+    real = stop_encoding_at_chunk(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         ImageSearch(ZeroShotPipeline(model_dir)).index(photos, index_path, chunk_size=5, show_progress=False)
     assert index_path.read_bytes() == old_bytes  # the old model's index still serves, untouched
