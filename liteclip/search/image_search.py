@@ -343,17 +343,16 @@ class IndexTarget:
                                  f"({os.path.realpath(path)}), never through a link (nothing was written)")
             if not path.is_file():
                 raise ModelLoadError(f"{path} is not a file")
-            if store.is_sqlite(path) and not os.access(path, os.W_OK):
+            if not store.is_sqlite(path):
+                return store.read_legacy(path)
+            if not os.access(path, os.W_OK):
                 raise InputError(f"{path} is not writable, so it cannot be updated (nothing was written); make it "
                                  f"writable, or give --index another name")
-            if store.is_sqlite(path):
-                return IndexFile.open(path, writable=True)
-            legacy = store.read_legacy(path)
+            return IndexFile.open(path, writable=True)
         except ModelLoadError:
             raise InputError(f"{path} exists and is not a liteclip search index, so it is left as it is and nothing "
                              f"was written; give --index another name (or, if it is a damaged index of yours, "
                              f"delete it and index again)") from None
-        return legacy
 
     def _discard(self, building: Path, opened: IndexFile | None = None) -> None:
         """Removes a building file this module wrote (it is only ever an index of this format)."""

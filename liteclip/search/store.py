@@ -90,6 +90,11 @@ SIDECAR_MAGIC = (bytes.fromhex("d9d505f920a163d7"), bytes.fromhex("377f0682"), b
 DAMAGED = "delete it and run `liteclip index` again"
 
 
+def damaged(path: Path, error: Exception) -> ModelLoadError:
+    """An index file that cannot be read as one, as one line naming it."""
+    return ModelLoadError(f"{path} is damaged ({error}); {DAMAGED}")
+
+
 def check_sidecars(path: Path) -> None:
     """SQLite reads (and then deletes) `PATH-journal` and `PATH-wal` as its own: one that is not SQLite's, a file of
     the user's that happens to have the name, is refused before SQLite can touch it."""
@@ -214,7 +219,7 @@ class IndexFile:
                 chunk = self._chunk(row, embeddings)
                 yield number, chunk if as_written else self._changed(number, chunk)
         except (sqlite3.Error, ValueError, TypeError, IndexError, OverflowError, AttributeError) as error:
-            raise ModelLoadError(f"{self.path} is damaged ({error}); {DAMAGED}") from None
+            raise damaged(self.path, error) from None
 
     def _chunk(self, row: tuple, embeddings: bool) -> Chunk:
         _, count, sha_blob, path_blob, stamp_blob, vector_blob = row
@@ -262,8 +267,7 @@ class IndexFile:
             total = self.connection.execute("SELECT COALESCE(SUM(length(sha256)), 0) FROM chunks").fetchone()[0]
             return int(total) // 32
         except (sqlite3.Error, TypeError, ValueError) as error:
-            raise ModelLoadError(f"{self.path} is damaged ({error}); delete it and run `liteclip index` again") \
-                from None
+            raise damaged(self.path, error) from None
 
     def duplicates(self) -> list[tuple[str, str, list[int]]]:
         """(path, sha256, stamp) of every file whose content another row stands for."""
@@ -271,7 +275,7 @@ class IndexFile:
             rows = self.connection.execute("SELECT path, sha256, size, mtime_ns FROM duplicates").fetchall()
             return [(os.fsdecode(path), sha.hex(), [size, mtime]) for path, sha, size, mtime in rows]
         except (sqlite3.Error, AttributeError, TypeError, ValueError) as error:
-            raise ModelLoadError(f"{self.path} is damaged ({error}); {DAMAGED}") from None
+            raise damaged(self.path, error) from None
 
     def finish(self, live: dict[str, tuple[str, list[int]]], duplicates: list[tuple[str, str, list[int]]]) -> None:
         """Makes the index hold exactly `live` (content -> the file standing for it and its stamp) and `duplicates`,
@@ -295,7 +299,7 @@ class IndexFile:
         except sqlite3.Error as error:
             raise storage_error(self.path, error) from None
         except ValueError as error:  # a chunk being rewritten turned out damaged: nothing was changed
-            raise ModelLoadError(f"{self.path} is damaged ({error}); {DAMAGED}") from None
+            raise damaged(self.path, error) from None
 
     def _record(self, changes: dict[int, dict[int, tuple[str, list[int]] | None]], total: int,
                 duplicates: list[tuple[str, str, list[int]]]) -> None:
