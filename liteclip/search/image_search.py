@@ -61,7 +61,7 @@ class Rows:
         self.matrix: torch.Tensor | None = None  # (capacity, D) float16, allocated at the first append
         self.paths: list[str] = []  # the file that stands for each content
         self.sha256: list[str | None] = []  # None: a row of an index written before content hashes
-        self.stamps = np.zeros((capacity, 2), dtype=np.int64)  # [size, mtime_ns] of that file when indexed
+        self.stamps = np.zeros((0, 2), dtype=np.int64)  # [size, mtime_ns] of that file when indexed, as `matrix`
         self._lock = threading.Lock()
         self._lookups: dict[str, dict[str, int]] = {}  # id -> row and path -> row, built when first asked for
 
@@ -75,6 +75,9 @@ class Rows:
                 return
             if not torch.is_tensor(embeddings):  # read-only buffers (a chunk read from the file) are copied once here
                 embeddings = torch.from_numpy(np.require(embeddings, dtype=np.float32, requirements="W"))
+            if self.matrix is not None and self.matrix.shape[1] != embeddings.shape[1]:
+                raise InputError(f"embeddings of width {embeddings.shape[1]} cannot join an index of width "
+                                 f"{self.matrix.shape[1]}; run `liteclip index` into a new index")
             if self.matrix is None or start + count > self.matrix.shape[0]:
                 self._grow(start + count, embeddings.shape[1])
             self.matrix[start:start + count] = embeddings.to(SEARCH_DTYPE)
@@ -90,8 +93,6 @@ class Rows:
         matrix = torch.empty(capacity, dim, dtype=SEARCH_DTYPE)
         stamps = np.zeros((capacity, 2), dtype=np.int64)
         if self.matrix is not None:
-            if self.matrix.shape[1] != dim:
-                raise InputError(f"embeddings of width {dim} cannot join an index of width {self.matrix.shape[1]}")
             matrix[:len(self)] = self.matrix[:len(self)]
         stamps[:len(self)] = self.stamps[:len(self)]
         self.matrix, self.stamps, self.capacity = matrix, stamps, capacity

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from liteclip import build_model
-from liteclip.errors import ModelLoadError
+from liteclip.errors import InputError, ModelLoadError
 from liteclip.pipeline import ZeroShotPipeline
 from liteclip.search import image_search as image_search_module
 from liteclip.search import store
@@ -89,6 +89,11 @@ def test_a_view_taken_before_appends_keeps_its_rows_when_the_matrix_grows():
     assert torch.equal(after.matrix, torch.cat([first, more]).half())
     assert rows.row_of("path", "/p/3", before.count) is None and rows.row_of("path", "/p/3", after.count) == 5
     assert rows.row_of("id", "b" * 16, before.count) == 1 and before.stamp(1) == [3, 4]
+    roomy = image_search_module.Rows(capacity=4)
+    roomy.append(["c" * 64], ["/p/c"], [[1, 1]], first[:1])
+    with pytest.raises(InputError, match="width 16 cannot join an index of width 8"):  # room left, still refused
+        roomy.append(["d" * 64], ["/p/d"], [[1, 1]], torch.ones(1, 16))
+    assert len(roomy) == 1
 
 
 def test_an_interrupted_index_keeps_its_chunks_and_the_next_run_encodes_only_the_rest(model_dir, photos, tmp_path,
